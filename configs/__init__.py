@@ -1,0 +1,1 @@
+"""Named configuration presets (installed as ``smoulder.configs``)."""

@@ -1,0 +1,1 @@
+"""Trained networks as MONAI bundles (installed as ``smoulder.models``)."""

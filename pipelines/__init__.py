@@ -1,0 +1,1 @@
+"""Nipype workflows composing the smoulder library (installed as ``smoulder.pipelines``)."""

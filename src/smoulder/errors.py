@@ -1,0 +1,36 @@
+"""Exceptions that speak to the user: which file, what was expected, what was found."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class SmoulderError(Exception):
+    """Base class of every error smoulder raises on purpose."""
+
+
+class InputError(SmoulderError, ValueError):
+    """An input file is not what smoulder needs.
+
+    The message is one line: ``<file>: expected <expected>, found <found>[; <hint>]``.
+
+    Examples:
+        >>> str(InputError("sub-01_T1w.nii.gz", expected="a 3D image", found="4D shape (4, 4, 4, 2)"))
+        'sub-01_T1w.nii.gz: expected a 3D image, found 4D shape (4, 4, 4, 2)'
+    """
+
+    def __init__(
+        self, path: str | Path, *, expected: str, found: str, hint: str | None = None
+    ) -> None:
+        self.path = str(path)
+        self.expected = expected
+        self.found = found
+        self.hint = hint
+        message = f"{self.path}: expected {expected}, found {found}"
+        if hint:
+            message += f"; {hint}"
+        super().__init__(message)
+
+
+class ConfigError(SmoulderError, ValueError):
+    """A configuration value or file is invalid (names the key and the bad value)."""

@@ -1,0 +1,1 @@
+"""Synthetic MS dataset generator with exact ground truth."""

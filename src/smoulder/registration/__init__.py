@@ -1,0 +1,1 @@
+"""Registration: transforms, displacement fields, and registration engines."""
