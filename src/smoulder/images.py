@@ -18,6 +18,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from smoulder.errors import InputError
+
 
 @contextmanager
 def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
@@ -104,3 +106,184 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"cannot write {type(obj).__name__} as JSON")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading with checks: every problem becomes a one-line InputError naming the file.
+# --------------------------------------------------------------------------------------------
+
+_PHASE_TOLERANCE = 1e-3  # radians allowed beyond ±π (rounding in converters)
+
+
+def load_image(
+    path: str | Path,
+    *,
+    ndim: int | None = 3,
+    allow_nan: bool = False,
+    read_data: bool = True,
+) -> nib.Nifti1Image:
+    """Return the NIfTI image at ``path`` after checking that smoulder can use it.
+
+    The voxel data are read in full (unless ``read_data`` is false), so a truncated or
+    corrupt file is caught here rather than halfway through a pipeline. Trailing singleton
+    dimensions beyond ``ndim`` are dropped (``(64, 64, 64, 1)`` becomes 3D).
+
+    Args:
+        path: ``.nii`` or ``.nii.gz`` file.
+        ndim: number of dimensions expected, or ``None`` to accept any.
+        allow_nan: accept NaN voxels (infinite values are still rejected).
+        read_data: read and check the voxel data; when false only the header is checked and
+            the returned image keeps its on-disk data proxy.
+
+    Raises:
+        InputError: the file is missing, unreadable, truncated, of the wrong dimensionality,
+            empty, has no usable voxel-to-world affine, or holds NaN/Inf voxels.
+    """
+    path = Path(path)
+    img = _open_nifti(path)
+    shape = _checked_shape(img.shape, path, ndim)
+    affine = _checked_affine(img, path)
+    if not read_data:
+        return img if shape == img.shape else img.slicer[_index_for(shape, img.shape)]
+    data = _read_data(img, path).reshape(shape)
+    _check_finite(data, path, allow_nan=allow_nan)
+    out = nib.Nifti1Image(data, affine, header=img.header)
+    out.set_data_dtype(data.dtype)
+    return out
+
+
+def load_checked(path: str | Path, *, ndim: int | None = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(data, affine)`` from ``path``: float32 voxels and the 4×4 affine, checked.
+
+    Same checks as :func:`load_image` (NaN and Inf voxels are errors).
+    """
+    img = load_image(path, ndim=ndim)
+    return np.asarray(img.dataobj, dtype=np.float32), np.asarray(img.affine, dtype=float)
+
+
+def check_phase_radians(data: np.ndarray, path: str | Path) -> None:
+    """Return nothing if ``data`` (a phase image) lies within [−π, π]; raise otherwise.
+
+    A tolerance of 1e-3 rad beyond ±π is allowed. NaN voxels are ignored.
+
+    Raises:
+        InputError: the values span beyond [−π, π], with a hint on how to convert
+            (scanner integer units, degrees or [0, 2π]).
+    """
+    values = np.asarray(data)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return
+    lo, hi = float(finite.min()), float(finite.max())
+    limit = np.pi + _PHASE_TOLERANCE
+    if lo >= -limit and hi <= limit:
+        return
+    raise InputError(
+        path,
+        expected="phase in radians within [-pi, pi]",
+        found=f"values from {lo:.6g} to {hi:.6g}",
+        hint=_phase_hint(lo, hi),
+    )
+
+
+def _phase_hint(lo: float, hi: float) -> str:
+    two_pi = 2 * np.pi + _PHASE_TOLERANCE
+    if lo >= -_PHASE_TOLERANCE and hi <= two_pi:
+        return "phase looks like [0, 2pi]: wrap it with numpy.angle(numpy.exp(1j * phase))"
+    if lo >= -180.5 and hi <= 180.5 and hi - lo > 2 * np.pi:
+        return "phase looks like degrees: multiply by pi / 180"
+    if lo >= 0 and hi <= 4096:
+        return "phase looks like scanner units 0..4095: radians = data / 4095 * 2 * pi - pi"
+    if lo >= -4096 and hi <= 4096:
+        return "phase looks like scanner units -4096..4095: radians = data / 4096 * pi"
+    return "rescale to radians: (data - min) / (max - min) * 2 * pi - pi"
+
+
+def _open_nifti(path: Path) -> nib.Nifti1Image:
+    if not path.is_file():
+        found = "a folder" if path.is_dir() else "no such file"
+        raise InputError(path, expected="a NIfTI file (.nii or .nii.gz)", found=found)
+    try:
+        img = nib.load(path)
+    except Exception as exc:  # nibabel raises many types (ImageFileError, OSError, EOFError...)
+        raise InputError(
+            path, expected="a readable NIfTI file", found=_describe_exception(exc)
+        ) from exc
+    if not isinstance(img, nib.Nifti1Image):  # Nifti2Image subclasses Nifti1Image
+        raise InputError(path, expected="a NIfTI-1/2 image", found=f"a {type(img).__name__} file")
+    return img
+
+
+def _checked_shape(shape: tuple[int, ...], path: Path, ndim: int | None) -> tuple[int, ...]:
+    if 0 in shape:
+        raise InputError(path, expected="a non-empty image", found=f"shape {shape} (zero size)")
+    if ndim is None or len(shape) == ndim:
+        return tuple(shape)
+    if len(shape) > ndim and all(n == 1 for n in shape[ndim:]):
+        return tuple(shape[:ndim])
+    raise InputError(path, expected=f"a {ndim}D image", found=f"{len(shape)}D shape {tuple(shape)}")
+
+
+def _index_for(shape: tuple[int, ...], full: tuple[int, ...]) -> tuple[slice | int, ...]:
+    return tuple(slice(None) for _ in shape) + tuple(0 for _ in full[len(shape) :])
+
+
+def _checked_affine(img: nib.Nifti1Image, path: Path) -> np.ndarray:
+    header = img.header
+    if int(header["sform_code"]) == 0 and int(header["qform_code"]) == 0:
+        raise InputError(
+            path,
+            expected="a voxel-to-world orientation (sform or qform)",
+            found="sform_code = qform_code = 0",
+            hint="the image has no position in space; re-export it from the scanner DICOMs",
+        )
+    affine = np.asarray(img.affine, dtype=float)
+    if not np.all(np.isfinite(affine)):
+        raise InputError(path, expected="a finite affine", found="NaN/Inf in the affine")
+    linear = affine[:3, :3]
+    voxel = np.sqrt((linear**2).sum(axis=0))
+    if np.any(voxel < 1e-6):
+        sizes = ", ".join(f"{v:.3g}" for v in voxel)
+        raise InputError(path, expected="non-zero voxel sizes", found=f"voxel sizes ({sizes}) mm")
+    if abs(np.linalg.det(linear)) < 1e-6 * float(np.prod(voxel)):
+        raise InputError(
+            path, expected="an invertible affine", found="a singular affine (collinear axes)"
+        )
+    return affine
+
+
+def _read_data(img: nib.Nifti1Image, path: Path) -> np.ndarray:
+    try:
+        data = np.asarray(img.dataobj)
+    except Exception as exc:  # truncated gzip: EOFError; short .nii: ValueError/OSError
+        raise InputError(
+            path,
+            expected=f"{int(np.prod(img.shape))} voxels of data",
+            found=f"unreadable data ({_describe_exception(exc)})",
+            hint="the file is probably truncated or corrupt; copy or convert it again",
+        ) from exc
+    if data.dtype == np.float64 and img.get_data_dtype() != np.float64:
+        data = data.astype(np.float32)  # scaled integers: float32 is ample and halves memory
+    return data
+
+
+def _check_finite(data: np.ndarray, path: Path, *, allow_nan: bool) -> None:
+    if not np.issubdtype(data.dtype, np.inexact):
+        return
+    n_nan = 0 if allow_nan else int(np.count_nonzero(np.isnan(data)))
+    n_inf = int(np.count_nonzero(np.isinf(data)))
+    if n_nan or n_inf:
+        parts = [f"{n} {kind}" for n, kind in ((n_nan, "NaN"), (n_inf, "Inf")) if n]
+        raise InputError(
+            path,
+            expected="finite voxel values",
+            found=f"{' and '.join(parts)} voxels of {data.size}",
+            hint="replace them (e.g. numpy.nan_to_num) or fix the tool that wrote the image",
+        )
+
+
+def _describe_exception(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or "no message"
+    if len(text) > 160:
+        text = text[:157] + "..."
+    return f"{type(exc).__name__}: {text}"
