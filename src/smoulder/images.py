@@ -98,6 +98,24 @@ def save_text(text: str, path: str | Path) -> Path:
     return Path(path)
 
 
+def save_tsv(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """Return ``path`` after writing ``rows`` there as a tab-separated table, atomically.
+
+    Columns are the keys of the first row; missing values are written as ``n/a`` (BIDS).
+    """
+    import csv
+    import io
+
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(
+            buf, fieldnames=list(rows[0]), delimiter="\t", lineterminator="\n", restval="n/a"
+        )
+        writer.writeheader()
+        writer.writerows(rows)
+    return save_text(buf.getvalue(), path)
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()

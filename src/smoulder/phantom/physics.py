@@ -53,11 +53,6 @@ def _flip_rad(name: str, flip_deg: float) -> float:
     return math.radians(flip)
 
 
-# ----------------------------------------------------------------------------------------------
-# Tissues
-# ----------------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class Tissue:
     """MR properties of one pure tissue class.
@@ -79,7 +74,7 @@ class Tissue:
     chi_ppm: float
 
     def __post_init__(self) -> None:
-        _scalar("pd", self.pd, allow_zero=True)
+        _scalar(f"{self.name}.pd", self.pd, allow_zero=True)
         for field_name in ("t1_ms", "t2_ms", "t2star_ms"):
             _scalar(f"{self.name}.{field_name}", getattr(self, field_name))
         if self.t2star_ms > self.t2_ms:
@@ -88,13 +83,11 @@ class Tissue:
             raise ValueError(f"{self.name}: chi_ppm must be finite, got {self.chi_ppm!r}")
 
 
-# Sources (3 T): T1/T2 of WM/GM: Wansapura et al. 1999 JMRI 9:531 and Stanisz et al. 2005
-# MRM 54:507; CSF T1: Lu et al. 2005 JMRI 22:13; T2*: Peters et al. 2007 MRI 25:748; PD:
-# Neeb et al. 2006 NeuroImage 31:1156; chi: Li et al. 2011 NeuroImage 55:1645, Deistung et al.
-# 2013 NeuroImage 65:299 (deep GM is a caudate/putamen/pallidum/thalamus composite); MS lesions
-# and paramagnetic rims: Wisnieff et al. 2015 MRM 74:564, Dal-Bianco et al. 2017 Acta Neuropathol
-# 133:25; venous blood: Lu et al. 2004 MRM 52:679 (T1), Spees et al. 2001 MRM 45:533 (chi, T2*);
-# bone: Hopkins & Wehrli 1997 MRM 37:494; air vs water: Schenck 1996 Med Phys 23:815.
+# Sources (3 T, rounded): T1/T2 Wansapura 1999 JMRI, Stanisz 2005 MRM; CSF T1 Lu 2005 JMRI;
+# T2* Peters 2007 MRI; PD Neeb 2006 NeuroImage; chi Li 2011 NeuroImage, Deistung 2013 NeuroImage
+# (deep GM: a caudate/putamen/pallidum/thalamus composite); lesions and iron rims Wisnieff 2015
+# MRM, Dal-Bianco 2017 Acta Neuropathol; venous blood T1 Lu 2004 MRM, chi Spees 2001 MRM
+# (Hct 0.4, 70 % saturation); bone Hopkins & Wehrli 1997 MRM; air vs water Schenck 1996 Med Phys.
 # Air and bone relaxation times only need to be finite: with pd ~ 0 they never show.
 TISSUES_3T: dict[str, Tissue] = {
     t.name: t
@@ -153,11 +146,6 @@ def sample_tissues(rng: np.random.Generator, *, spread: float = 0.05) -> dict[st
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Signal equations
-# ----------------------------------------------------------------------------------------------
-
-
 def flair_signal(
     pd: ArrayLike,
     t1_ms: ArrayLike,
@@ -181,11 +169,8 @@ def flair_signal(
         The magnitude signal, broadcast over the tissue parameters.
     """
     pd_, t1, t2 = _array("pd", pd, allow_zero=True), _array("t1_ms", t1_ms), _array("t2_ms", t2_ms)
-    tr, ti, te = (
-        _scalar("tr_ms", tr_ms),
-        _scalar("ti_ms", ti_ms),
-        _scalar("te_ms", te_ms, allow_zero=True),
-    )
+    tr, ti = _scalar("tr_ms", tr_ms), _scalar("ti_ms", ti_ms)
+    te = _scalar("te_ms", te_ms, allow_zero=True)
     if ti >= tr:
         raise ValueError(f"ti_ms={ti_ms} must be shorter than tr_ms={tr_ms}")
     mz = 1.0 - 2.0 * np.exp(-ti / t1) + np.exp(-tr / t1)
@@ -238,11 +223,8 @@ def spgr_signal(
         >>> round(float(spgr_signal(1.0, 1000.0, 50.0, tr_ms=1e6, flip_deg=90.0, te_ms=0.0)), 6)
         1.0
     """
-    pd_, t1, t2s = (
-        _array("pd", pd, allow_zero=True),
-        _array("t1_ms", t1_ms),
-        _array("t2star_ms", t2star_ms),
-    )
+    pd_, t1 = _array("pd", pd, allow_zero=True), _array("t1_ms", t1_ms)
+    t2s = _array("t2star_ms", t2star_ms)
     tr, te = _scalar("tr_ms", tr_ms), _scalar("te_ms", te_ms, allow_zero=True)
     flip = _flip_rad("flip_deg", flip_deg)
     e1 = np.exp(-tr / t1)
@@ -250,13 +232,9 @@ def spgr_signal(
     return pd_ * math.sin(flip) * steady * np.exp(-te / t2s)
 
 
-# FLASH-like T1 weighting (cf. MPRAGE-free 3D GRE protocols): WM > GM > CSF.
+# FLASH-like T1 weighting: short TR and a flip well above the GM/WM Ernst angle (~10 deg) make
+# the shortest T1 brightest, WM > GM > CSF.
 T1W_DEFAULTS: dict[str, float] = {"tr_ms": 20.0, "flip_deg": 25.0, "te_ms": 4.0}
-
-
-# ----------------------------------------------------------------------------------------------
-# MP2RAGE
-# ----------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -431,11 +409,6 @@ def mp2rage_unit1(inv1: ArrayLike, inv2: ArrayLike) -> NDArray[np.floating]:
     return np.divide(num, den, out=out, where=den > 0)
 
 
-# ----------------------------------------------------------------------------------------------
-# Dipole field
-# ----------------------------------------------------------------------------------------------
-
-
 def _unit_b0(b0_dir: Sequence[float]) -> NDArray[np.float64]:
     b = np.asarray(b0_dir, dtype=np.float64)
     norm = float(np.linalg.norm(b)) if b.shape == (3,) and np.all(np.isfinite(b)) else 0.0
@@ -456,15 +429,15 @@ def _kernel(
 ) -> NDArray[np.float32]:
     freqs = [np.fft.fftfreq(n, d) for n, d in zip(shape[:2], voxel[:2], strict=True)]
     freqs.append((np.fft.rfftfreq if half else np.fft.fftfreq)(shape[2], voxel[2]))
-    k, c = [], []
-    for ax, (n, f) in enumerate(zip(shape, freqs, strict=True)):
-        # The Nyquist bin of an even axis stands for +f and -f alike; averaging D over both signs
-        # zeroes its cross terms k_i k_j b_i b_j and keeps the kernel Hermitian for oblique B0.
-        f_cross = f.copy()
-        if n % 2 == 0:
-            f_cross[np.argmax(np.abs(f))] = 0.0
-        k.append(f.astype(np.float32).reshape([-1 if i == ax else 1 for i in range(3)]))
-        c.append(f_cross.astype(np.float32).reshape(k[-1].shape))
+    axes = [[-1 if i == ax else 1 for i in range(3)] for ax in range(3)]
+    k = [f.astype(np.float32).reshape(s) for f, s in zip(freqs, axes, strict=True)]
+    # Cross terms k_i k_j (oblique B0 only) use central-difference frequencies sin(2 pi f d) /
+    # (2 pi d): plain k_i k_j jumps across the Nyquist boundary, which rings as a checkerboard of
+    # a few per cent of delta-chi next to sharp edges; this form is periodic, zero at Nyquist.
+    c = [
+        (np.sin(2 * np.pi * f * d) / (2 * np.pi * d)).astype(np.float32).reshape(s)
+        for f, d, s in zip(freqs, voxel, axes, strict=True)
+    ]
     b = [np.float32(x) for x in b0]
     kb2 = c[0] * b[0] + c[1] * b[1] + c[2] * b[2]
     kb2 *= kb2
@@ -482,6 +455,10 @@ def dipole_kernel(
     shape: Sequence[int], voxel_size_mm: Sequence[float], *, b0_dir: Sequence[float] = (0, 0, 1)
 ) -> NDArray[np.float32]:
     """Return the k-space dipole kernel ``D = 1/3 - (k.b)^2 / |k|^2`` with ``D(0) = 0``.
+
+    For B0 along an array axis this is exact on the FFT grid. For oblique B0 the cross terms
+    ``k_i k_j`` are evaluated with central-difference frequencies ``sin(2 pi f d) / (2 pi d)``,
+    which match ``k`` at low frequency and avoid Nyquist ringing next to sharp edges.
 
     Args:
         shape: Grid shape (3 positive integers).
@@ -556,11 +533,6 @@ def field_from_chi(
     return np.ascontiguousarray(field[crop], dtype=np.float32)
 
 
-# ----------------------------------------------------------------------------------------------
-# Multi-echo GRE and phase
-# ----------------------------------------------------------------------------------------------
-
-
 def gre_signal(
     pd: ArrayLike,
     t1_ms: ArrayLike,
@@ -589,14 +561,14 @@ def gre_signal(
     Returns:
         complex64 array of shape ``(n_echoes, *broadcast_shape)``.
     """
+    b0, tr = _scalar("b0_tesla", b0_tesla), _scalar("tr_ms", tr_ms)
     tes = np.atleast_1d(np.asarray(echo_times_ms, dtype=np.float64))
     if tes.ndim != 1 or tes.size == 0:
         raise ValueError(f"echo_times_ms must be a non-empty 1-D sequence, got {echo_times_ms!r}")
     _array("echo_times_ms", tes, allow_zero=True)
-    if np.any(tes >= tr_ms):
+    if np.any(tes >= tr):
         raise ValueError(f"echo_times_ms={tes.tolist()} must all be shorter than tr_ms={tr_ms}")
-    b0 = _scalar("b0_tesla", b0_tesla)
-    s0 = spgr_signal(pd, t1_ms, t2star_ms, tr_ms=tr_ms, flip_deg=flip_deg, te_ms=0.0)
+    s0 = spgr_signal(pd, t1_ms, t2star_ms, tr_ms=tr, flip_deg=flip_deg, te_ms=0.0)
     r2s = 1.0 / _array("t2star_ms", t2star_ms)
     field = np.asarray(field_ppm, dtype=np.float32)
     offset = np.asarray(phase_offset_rad, dtype=np.float32)
@@ -630,11 +602,6 @@ def wrap_phase(phase_rad: ArrayLike) -> NDArray[np.floating]:
     w = np.mod(p + np.pi, 2 * np.pi) - np.pi
     # Rounding in mod can land exactly on +pi for inputs just below an odd multiple of -pi.
     return np.where(w >= np.pi, w - 2 * np.pi, w).astype(p.dtype, copy=False)
-
-
-# ----------------------------------------------------------------------------------------------
-# Noise, bias and transceive phase
-# ----------------------------------------------------------------------------------------------
 
 
 def _noise_parts(

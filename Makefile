@@ -1,0 +1,29 @@
+# The two set-up commands of the README. Both create .venv on a fresh machine.
+#   make demo   install everything, generate a small phantom and run the pipeline on it
+#   make test   install everything and run the test suite (what .ci/run calls)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DEMO   ?= smoulder-demo
+
+.PHONY: install demo test lint
+
+$(BIN)/smoulder: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# CPU build of PyTorch first: a bare 'torch' requirement would pull a multi-GB CUDA build.
+	# GPU users: install the torch build that matches your CUDA before 'make', it is kept.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "torch==2.13.0"
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $(BIN)/smoulder
+
+install: $(BIN)/smoulder
+
+demo: install
+	$(BIN)/smoulder demo $(DEMO)
+
+test: install
+	$(BIN)/python -m pytest -q --doctest-modules src tests
+
+lint: install
+	$(BIN)/ruff check src pipelines tests benchmarks

@@ -1,0 +1,29 @@
+"""Shared fixtures: a low-resolution phantom generated once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from smoulder.phantom.dataset import generate_dataset
+from smoulder.phantom.generate import PhantomConfig
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+#: The phantom most tests read: 1 subject × 2 sessions at 3 mm (a few seconds on 2 cores).
+FAST_PHANTOM = PhantomConfig(resolution_mm=3.0, lesions=10, new_lesions_per_session=2, seed=3)
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Return the root of a generated fast phantom dataset (read-only for tests)."""
+    return generate_dataset(tmp_path_factory.mktemp("phantom"), FAST_PHANTOM)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Return ../shared/data, skipping the test when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA}")
+    return SHARED_DATA
