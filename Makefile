@@ -6,7 +6,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= smoulder-demo
 
-.PHONY: install demo test lint
+.PHONY: install demo test lint validator
+VALIDATOR := .ci/node_modules/.bin/bids-validator
 
 $(BIN)/smoulder: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +23,15 @@ install: $(BIN)/smoulder
 demo: install
 	$(BIN)/smoulder demo $(DEMO)
 
-test: install
+# The official BIDS validator (npm) checks the phantom in the test suite; skipped without npm.
+$(VALIDATOR):
+	@if command -v npm >/dev/null; then \
+	  npm install --prefix .ci --no-audit --no-fund --loglevel=error bids-validator@1.15.0; \
+	else echo "npm not found: the BIDS-validator test will be skipped"; fi
+
+validator: $(VALIDATOR)
+
+test: install validator
 	$(BIN)/python -m pytest -q --doctest-modules src tests
 
 lint: install

@@ -65,7 +65,10 @@ def test_pbvc_from_maps_equals_requested(phantom_dir: Path) -> None:
 
 def test_lesion_volumes_from_maps_equal_table(phantom_dir: Path) -> None:
     long_rows = read_tsv(phantom_dir / TRUTH / "sub-01_desc-lesionvolumes_truth.tsv")
-    lesions = {int(r["lesion_id"]): r for r in read_tsv(phantom_dir / TRUTH / "sub-01_desc-lesions_truth.tsv")}
+    lesions = {
+        int(r["lesion_id"]): r
+        for r in read_tsv(phantom_dir / TRUTH / "sub-01_desc-lesions_truth.tsv")
+    }
     vml = voxel_ml(phantom_dir)
     for ses in ("ses-01", "ses-02"):
         table_total = sum(float(r["volume_ml"]) for r in long_rows if r["session"] == ses)
@@ -78,7 +81,9 @@ def test_lesion_volumes_from_maps_equal_table(phantom_dir: Path) -> None:
         sessions = [r["session"] for r in long_rows if int(r["lesion_id"]) == lid]
         if row["kind"] == "new":
             assert "ses-01" not in sessions
-        vols = {r["session"]: float(r["volume_ml"]) for r in long_rows if int(r["lesion_id"]) == lid}
+        vols = {
+            r["session"]: float(r["volume_ml"]) for r in long_rows if int(r["lesion_id"]) == lid
+        }
         if row["kind"] == "sel" and len(vols) == 2:
             assert vols["ses-02"] > vols["ses-01"]
         if row["kind"] == "shrinking" and len(vols) == 2:
@@ -113,8 +118,11 @@ def test_cord_csa_is_exact(phantom_dir: Path) -> None:
     a, b = params["cord_axes_mm"]
     assert float(rows[0]["cord_csa_mm2"]) == pytest.approx(np.pi * a * b, rel=1e-6)
     assert float(rows[1]["cord_csa_change_from_baseline_pct"]) == pytest.approx(
-        FAST_PHANTOM.cord_loss_per_year_pct, abs=1e-3)
-    img = nib.load(str(phantom_dir / TRUTH / "ses-01/anat/sub-01_ses-01_space-T1w_label-cord_probseg.nii.gz"))
+        FAST_PHANTOM.cord_loss_per_year_pct, abs=1e-3
+    )
+    img = nib.load(
+        str(phantom_dir / TRUTH / "ses-01/anat/sub-01_ses-01_space-T1w_label-cord_probseg.nii.gz")
+    )
     cord = np.asarray(img.dataobj)
     zooms = img.header.get_zooms()
     per_slice = cord.sum((0, 1)) * zooms[0] * zooms[1]
@@ -127,8 +135,12 @@ def test_true_deformation_maps_baseline_onto_followup(phantom_dir: Path) -> None
     """The ITK field written as truth, applied by antspyx, maps session 1 onto session 2."""
     ants = pytest.importorskip("ants")
     folder = phantom_dir / TRUTH
-    fixed = ants.image_read(str(folder / "ses-02/anat/sub-01_ses-02_space-T1w_label-brain_probseg.nii.gz"))
-    moving = ants.image_read(str(folder / "ses-01/anat/sub-01_ses-01_space-T1w_label-brain_probseg.nii.gz"))
+    fixed = ants.image_read(
+        str(folder / "ses-02/anat/sub-01_ses-02_space-T1w_label-brain_probseg.nii.gz")
+    )
+    moving = ants.image_read(
+        str(folder / "ses-01/anat/sub-01_ses-01_space-T1w_label-brain_probseg.nii.gz")
+    )
     field = folder / "ses-02/anat/sub-01_ses-02_from-baseline_to-T1w_mode-image_xfm.nii.gz"
     warped = ants.apply_transforms(fixed, moving, transformlist=[str(field)], interpolator="linear")
     f, w, m = fixed.numpy(), warped.numpy(), moving.numpy()
@@ -167,7 +179,9 @@ def test_contrasts_follow_tissue_physics(phantom_dir: Path) -> None:
 def test_deterministic_for_a_seed(tmp_path: Path) -> None:
     cfg = PhantomConfig(resolution_mm=4.0, sessions=1, lesions=4, seed=11)
     a, b = generate_dataset(tmp_path / "a", cfg), generate_dataset(tmp_path / "b", cfg)
-    c = generate_dataset(tmp_path / "c", PhantomConfig(resolution_mm=4.0, sessions=1, lesions=4, seed=12))
+    c = generate_dataset(
+        tmp_path / "c", PhantomConfig(resolution_mm=4.0, sessions=1, lesions=4, seed=12)
+    )
     rel = "sub-01/ses-01/anat/sub-01_ses-01_echo-1_part-phase_MEGRE.nii.gz"
     np.testing.assert_array_equal(load(a / rel), load(b / rel))
     assert not np.array_equal(load(a / rel), load(c / rel))
@@ -183,9 +197,10 @@ def test_bids_validator_finds_no_errors(phantom_dir: Path) -> None:
     exe_path = str(exe) if exe.exists() else shutil.which("bids-validator")
     if exe_path is None:
         pytest.skip("bids-validator not installed (make test installs it when npm is present)")
-    proc = subprocess.run([exe_path, "--json", str(phantom_dir)], capture_output=True, text=True,
-                          timeout=600)
-    report = json.loads(proc.stdout[proc.stdout.index("{"):])
+    proc = subprocess.run(
+        [exe_path, "--json", str(phantom_dir)], capture_output=True, text=True, timeout=600
+    )
+    report = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert report["issues"]["errors"] == [], report["issues"]["errors"]
 
 

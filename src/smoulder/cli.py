@@ -34,32 +34,51 @@ tools:
 def _labels(values: list[str] | None, prefix: str) -> list[str] | None:
     if not values:
         return None
-    return [v[len(prefix):] if v.startswith(prefix) else v for v in values]
+    return [v[len(prefix) :] if v.startswith(prefix) else v for v in values]
 
 
 def bids_app_parser() -> argparse.ArgumentParser:
     """Return the parser of ``smoulder BIDS_DIR OUTPUT_DIR {participant,group}``."""
     p = argparse.ArgumentParser(
-        prog="smoulder", usage=USAGE, description=DESCRIPTION,
+        prog="smoulder",
+        usage=USAGE,
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("bids_dir", type=Path, help="root of the BIDS dataset")
     p.add_argument("output_dir", type=Path, help="where derivatives go (<OUTPUT_DIR>/smoulder)")
     p.add_argument("analysis_level", choices=["participant", "group"], help="BIDS-Apps level")
-    p.add_argument("--participant-label", "--participant_label", nargs="+", metavar="LABEL",
-                   help="subjects to process (with or without 'sub-'); default: all")
-    p.add_argument("--session-label", "--session_label", nargs="+", metavar="LABEL",
-                   help="sessions to process (with or without 'ses-'); default: all")
+    p.add_argument(
+        "--participant-label",
+        "--participant_label",
+        nargs="+",
+        metavar="LABEL",
+        help="subjects to process (with or without 'sub-'); default: all",
+    )
+    p.add_argument(
+        "--session-label",
+        "--session_label",
+        nargs="+",
+        metavar="LABEL",
+        help="sessions to process (with or without 'ses-'); default: all",
+    )
     p.add_argument("-w", "--work-dir", type=Path, help="work directory (cache; reuse it to resume)")
     p.add_argument("--nprocs", type=int, help="processes to run at once (default: all CPUs)")
     p.add_argument("--omp-nthreads", type=int, help="threads per step")
     p.add_argument("--mem-gb", type=float, help="memory budget in GB")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where GPU-capable steps run")
-    p.add_argument("--config", metavar="FILE", help="YAML preset: a file or a shipped name "
-                   "(default, fast, cpu, slurm); command-line values win")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML preset: a file or a shipped name "
+        "(default, fast, cpu, slurm); command-line values win",
+    )
     p.add_argument("--fast", action="store_true", help="lower-cost preset for tests and previews")
-    p.add_argument("--skip-data-check", action="store_true",
-                   help="check headers and sidecars only, not every voxel")
+    p.add_argument(
+        "--skip-data-check",
+        action="store_true",
+        help="check headers and sidecars only, not every voxel",
+    )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     p.add_argument("--version", action="version", version=_version())
     return p
@@ -77,19 +96,34 @@ def phantom_parser() -> argparse.ArgumentParser:
     p.add_argument("--sessions", type=int, help="sessions per subject (default 2)")
     p.add_argument("--interval-years", type=float, help="years between sessions (default 1)")
     p.add_argument("--seed", type=int, help="random seed (default 0): same seed, same dataset")
-    p.add_argument("--resolution", type=float, dest="resolution_mm", metavar="MM",
-                   help="voxel size of the truth and T1w grids (default 1 mm)")
+    p.add_argument(
+        "--resolution",
+        type=float,
+        dest="resolution_mm",
+        metavar="MM",
+        help="voxel size of the truth and T1w grids (default 1 mm)",
+    )
     p.add_argument("--flair-slice-mm", type=float, help="FLAIR slice thickness (default: MM)")
     p.add_argument("--gre-voxel-mm", type=float, help="isotropic GRE voxel (default: MM)")
     p.add_argument("--lesions", type=int, help="baseline lesions per subject (default 12)")
     p.add_argument("--new-lesions-per-session", type=int, help="new lesions per follow-up")
     p.add_argument("--pbvc-per-year", type=float, help="whole-brain volume change, %%/year")
-    p.add_argument("--anatomy", type=Path, metavar="DIR",
-                   help="whole-brain label map (file or directory; FreeSurfer/SynthSeg labels) "
-                   "instead of the MNI152 template")
-    p.add_argument("--lesion-masks", type=Path, metavar="DIR",
-                   help="directory of binary lesion masks whose shapes are reused")
-    p.add_argument("--fast", action="store_true", help="low resolution (3 mm), few lesions: seconds")
+    p.add_argument(
+        "--anatomy",
+        type=Path,
+        metavar="DIR",
+        help="whole-brain label map (file or directory; FreeSurfer/SynthSeg labels) "
+        "instead of the MNI152 template",
+    )
+    p.add_argument(
+        "--lesion-masks",
+        type=Path,
+        metavar="DIR",
+        help="directory of binary lesion masks whose shapes are reused",
+    )
+    p.add_argument(
+        "--fast", action="store_true", help="low resolution (3 mm), few lesions: seconds"
+    )
     p.add_argument("--config", metavar="FILE", help="YAML preset with a 'phantom' section")
     p.add_argument("-q", "--quiet", action="store_true")
     return p
@@ -118,8 +152,13 @@ def demo_parser() -> argparse.ArgumentParser:
         description="Generate a small phantom dataset and run the participant pipeline on it.",
     )
     p.add_argument("output_dir", type=Path, nargs="?", default=Path("smoulder-demo"))
-    p.add_argument("--resolution", type=float, default=3.0, metavar="MM",
-                   help="phantom voxel size (default 3 mm: about a minute on 2 cores)")
+    p.add_argument(
+        "--resolution",
+        type=float,
+        default=3.0,
+        metavar="MM",
+        help="phantom voxel size (default 3 mm: about a minute on 2 cores)",
+    )
     p.add_argument("--subjects", type=int, default=1)
     return p
 
@@ -179,8 +218,10 @@ def run_phantom(args: argparse.Namespace) -> int:
     say = (lambda _m: None) if args.quiet else (lambda m: print(m, flush=True))
     start = time.perf_counter()
     out = generate_dataset(args.output_dir, phantom_cfg, progress=say)
-    say(f"phantom dataset: {out} (truth in {out / 'derivatives' / 'truth'}) "
-        f"in {time.perf_counter() - start:.1f} s")
+    say(
+        f"phantom dataset: {out} (truth in {out / 'derivatives' / 'truth'}) "
+        f"in {time.perf_counter() - start:.1f} s"
+    )
     return 0
 
 
@@ -207,10 +248,14 @@ def run_participant(args: argparse.Namespace) -> int:
     from smoulder.derivatives import DerivativesWriter
     from smoulder.inputs import discover, sessions_to_records, summarize, validate_session
 
-    overrides: dict[str, Any] = {"execution": {
-        "nprocs": args.nprocs, "omp_nthreads": args.omp_nthreads, "mem_gb": args.mem_gb,
-        "device": args.device,
-    }}
+    overrides: dict[str, Any] = {
+        "execution": {
+            "nprocs": args.nprocs,
+            "omp_nthreads": args.omp_nthreads,
+            "mem_gb": args.mem_gb,
+            "device": args.device,
+        }
+    }
     overrides["execution"] = {k: v for k, v in overrides["execution"].items() if v is not None}
     if args.skip_data_check:
         overrides["inputs"] = {"read_data": False}
@@ -252,12 +297,22 @@ def run_demo(args: argparse.Namespace) -> int:
     """Generate a small phantom and run the participant level on it (``smoulder demo``)."""
     out = args.output_dir
     bids = out / "bids"
-    status = main(["phantom", str(bids), "--fast", "--resolution", str(args.resolution),
-                   "--subjects", str(args.subjects)])
+    status = main(
+        [
+            "phantom",
+            str(bids),
+            "--fast",
+            "--resolution",
+            str(args.resolution),
+            "--subjects",
+            str(args.subjects),
+        ]
+    )
     if status:
         return status
-    status = main([str(bids), str(out / "derivatives"), "participant", "--fast",
-                   "-w", str(out / "work")])
+    status = main(
+        [str(bids), str(out / "derivatives"), "participant", "--fast", "-w", str(out / "work")]
+    )
     if status == 0:
         status = main([str(bids), str(out / "derivatives"), "group"])
     return status

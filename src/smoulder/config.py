@@ -101,7 +101,9 @@ def validate(cfg: Config) -> None:
     for key in ("nprocs", "omp_nthreads"):
         if ex[key] is not None and (not isinstance(ex[key], int) or ex[key] < 1):
             raise ConfigError(f"execution.{key}: expected a positive integer, found {ex[key]!r}")
-    if ex["mem_gb"] is not None and not (isinstance(ex["mem_gb"], int | float) and ex["mem_gb"] > 0):
+    if ex["mem_gb"] is not None and not (
+        isinstance(ex["mem_gb"], int | float) and ex["mem_gb"] > 0
+    ):
         raise ConfigError(f"execution.mem_gb: expected a positive number, found {ex['mem_gb']!r}")
 
 

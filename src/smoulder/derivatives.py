@@ -41,14 +41,19 @@ class DerivativesWriter:
     def save_description(self, models: dict[str, str] | None = None) -> Path:
         """Return the path of ``dataset_description.json`` (GeneratedBy with versions)."""
         generated: dict[str, Any] = {
-            "Name": PIPELINE, "Version": __version__,
+            "Name": PIPELINE,
+            "Version": __version__,
             "CodeURL": "https://github.com/smoulder-ms/smoulder",
         }
         if models:
             generated["Models"] = models
         return save_json(
-            {"Name": "smoulder derivatives", "BIDSVersion": BIDS_VERSION,
-             "DatasetType": "derivative", "GeneratedBy": [generated]},
+            {
+                "Name": "smoulder derivatives",
+                "BIDSVersion": BIDS_VERSION,
+                "DatasetType": "derivative",
+                "GeneratedBy": [generated],
+            },
             self.root / "dataset_description.json",
         )
 
@@ -61,9 +66,14 @@ class DerivativesWriter:
         text = dump(cfg)
         save_text(text, logs / f"config-{stamp}.yaml")
         save_json(
-            {"command": argv, "started": stamp, "smoulder": __version__,
-             "python": sys.version.split()[0], "platform": platform.platform(),
-             "packages": _package_versions()},
+            {
+                "command": argv,
+                "started": stamp,
+                "smoulder": __version__,
+                "python": sys.version.split()[0],
+                "platform": platform.platform(),
+                "packages": _package_versions(),
+            },
             logs / f"provenance-{stamp}.json",
         )
         return save_text(text, logs / "config.yaml")
@@ -73,7 +83,9 @@ class DerivativesWriter:
         """Return the path of the subject's inputs table (one row per session)."""
         rows = [_input_row(r) for r in records]
         path = self.root / f"sub-{subject}" / f"sub-{subject}_inputs.tsv"
-        save_json({k: {"Description": v} for k, v in INPUT_COLUMNS.items()}, path.with_suffix(".json"))
+        save_json(
+            {k: {"Description": v} for k, v in INPUT_COLUMNS.items()}, path.with_suffix(".json")
+        )
         save_json(records, self.root / f"sub-{subject}" / f"sub-{subject}_inputs.json")
         return save_tsv(rows, path)
 
@@ -81,7 +93,7 @@ class DerivativesWriter:
         """Return the path of the cohort inputs table gathered from every subject's table."""
         rows: list[dict[str, str]] = []
         for table in sorted(self.root.glob("sub-*/sub-*_inputs.tsv")):
-            subject = table.parent.name[len("sub-"):]
+            subject = table.parent.name[len("sub-") :]
             if participants and subject not in participants:
                 continue
             with table.open() as fh:
@@ -89,10 +101,15 @@ class DerivativesWriter:
         if not rows:
             from smoulder.errors import InputError
 
-            raise InputError(self.root, expected="per-subject tables from the participant level "
-                             "(sub-*/sub-*_inputs.tsv)", found="none; run 'participant' first")
-        save_json({k: {"Description": v} for k, v in INPUT_COLUMNS.items()},
-                  self.root / "group_inputs.json")
+            raise InputError(
+                self.root,
+                expected="per-subject tables from the participant level (sub-*/sub-*_inputs.tsv)",
+                found="none; run 'participant' first",
+            )
+        save_json(
+            {k: {"Description": v} for k, v in INPUT_COLUMNS.items()},
+            self.root / "group_inputs.json",
+        )
         return save_tsv(rows, self.root / "group_inputs.tsv")
 
     def save_inputs_report(self, records: list[dict[str, Any]]) -> Path:
@@ -130,19 +147,30 @@ def _ses(record: dict[str, Any]) -> str:
 
 
 def _found(record: dict[str, Any]) -> list[str]:
-    names = {"flair": "FLAIR", "t1w": "T1w", "unit1": "UNIT1", "mp2rage_inv1": "inv-1",
-             "mp2rage_inv2": "inv-2", "chimap": "Chimap"}
+    names = {
+        "flair": "FLAIR",
+        "t1w": "T1w",
+        "unit1": "UNIT1",
+        "mp2rage_inv1": "inv-1",
+        "mp2rage_inv2": "inv-2",
+        "chimap": "Chimap",
+    }
     found = [label for key, label in names.items() if record.get(key)]
     if record.get("megre_mag"):
-        found.append(f"MEGRE({len(record['megre_mag'])} mag, {len(record.get('megre_phase') or [])} phase)")
+        found.append(
+            f"MEGRE({len(record['megre_mag'])} mag, {len(record.get('megre_phase') or [])} phase)"
+        )
     return found
 
 
 def _input_row(record: dict[str, Any]) -> dict[str, Any]:
     return {
-        "participant_id": f"sub-{record['subject']}", "session_id": _ses(record),
-        "found": " ".join(_found(record)), "analyses": " ".join(record["analyses"]) or "n/a",
-        "n_errors": record["n_errors"], "errors": " | ".join(record["errors"]) or "n/a",
+        "participant_id": f"sub-{record['subject']}",
+        "session_id": _ses(record),
+        "found": " ".join(_found(record)),
+        "analyses": " ".join(record["analyses"]) or "n/a",
+        "n_errors": record["n_errors"],
+        "errors": " | ".join(record["errors"]) or "n/a",
     }
 
 
@@ -150,10 +178,19 @@ def _package_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for name in ("numpy", "scipy", "nibabel", "nipype", "pybids", "torch", "monai", "antspyx", "nilearn"):
+    for name in (
+        "numpy",
+        "scipy",
+        "nibabel",
+        "nipype",
+        "pybids",
+        "torch",
+        "monai",
+        "antspyx",
+        "nilearn",
+    ):
         try:
             out[name] = version(name)
         except PackageNotFoundError:
             out[name] = "not installed"
     return out
-

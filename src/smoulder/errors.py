@@ -15,8 +15,9 @@ class InputError(SmoulderError, ValueError):
     The message is one line: ``<file>: expected <expected>, found <found>[; <hint>]``.
 
     Examples:
-        >>> str(InputError("sub-01_T1w.nii.gz", expected="a 3D image", found="4D shape (4, 4, 4, 2)"))
-        'sub-01_T1w.nii.gz: expected a 3D image, found 4D shape (4, 4, 4, 2)'
+        >>> err = InputError("sub-01_T1w.nii.gz", expected="a 3D image", found="4D (4, 4, 4, 2)")
+        >>> str(err)
+        'sub-01_T1w.nii.gz: expected a 3D image, found 4D (4, 4, 4, 2)'
     """
 
     def __init__(

@@ -74,10 +74,12 @@ def regular_grid(
 
     Examples:
         >>> aff, shape = regular_grid(np.array([0., 0, 0]), np.array([9., 9, 4]), 2.0)
-        >>> shape, aff[0, 0], aff[2, 3]
+        >>> shape, float(aff[0, 0]), float(aff[2, 3])
         ((5, 5, 3), 2.0, 0.0)
     """
-    shape = tuple(int(np.floor((h - lo) / spacing_mm)) + 1 for lo, h in zip(lo_mm, hi_mm, strict=True))
+    shape = tuple(
+        int(np.floor((h - lo) / spacing_mm)) + 1 for lo, h in zip(lo_mm, hi_mm, strict=True)
+    )
     affine = np.diag([spacing_mm, spacing_mm, spacing_mm, 1.0])
     affine[:3, 3] = lo_mm
     return affine, shape  # type: ignore[return-value]
@@ -121,8 +123,14 @@ def resample_box(
         src = ndimage.gaussian_filter(src, sigma)
     vox2vox = np.linalg.inv(src_affine) @ dst_affine
     out = ndimage.affine_transform(
-        src, vox2vox[:3, :3], offset=vox2vox[:3, 3], output_shape=dst_shape, order=1,
-        mode="constant", cval=0.0, prefilter=False,
+        src,
+        vox2vox[:3, :3],
+        offset=vox2vox[:3, 3],
+        output_shape=dst_shape,
+        order=1,
+        mode="constant",
+        cval=0.0,
+        prefilter=False,
     )
     return out.astype(np.float32)
 
@@ -152,10 +160,15 @@ def label_map_brain(path: str | Path) -> tuple[np.ndarray, np.ndarray, str]:
     img = nib.load(str(path))
     labels = np.asarray(img.dataobj)
     if labels.ndim != 3:
-        raise InputError(path, expected="a 3D label map", found=f"{labels.ndim}D shape {labels.shape}")
+        raise InputError(
+            path, expected="a 3D label map", found=f"{labels.ndim}D shape {labels.shape}"
+        )
     labels = np.rint(labels).astype(np.int32)
     frac = np.stack(
-        [np.isin(labels, FREESURFER_CLASSES[c]).astype(np.float32) for c in ("csf", "gm", "deep_gm", "wm")]
+        [
+            np.isin(labels, FREESURFER_CLASSES[c]).astype(np.float32)
+            for c in ("csf", "gm", "deep_gm", "wm")
+        ]
     )
     if frac[3].sum() == 0 or frac[1].sum() == 0:
         raise InputError(
@@ -192,8 +205,14 @@ def build_anatomy(
     parenchyma = brain[1:].sum(0)
     idx = np.argwhere(brain.sum(0) > 0.05)
     lo_i, hi_i = idx.min(0), idx.max(0)
-    corners = np.array([[a, b, c, 1.0] for a in (lo_i[0], hi_i[0]) for b in (lo_i[1], hi_i[1])
-                        for c in (lo_i[2], hi_i[2])])
+    corners = np.array(
+        [
+            [a, b, c, 1.0]
+            for a in (lo_i[0], hi_i[0])
+            for b in (lo_i[1], hi_i[1])
+            for c in (lo_i[2], hi_i[2])
+        ]
+    )
     world = (brain_affine @ corners.T).T[:, :3]
     lo, hi = world.min(0) - margin_mm, world.max(0) + margin_mm
     bottom_mm = float(world[:, 2].min())
@@ -239,20 +258,24 @@ def build_anatomy(
     out[4] = soft * keep + neck_soft * below
     out[5] = bone * keep + ring * below
     return Anatomy(
-        fractions=out, affine=affine, classes=CLASSES, cord_top_mm=cord_top, source=source,
+        fractions=out,
+        affine=affine,
+        classes=CLASSES,
+        cord_top_mm=cord_top,
+        source=source,
         canal_radius_mm=canal_radius_mm,
     )
 
 
 def _world_coords(affine: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     """Return world coordinates ``(3, X, Y, Z)`` of every voxel of an axis-aligned grid."""
-    axes = [affine[i, i] * np.arange(n, dtype=np.float32) + affine[i, 3] for i, n in enumerate(shape)]
+    axes = [
+        affine[i, i] * np.arange(n, dtype=np.float32) + affine[i, 3] for i, n in enumerate(shape)
+    ]
     return np.stack(np.meshgrid(*axes, indexing="ij"))
 
 
-def load_anatomy(
-    resolution_mm: float, *, label_map: str | Path | None = None
-) -> Anatomy:
+def load_anatomy(resolution_mm: float, *, label_map: str | Path | None = None) -> Anatomy:
     """Return the phantom's base anatomy at ``resolution_mm``: MNI152 or a given label map."""
     if label_map is None:
         brain, aff, source = mni_brain()

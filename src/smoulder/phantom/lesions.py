@@ -141,11 +141,15 @@ class Lesion:
         rec.pop("sdf")
         rec["center_mm"] = [round(float(c), 2) for c in self.center_mm]
         rec["rim_axis"] = [round(float(c), 4) for c in self.rim_axis]
-        rec["vein"] = None if self.vein is None else {
-            "start_mm": self.vein.start_mm.round(2).tolist(),
-            "end_mm": self.vein.end_mm.round(2).tolist(),
-            "radius_mm": self.vein.radius_mm,
-        }
+        rec["vein"] = (
+            None
+            if self.vein is None
+            else {
+                "start_mm": self.vein.start_mm.round(2).tolist(),
+                "end_mm": self.vein.end_mm.round(2).tolist(),
+                "radius_mm": self.vein.radius_mm,
+            }
+        )
         return rec
 
 
@@ -155,7 +159,7 @@ def sdf_from_mask(mask: np.ndarray, spacing_mm: float) -> np.ndarray:
     Examples:
         >>> m = np.zeros((9, 9, 9), bool); m[3:6, 3:6, 3:6] = True
         >>> float(sdf_from_mask(m, 1.0)[4, 4, 4]), float(sdf_from_mask(m, 1.0)[4, 4, 0])
-        (-2.5, 2.5)
+        (-1.5, 2.5)
     """
     outside = ndimage.distance_transform_edt(~mask, sampling=spacing_mm)
     inside = ndimage.distance_transform_edt(mask, sampling=spacing_mm)
@@ -165,7 +169,11 @@ def sdf_from_mask(mask: np.ndarray, spacing_mm: float) -> np.ndarray:
 
 
 def blob_sdf(
-    rng: np.random.Generator, volume_ml: float, *, lobes: int = 1, spacing_mm: float = 0.5,
+    rng: np.random.Generator,
+    volume_ml: float,
+    *,
+    lobes: int = 1,
+    spacing_mm: float = 0.5,
     margin_mm: float = 4.0,
 ) -> Patch:
     """Return an SDF patch (centred at the origin) of a random ovoid lesion of ``volume_ml``.
@@ -174,7 +182,9 @@ def blob_sdf(
     ``lobes > 1`` joins several such blobs into one confluent lesion.
     """
     radius = (3 * volume_ml * 1000 / (4 * np.pi)) ** (1 / 3)
-    spacing_mm = min(spacing_mm, max(radius / 4, 0.25)) if radius < 2 else max(spacing_mm, radius / 16)
+    spacing_mm = (
+        min(spacing_mm, max(radius / 4, 0.25)) if radius < 2 else max(spacing_mm, radius / 16)
+    )
     half = radius * (1.8 if lobes > 1 else 1.5) + margin_mm
     n = int(np.ceil(2 * half / spacing_mm)) + 1
     ax = (np.arange(n) - (n - 1) / 2) * spacing_mm
@@ -188,7 +198,9 @@ def blob_sdf(
         rot, _ = np.linalg.qr(rng.normal(size=(3, 3)))
         rel = np.tensordot(rot.T, grid - offset[:, None, None, None], axes=1)
         q = np.sqrt(sum((rel[k] / axes[k]) ** 2 for k in range(3)))
-        noise = ndimage.gaussian_filter(rng.standard_normal((n, n, n)), max(lobe_r / spacing_mm / 2, 1))
+        noise = ndimage.gaussian_filter(
+            rng.standard_normal((n, n, n)), max(lobe_r / spacing_mm / 2, 1)
+        )
         noise /= noise.std() + 1e-9
         inside |= q <= 1.0 + 0.12 * noise
     inside = ndimage.binary_fill_holes(inside)
@@ -201,8 +213,10 @@ def blob_sdf(
     return Patch(sdf, np.full(3, ax[0]), spacing_mm)
 
 
-def real_shapes(directory: str | Path, *, min_voxels: int = 10) -> list[tuple[np.ndarray, float, str]]:
-    """Return connected lesion components of every mask in ``directory`` as ``(mask, voxel_mm, name)``."""
+def real_shapes(
+    directory: str | Path, *, min_voxels: int = 10
+) -> list[tuple[np.ndarray, float, str]]:
+    """Return the lesion components of every mask in ``directory``: ``(mask, voxel_mm, name)``."""
     shapes = []
     for path in sorted(Path(directory).glob("*.nii*")):
         img = nib.load(str(path))
@@ -216,8 +230,10 @@ def real_shapes(directory: str | Path, *, min_voxels: int = 10) -> list[tuple[np
     return shapes
 
 
-def real_sdf(mask: np.ndarray, voxel_mm: float, *, spacing_mm: float = 0.5, margin_mm: float = 4.0) -> Patch:
-    """Return an SDF patch (centred on the centroid) of a real lesion mask, smoothed and resampled."""
+def real_sdf(
+    mask: np.ndarray, voxel_mm: float, *, spacing_mm: float = 0.5, margin_mm: float = 4.0
+) -> Patch:
+    """Return an SDF patch (centred on its centroid) of a real lesion mask, smoothed, resampled."""
     zoom = voxel_mm / spacing_mm
     pad = int(np.ceil(margin_mm / voxel_mm))
     fine = ndimage.zoom(np.pad(mask.astype(np.float32), pad), zoom, order=1) > 0.5

@@ -89,13 +89,11 @@ def jacobian_determinant(
     Examples:
         >>> u = np.zeros((3, 4, 4, 4), np.float32)
         >>> u[0] = 0.1 * np.arange(4)[:, None, None]   # stretch x by 10 %
-        >>> float(jacobian_determinant(u)[1, 1, 1])
+        >>> round(float(jacobian_determinant(u)[1, 1, 1]), 6)
         1.1
     """
     spacing = spacing or (1.0, 1.0, 1.0)
-    grads = [
-        [np.gradient(displacement[i], spacing[j], axis=j) for j in range(3)] for i in range(3)
-    ]
+    grads = [[np.gradient(displacement[i], spacing[j], axis=j) for j in range(3)] for i in range(3)]
     a = [[grads[i][j] + (1.0 if i == j else 0.0) for j in range(3)] for i in range(3)]
     det = (
         a[0][0] * (a[1][1] * a[2][2] - a[1][2] * a[2][1])
@@ -113,7 +111,7 @@ def smooth_random_velocity(
     smoothness_voxels: float,
     weight: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Return a smooth random velocity field ``(3, *shape)`` whose largest component is ``max_voxels``.
+    """Return a smooth random velocity field ``(3, *shape)`` peaking at ``max_voxels``.
 
     Args:
         shape: grid shape.

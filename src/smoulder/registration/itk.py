@@ -13,9 +13,7 @@ from smoulder.images import atomic_path
 RAS_TO_LPS = np.array([-1.0, -1.0, 1.0], np.float32)
 
 
-def save_displacement_field(
-    target_mm: np.ndarray, affine: np.ndarray, path: str | Path
-) -> Path:
+def save_displacement_field(target_mm: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
     """Return ``path`` after writing an ITK/ANTs displacement field, atomically.
 
     Args:
