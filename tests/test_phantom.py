@@ -237,3 +237,20 @@ def test_poisson_velocity_has_prescribed_divergence() -> None:
     div = sum(np.gradient(vel[i], axis=i) for i in range(3))
     inner = div[12:18, 12:18, 12:18]
     assert inner.mean() == pytest.approx(-0.01, rel=0.05)
+
+
+@pytest.mark.realdata
+def test_label_map_anatomy_and_real_lesion_shapes(shared_data: Path, tmp_path: Path) -> None:
+    """SynthSeg label maps as anatomy and real MS lesion masks as shapes (../shared/data)."""
+    cfg = PhantomConfig(
+        resolution_mm=4.0, sessions=2, lesions=6, new_lesions_per_session=1, seed=5,
+        anatomy=str(shared_data / "synthseg_label_maps" / "training_seg_01.nii.gz"),
+        lesion_masks=str(shared_data / "open_ms" / "lesion_masks_mni"),
+    )
+    root = generate_dataset(tmp_path / "ph", cfg)
+    rows = read_tsv(root / TRUTH / "sub-01_desc-lesions_truth.tsv")
+    assert any(r["shape_source"].startswith("patient") for r in rows)
+    atrophy = read_tsv(root / TRUTH / "sub-01_desc-atrophy_truth.tsv")
+    assert abs(float(atrophy[1]["pbvc_per_year_pct"]) - cfg.pbvc_per_year) < 0.02
+    params = json.loads((root / TRUTH / "sub-01_phantom.json").read_text())
+    assert "training_seg_01" in params["anatomy"]

@@ -115,15 +115,18 @@ def generate_dataset(
     say = progress or (lambda _msg: None)
     start = time.perf_counter()
     nib.openers.Opener.default_compresslevel = 1  # fast gzip: phantom files are rewritten often
-    anatomy = load_anatomy(config.resolution_mm, label_map=_first_label_map(config.anatomy))
-    say(
-        f"anatomy {anatomy.shape} at {config.resolution_mm} mm from {anatomy.source} "
-        f"({time.perf_counter() - start:.1f} s)"
-    )
+    label_maps = _label_maps(config.anatomy)
     participants = []
     writer = _BackgroundWriter()
+    anatomy: Anatomy | None = None
     try:
         for index in range(config.subjects):
+            # with label maps, subjects take them in turn; the template is loaded once
+            label_map = label_maps[index % len(label_maps)] if label_maps else None
+            if anatomy is None or (label_maps and len(label_maps) > 1):
+                anatomy = load_anatomy(config.resolution_mm, label_map=label_map)
+                say(f"anatomy {anatomy.shape} at {config.resolution_mm} mm from {anatomy.source} "
+                    f"({time.perf_counter() - start:.1f} s)")
             subject = make_subject(anatomy, config, index)
             subject.atrophy_coefficients = solve_atrophy(anatomy, subject, config)
             write_subject(out, anatomy, subject, config, say, writer)
@@ -131,22 +134,23 @@ def generate_dataset(
             say(f"sub-{subject.label} done ({time.perf_counter() - start:.1f} s)")
     finally:
         writer.close()
+    assert anatomy is not None
     write_dataset_files(out, config, participants, anatomy)
     return out
 
 
-def _first_label_map(anatomy: str | None) -> Path | None:
+def _label_maps(anatomy: str | None) -> list[Path]:
+    """Return the label maps named by ``--anatomy`` (a file or a directory of them)."""
     if anatomy is None:
-        return None
+        return []
     path = Path(anatomy)
-    if path.is_dir():
-        maps = sorted(path.glob("*.nii*"))
-        if not maps:
-            from smoulder.errors import InputError
+    maps = sorted(path.glob("*.nii*")) if path.is_dir() else [path]
+    if not maps or not maps[0].exists():
+        from smoulder.errors import InputError
 
-            raise InputError(path, expected="a directory of label maps (*.nii.gz)", found="none")
-        return maps[0]
-    return path
+        raise InputError(path, expected="a label map or a directory of them (*.nii.gz)",
+                         found="no such file" if not path.exists() else "no NIfTI files")
+    return maps
 
 
 def write_subject(
