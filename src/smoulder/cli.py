@@ -244,10 +244,16 @@ def run_validate(args: argparse.Namespace) -> int:
 
 def run_participant(args: argparse.Namespace) -> int:
     """Run the participant level: check inputs, then process every usable session."""
+    import logging
+
     from smoulder import config as cfgmod
     from smoulder.derivatives import DerivativesWriter
     from smoulder.inputs import discover, sessions_to_records, summarize, validate_session
 
+    logging.basicConfig(
+        level=max(logging.WARNING - 10 * args.verbose, logging.DEBUG),
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+    )
     overrides: dict[str, Any] = {
         "execution": {
             "nprocs": args.nprocs,
