@@ -35,3 +35,24 @@ class InputError(SmoulderError, ValueError):
 
 class ConfigError(SmoulderError, ValueError):
     """A configuration value or file is invalid (names the key and the bad value)."""
+
+
+class RegistrationError(SmoulderError, ValueError):
+    """A transform, image grid or resampling request cannot be honoured.
+
+    The message is one line: ``<what>: expected <expected>, found <found>[; <hint>]``.
+
+    Examples:
+        >>> str(RegistrationError("moving image", expected="a 3D image", found="4D (4, 4, 4, 2)"))
+        'moving image: expected a 3D image, found 4D (4, 4, 4, 2)'
+    """
+
+    def __init__(self, what: str, *, expected: str, found: str, hint: str | None = None) -> None:
+        self.what = what
+        self.expected = expected
+        self.found = found
+        self.hint = hint
+        message = f"{what}: expected {expected}, found {found}"
+        if hint:
+            message += f"; {hint}"
+        super().__init__(message)
