@@ -26,8 +26,20 @@ from pathlib import Path
 def run_case(resolution_mm: float, workdir: Path) -> dict[str, object]:
     out = workdir / f"phantom-{resolution_mm:g}mm"
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "smoulder.cli", "phantom", str(out), "--resolution",
-           str(resolution_mm), "--subjects", "1", "--sessions", "2", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "smoulder.cli",
+        "phantom",
+        str(out),
+        "--resolution",
+        str(resolution_mm),
+        "--subjects",
+        "1",
+        "--sessions",
+        "2",
+        "--quiet",
+    ]
     start = time.perf_counter()
     subprocess.run(cmd, check=True)
     wall = time.perf_counter() - start

@@ -243,7 +243,11 @@ def test_poisson_velocity_has_prescribed_divergence() -> None:
 def test_label_map_anatomy_and_real_lesion_shapes(shared_data: Path, tmp_path: Path) -> None:
     """SynthSeg label maps as anatomy and real MS lesion masks as shapes (../shared/data)."""
     cfg = PhantomConfig(
-        resolution_mm=4.0, sessions=2, lesions=6, new_lesions_per_session=1, seed=5,
+        resolution_mm=4.0,
+        sessions=2,
+        lesions=6,
+        new_lesions_per_session=1,
+        seed=5,
         anatomy=str(shared_data / "synthseg_label_maps" / "training_seg_01.nii.gz"),
         lesion_masks=str(shared_data / "open_ms" / "lesion_masks_mni"),
     )

@@ -125,8 +125,10 @@ def generate_dataset(
             label_map = label_maps[index % len(label_maps)] if label_maps else None
             if anatomy is None or (label_maps and len(label_maps) > 1):
                 anatomy = load_anatomy(config.resolution_mm, label_map=label_map)
-                say(f"anatomy {anatomy.shape} at {config.resolution_mm} mm from {anatomy.source} "
-                    f"({time.perf_counter() - start:.1f} s)")
+                say(
+                    f"anatomy {anatomy.shape} at {config.resolution_mm} mm from {anatomy.source} "
+                    f"({time.perf_counter() - start:.1f} s)"
+                )
             subject = make_subject(anatomy, config, index)
             subject.atrophy_coefficients = solve_atrophy(anatomy, subject, config)
             write_subject(out, anatomy, subject, config, say, writer)
@@ -148,8 +150,11 @@ def _label_maps(anatomy: str | None) -> list[Path]:
     if not maps or not maps[0].exists():
         from smoulder.errors import InputError
 
-        raise InputError(path, expected="a label map or a directory of them (*.nii.gz)",
-                         found="no such file" if not path.exists() else "no NIfTI files")
+        raise InputError(
+            path,
+            expected="a label map or a directory of them (*.nii.gz)",
+            found="no such file" if not path.exists() else "no NIfTI files",
+        )
     return maps
 
 

@@ -105,6 +105,7 @@ def register(
     fixed_mask: np.ndarray | None = None,
     seed: int = 0,
     threads: int | None = None,
+    initialise: str = "centres",
 ) -> Registration:
     """Return the registration of ``moving`` to ``fixed``.
 
@@ -119,13 +120,25 @@ def register(
         fixed_mask: optional boolean mask on the fixed grid limiting the metric.
         seed: random seed; the same inputs, seed and device give the same transforms.
         threads: CPU threads (default: what the process may use).
+        initialise: ``centres`` (match intensity centres of mass first: robust to headers that
+            disagree) or ``header`` (trust the two headers).
 
     Raises:
-        RegistrationError: bad arguments, non-3D images, an empty mask.
+        RegistrationError: bad arguments, non-3D or blank images, an empty mask, or a result
+            under which the two images do not overlap.
     """
     if transform not in TRANSFORMS:
         raise RegistrationError("transform", expected=f"one of {TRANSFORMS}", found=repr(transform))
     f_data, m_data = _volume(fixed, "fixed image"), _volume(moving, "moving image")
+    for data, what in ((f_data, "fixed image"), (m_data, "moving image")):
+        if not np.isfinite(data).all() or float(data.max()) <= float(data.min()):
+            raise RegistrationError(
+                what,
+                expected="an image with signal",
+                found="no signal (every voxel has the same value) or non-finite values",
+            )
+    if initialise not in ("centres", "header"):
+        raise RegistrationError("initialise", expected="centres or header", found=repr(initialise))
     if fixed_mask is not None:
         fixed_mask = np.asarray(fixed_mask, bool)
         if fixed_mask.shape != f_data.shape:
@@ -157,6 +170,7 @@ def register(
             fixed_mask=fixed_mask,
             device=dev,
             seed=seed,
+            initial=np.eye(4) if initialise == "header" else None,
         )
         aff = AffineTransform(matrix)
         fwd, inv = TransformChain([aff]), TransformChain([aff.inverse()])
@@ -171,7 +185,34 @@ def register(
         import torch
 
         torch.cuda.synchronize()
-    return Registration(fwd, inv, engine, dev, time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    _check_overlap(fixed, f_data, fixed_mask, moving, fwd)
+    return Registration(fwd, inv, engine, dev, wall)
+
+
+def _check_overlap(
+    fixed: nib.Nifti1Image,
+    f_data: np.ndarray,
+    mask: np.ndarray | None,
+    moving: nib.Nifti1Image,
+    forward: TransformChain,
+    *,
+    minimum: float = 0.5,
+) -> None:
+    """Raise when less than ``minimum`` of the fixed foreground lands inside the moving grid."""
+    fg = mask if mask is not None else f_data > 0.05 * float(np.percentile(f_data, 99.5))
+    idx = np.argwhere(fg)[:: max(1, int(fg.sum()) // 20_000)]
+    moved = forward.apply(nib.affines.apply_affine(fixed.affine, idx))
+    vox = nib.affines.apply_affine(np.linalg.inv(moving.affine), moved)
+    inside = np.all((vox > -0.5) & (vox < np.array(moving.shape[:3]) - 0.5), axis=1).mean()
+    if inside < minimum:
+        raise RegistrationError(
+            "registration result",
+            expected=f"at least {minimum:.0%} of the fixed image's "
+            "foreground inside the moving image",
+            found=f"{inside:.0%}: the images do not overlap",
+            hint="check both headers (sform/qform), or initialise='centres'",
+        )
 
 
 # ----------------------------------------------------------------------------- engines
@@ -242,10 +283,12 @@ def _greedy_deformable(
         )
         # one displacement field per direction: the affine and the warp composed by greedy
         _greedy(
-            f"{common} -rf {d / 'f.nii.gz'} -r {d / 'warp.nii.gz'} {d / 'aff.mat'} -rc {d / 'fwd.nii.gz'}"
+            f"{common} -rf {d / 'f.nii.gz'} -r {d / 'warp.nii.gz'} {d / 'aff.mat'} "
+            f"-rc {d / 'fwd.nii.gz'}"
         )
         _greedy(
-            f"{common} -rf {d / 'm.nii.gz'} -r {d / 'aff.mat'},-1 {d / 'inv.nii.gz'} -rc {d / 'bwd.nii.gz'}"
+            f"{common} -rf {d / 'm.nii.gz'} -r {d / 'aff.mat'},-1 {d / 'inv.nii.gz'} "
+            f"-rc {d / 'bwd.nii.gz'}"
         )
         fwd = DisplacementTransform.load(d / "fwd.nii.gz")
         bwd = DisplacementTransform.load(d / "bwd.nii.gz")

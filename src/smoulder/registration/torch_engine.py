@@ -114,7 +114,8 @@ def local_ncc(
     var_a = box_mean(a * a, radius) - mu_a**2
     var_b = box_mean(b * b, radius) - mu_b**2
     cov = box_mean(a * b, radius) - mu_a * mu_b
-    ncc = cov * cov / (var_a * var_b + 1e-5)
+    # a tiny epsilon: with window means (not sums) a larger one would flatten low-contrast areas
+    ncc = cov * cov / (var_a * var_b + 1e-9)
     if mask is None:
         return ncc.mean()
     return (ncc * mask).sum() / mask.sum().clamp(min=1.0)
@@ -355,7 +356,12 @@ def svf(
         if velocity is None:
             v = torch.zeros((1, 3, *shape), device=dev)
         else:
-            v = F.interpolate(velocity, size=shape, mode="trilinear", align_corners=True)
+            # voxel units change with the grid: rescale each component by the size ratio
+            ratio = torch.tensor(
+                [(n - 1) / max(o - 1, 1) for n, o in zip(shape, velocity.shape[2:], strict=True)],
+                device=dev,
+            ).reshape(1, 3, 1, 1, 1)
+            v = F.interpolate(velocity, size=shape, mode="trilinear", align_corners=True) * ratio
         v.requires_grad_(True)
         a_vox = torch.as_tensor(f_aff[:3, :3], dtype=torch.float32, device=dev)
         for _ in range(iters):
