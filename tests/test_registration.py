@@ -14,6 +14,7 @@ from smoulder.phantom.dataset import generate_dataset
 from smoulder.phantom.generate import PhantomConfig
 from smoulder.registration.engines import halfway, register
 from smoulder.registration.fields import exponentiate, sample, smooth_random_velocity, warp
+from smoulder.registration.torch_engine import DeformableSettings
 
 RES_MM = 4.0
 
@@ -120,6 +121,14 @@ def test_same_seed_same_transform(phantom4: Path) -> None:
     np.testing.assert_array_equal(a.forward.steps[0].matrix, b.forward.steps[0].matrix)
 
 
+def test_greedy_deformable_is_deterministic(phantom4: Path) -> None:
+    fixed, moving, mask, _ = deformed_pair(phantom4)
+    a = register(fixed, moving, engine="greedy", seed=5, threads=2)
+    b = register(fixed, moving, engine="greedy", seed=5, threads=2)
+    np.testing.assert_array_equal(a.forward.steps[0].disp_mm, b.forward.steps[0].disp_mm)
+    np.testing.assert_array_equal(a.inverse.steps[0].disp_mm, b.inverse.steps[0].disp_mm)
+
+
 def test_errors_speak(phantom4: Path) -> None:
     t1w, flair, mask = images(phantom4)
     with pytest.raises(RegistrationError, match="empty"):
@@ -137,3 +146,18 @@ def test_errors_speak(phantom4: Path) -> None:
         register(t1w, far, transform="rigid", engine="torch", initialise="header")
     with pytest.raises(RegistrationError, match="transform"):
         register(t1w, flair, transform="bspline")
+
+
+def test_fireants_engine_maps_points_like_the_others(phantom4: Path) -> None:
+    pytest.importorskip("fireants")
+    t1w, _, mask = images(phantom4)
+    truth = rigid((3.0, -2.0, 2.0), (3.0, -2.0, 2.0))
+    moving = nib.Nifti1Image(np.asarray(t1w.dataobj, np.float32), truth @ t1w.affine)
+    # few iterations: a smoke test of the engine and of its coordinate conventions
+    short = DeformableSettings(shrink=(4, 2), iterations=(60, 30))
+    reg = register(t1w, moving, metric="ncc", engine="fireants", device="cpu", settings=short)
+    pts = brain_points(t1w, mask)
+    err = np.linalg.norm(reg.forward.apply(pts) - nib.affines.apply_affine(truth, pts), axis=1)
+    assert err.mean() < 0.25 * RES_MM, err.mean()
+    back = np.linalg.norm(reg.inverse.apply(reg.forward.apply(pts)) - pts, axis=1).mean()
+    assert back < 0.1 * RES_MM, back
