@@ -61,12 +61,24 @@ def test_participant_continues_past_a_corrupt_session(
     bad = bids / "sub-01/ses-02/anat/sub-01_ses-02_FLAIR.nii.gz"
     truncate(bad)
     out = tmp_path / "out"
-    status = main(
-        [str(bids), str(out), "participant", "--fast", "--nprocs", "1", "-w", str(tmp_path / "w")]
-    )
+    settings = tmp_path / "settings.yaml"  # no co-registration: this test is about the inputs
+    settings.write_text("registration:\n  session:\n    modalities: []\n")
+    argv = [
+        str(bids),
+        str(out),
+        "participant",
+        "--fast",
+        "--nprocs",
+        "1",
+        "-w",
+        str(tmp_path / "w"),
+    ]
+    status = main([*argv, "--config", str(settings)])
     assert status == 1
     printed = capsys.readouterr().out
     assert "sub-01_ses-02_FLAIR.nii.gz" in printed
+    assert "skipped: FLAIR unusable" in printed  # the session is left out of the workflow
+    assert (out / "smoulder/sub-01/ses-01/anat/sub-01_ses-01_desc-preproc_FLAIR.nii.gz").exists()
     root = out / "smoulder"
     with (root / "sub-01" / "sub-01_inputs.tsv").open() as fh:
         rows = {r["session_id"]: r for r in csv.DictReader(fh, delimiter="\t")}

@@ -161,3 +161,48 @@ def test_fireants_engine_maps_points_like_the_others(phantom4: Path) -> None:
     assert err.mean() < 0.25 * RES_MM, err.mean()
     back = np.linalg.norm(reg.inverse.apply(reg.forward.apply(pts)) - pts, axis=1).mean()
     assert back < 0.1 * RES_MM, back
+
+
+def test_register_command_writes_transforms_that_ants_applies(
+    phantom4: Path, tmp_path: Path
+) -> None:
+    import ants
+
+    from smoulder.cli import main
+
+    fixed, moving, mask, true_world = deformed_pair(phantom4)
+    nib.save(fixed, tmp_path / "fixed.nii.gz")
+    nib.save(moving, tmp_path / "moving.nii.gz")
+    out = tmp_path / "out"
+    args = ["register", str(tmp_path / "fixed.nii.gz"), str(tmp_path / "moving.nii.gz")]
+    labels = ["--fixed-label", "ses1", "--moving-label", "ses2", "--prefix", "sub-01_"]
+    assert main([*args, "-o", str(out), *labels, "--engine", "greedy"]) == 0
+    xfm = out / "sub-01_from-ses2_to-ses1_mode-image_xfm.nii.gz"
+    ours = np.asarray(nib.load(out / "sub-01_space-ses1_desc-ses2.nii.gz").dataobj)
+    theirs = ants.apply_transforms(
+        ants.image_read(str(tmp_path / "fixed.nii.gz")),
+        ants.image_read(str(tmp_path / "moving.nii.gz")),
+        [str(xfm)],
+        interpolator="linear",
+    ).numpy()
+    inside = mask & (ours > 0)
+    scale = np.percentile(ours[inside], 99)
+    assert np.abs(ours - theirs)[inside].mean() < 0.01 * scale
+    assert (out / "sub-01_from-ses1_to-ses2_mode-image_xfm.nii.gz").exists()
+    logjac = np.asarray(nib.load(out / "sub-01_space-ses1_desc-logjacobian.nii.gz").dataobj)
+    assert np.isfinite(logjac).all() and logjac[mask].std() > 0
+    assert not list(out.glob("*.part*"))
+
+    half = tmp_path / "half"
+    assert main([*args, "-o", str(half), *labels, "--halfway", "--engine", "greedy"]) == 0
+    for stem in ("from-ses1_to-halfway", "from-ses2_to-halfway", "from-ses2_to-ses1"):
+        assert (half / f"sub-01_{stem}_mode-image_xfm.nii.gz").exists(), stem
+    assert (half / "sub-01_space-halfway_desc-ses2.nii.gz").exists()
+
+
+def test_register_command_names_a_missing_file(tmp_path: Path, capsys) -> None:
+    from smoulder.cli import main
+
+    status = main(["register", str(tmp_path / "nope.nii.gz"), str(tmp_path / "b.nii"), "-o", "x"])
+    assert status == 2
+    assert "nope.nii.gz" in capsys.readouterr().err

@@ -7,17 +7,22 @@ nibabel, torch) are deferred into the commands so that ``smoulder --help`` is in
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-TOOLS = ("phantom", "validate", "demo")
+TOOLS = ("phantom", "validate", "demo", "register")
+LOG = logging.getLogger("smoulder.run")
 
 USAGE = """\
 smoulder BIDS_DIR OUTPUT_DIR {participant,group} [options]
        smoulder phantom OUTPUT_DIR [options]
        smoulder validate BIDS_DIR [options]
+       smoulder register FIXED MOVING -o OUT_DIR [options]
        smoulder demo [OUTPUT_DIR]"""
 
 DESCRIPTION = """\
@@ -27,6 +32,7 @@ slowly expanding lesions, new/enlarging lesions, brain, grey-matter and cord atr
 tools:
   phantom   write a synthetic BIDS dataset with exact truth (smoulder phantom --help)
   validate  check a BIDS dataset's inputs without running anything
+  register  register two images, or move two sessions half way (ITK/ANTs transforms)
   demo      generate a small phantom and run the pipeline on it
 """
 
@@ -62,11 +68,42 @@ def bids_app_parser() -> argparse.ArgumentParser:
         metavar="LABEL",
         help="sessions to process (with or without 'ses-'); default: all",
     )
-    p.add_argument("-w", "--work-dir", type=Path, help="work directory (cache; reuse it to resume)")
+    p.add_argument(
+        "-w",
+        "--work-dir",
+        type=Path,
+        help="work directory: Nipype's cache; rerun with the same one to resume "
+        "(default: OUTPUT_DIR/work)",
+    )
     p.add_argument("--nprocs", type=int, help="processes to run at once (default: all CPUs)")
-    p.add_argument("--omp-nthreads", type=int, help="threads per step")
+    p.add_argument(
+        "--omp-nthreads", type=int, help="threads per step (default: half of --nprocs, at most 8)"
+    )
     p.add_argument("--mem-gb", type=float, help="memory budget in GB")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where GPU-capable steps run")
+    p.add_argument(
+        "--gpu-slots",
+        type=int,
+        metavar="N",
+        help="GPU steps running at once (MultiProc n_gpu_procs; default: the GPUs visible)",
+    )
+    p.add_argument(
+        "--plugin-config",
+        type=Path,
+        metavar="FILE",
+        help="YAML/JSON file naming a Nipype plugin and its arguments "
+        "(plugin: SLURM, plugin_args: {sbatch_args: ...}); default: MultiProc",
+    )
+    p.add_argument(
+        "--stop-on-first-crash",
+        action="store_true",
+        help="stop the whole run at the first failing step (default: finish the other sessions)",
+    )
+    p.add_argument(
+        "--resource-monitor",
+        action="store_true",
+        help="record each step's peak memory and CPU use in the provenance record",
+    )
     p.add_argument(
         "--config",
         metavar="FILE",
@@ -181,8 +218,13 @@ def main(argv: list[str] | None = None) -> int:
                 return run_phantom(phantom_parser().parse_args(rest))
             if tool == "validate":
                 return run_validate(validate_parser().parse_args(rest))
+            if tool == "register":
+                from smoulder.registration import command
+
+                return command.run(command.parser().parse_args(rest))
             return run_demo(demo_parser().parse_args(rest))
         args = bids_app_parser().parse_args(argv)
+        args.argv = ["smoulder", *argv]
         if args.analysis_level == "participant":
             return run_participant(args)
         return run_group(args)
@@ -243,9 +285,12 @@ def run_validate(args: argparse.Namespace) -> int:
 
 
 def run_participant(args: argparse.Namespace) -> int:
-    """Run the participant level: check inputs, then process every usable session."""
-    import logging
+    """Run the participant level: check inputs, then process every usable session.
 
+    The per-session and per-subject workflows run under Nipype (``smoulder.pipelines``); the
+    work directory is their cache, so the same command after an interruption resumes. A step
+    that fails is reported (session, step, inputs, error) and the other sessions go on.
+    """
     from smoulder import config as cfgmod
     from smoulder.derivatives import DerivativesWriter
     from smoulder.inputs import discover, sessions_to_records, summarize, validate_session
@@ -254,39 +299,161 @@ def run_participant(args: argparse.Namespace) -> int:
         level=max(logging.WARNING - 10 * args.verbose, logging.DEBUG),
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
     )
-    overrides: dict[str, Any] = {
-        "execution": {
-            "nprocs": args.nprocs,
-            "omp_nthreads": args.omp_nthreads,
-            "mem_gb": args.mem_gb,
-            "device": args.device,
-        }
+    execution: dict[str, Any] = {
+        "nprocs": args.nprocs,
+        "omp_nthreads": args.omp_nthreads,
+        "mem_gb": args.mem_gb,
+        "device": args.device,
+        "gpu_slots": args.gpu_slots,
     }
-    overrides["execution"] = {k: v for k, v in overrides["execution"].items() if v is not None}
+    execution = {k: v for k, v in execution.items() if v is not None}
+    if args.plugin_config is not None:
+        execution.update(cfgmod.load_plugin_config(args.plugin_config))
+    if args.stop_on_first_crash:
+        execution["stop_on_first_crash"] = True
+    if args.resource_monitor:
+        execution["resource_monitor"] = True
+    overrides: dict[str, Any] = {"execution": execution}
     if args.skip_data_check:
         overrides["inputs"] = {"read_data": False}
     cfg = cfgmod.resolve(config_file=args.config, fast=args.fast, overrides=overrides)
-    writer = DerivativesWriter(args.output_dir)
-    work_dir = args.work_dir or args.output_dir / "work"
-    cfg["execution"]["work_dir"] = str(Path(work_dir).resolve())
-    writer.save_config(cfg, argv=sys.argv)
-
-    sessions = discover(
-        args.bids_dir,
-        participant_labels=_labels(args.participant_label, "sub-"),
-        session_labels=_labels(args.session_label, "ses-"),
-    )
-    checked = [validate_session(s, read_data=cfg["inputs"]["read_data"]) for s in sessions]
-    print(summarize(checked))
-    records = sessions_to_records(checked)
-    for subject in sorted({s.subject for s in checked}):
-        writer.save_subject_inputs(subject, [r for r in records if r["subject"] == subject])
-    writer.save_description()
-    report = writer.save_inputs_report(records)
+    writer = DerivativesWriter(args.output_dir, raw_dir=args.bids_dir)
+    work_dir = Path(args.work_dir or args.output_dir / "work").absolute()
+    cfg["execution"]["work_dir"] = str(work_dir)
+    argv = getattr(args, "argv", sys.argv)
+    writer.save_config(cfg, argv=argv)
+    with _run_log(writer.logs / f"run-{writer.stamp}.log", verbose=args.verbose):
+        sessions = discover(
+            args.bids_dir,
+            participant_labels=_labels(args.participant_label, "sub-"),
+            session_labels=_labels(args.session_label, "ses-"),
+        )
+        checked = [validate_session(s, read_data=cfg["inputs"]["read_data"]) for s in sessions]
+        print(summarize(checked))
+        records = sessions_to_records(checked)
+        for subject in sorted({s.subject for s in checked}):
+            writer.save_subject_inputs(subject, [r for r in records if r["subject"] == subject])
+        writer.save_description()
+        inputs_page = writer.save_inputs_report(records)
+        failed_nodes = _process(args, cfg, writer, checked, work_dir, argv)
     print(f"outputs: {writer.root}")
-    print(f"report:  {report}")
-    failed = [s for s in checked if s.errors]
-    return 1 if failed else 0
+    print(f"report:  {writer.root / 'report.html'} (inputs: {inputs_page})")
+    input_errors = [s for s in checked if s.errors]
+    return 1 if input_errors or failed_nodes else 0
+
+
+@contextmanager
+def _run_log(path: Path, *, verbose: int) -> Iterator[None]:
+    """Copy the run's events (``smoulder.run``) and Nipype's warnings to ``path``.
+
+    Step-by-step events go to the file only; on the console they show from ``-vv``, failures
+    always (as errors).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    file_handler = logging.FileHandler(path)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(max(logging.WARNING - 10 * verbose, logging.DEBUG))
+    console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    run_log = logging.getLogger("smoulder.run")
+    nipype_log = logging.getLogger("nipype.workflow")
+    saved = (run_log.level, run_log.propagate)
+    run_log.setLevel(logging.INFO)
+    run_log.propagate = False
+    run_log.addHandler(file_handler)
+    run_log.addHandler(console)
+    nipype_log.addHandler(file_handler)
+    try:
+        yield
+    finally:
+        run_log.removeHandler(file_handler)
+        run_log.removeHandler(console)
+        nipype_log.removeHandler(file_handler)
+        run_log.setLevel(saved[0])
+        run_log.propagate = saved[1]
+        file_handler.close()
+
+
+def _process(
+    args: argparse.Namespace,
+    cfg: dict[str, Any],
+    writer: Any,
+    checked: list[Any],
+    work_dir: Path,
+    argv: list[str],
+) -> int:
+    """Build and run the participant workflow; write the report; return the failed steps."""
+    from smoulder.config import available_cpus, omp_threads
+    from smoulder.pipelines.execution import (
+        failure_lines,
+        format_table,
+        run_workflow,
+        summary_rows,
+    )
+    from smoulder.pipelines.participant import init_participant_wf, plan_sessions
+    from smoulder.registration.engines import resolve_engine
+
+    plans = plan_sessions(checked, modalities=cfg["registration"]["session"]["modalities"])
+    engine, device = resolve_engine(cfg["registration"]["engine"], cfg["execution"]["device"])
+    threads = omp_threads(cfg)
+    runnable = [p for p in plans if not p.skipped]
+    result = None
+    if runnable:
+        wf = init_participant_wf(
+            plans=runnable,
+            cfg=cfg,
+            output_dir=args.output_dir,
+            bids_dir=args.bids_dir,
+            work_dir=work_dir,
+            engine=engine,
+            device=device,
+            omp_nthreads=threads,
+        )
+        print(f"processing {len(runnable)} session(s) with {cfg['execution']['plugin']} ...")
+        result = run_workflow(
+            wf,
+            cfg,
+            device=device,
+            crash_dir=writer.logs / f"crash-{writer.stamp}",
+            verbose=args.verbose,
+        )
+    skipped = [p for p in plans if p.skipped]
+    rows = summary_rows(result, skipped)
+    failures = failure_lines(result) if result else []
+    table = format_table(rows)
+    print()
+    print(table)
+    LOG.info("summary\n%s", table)
+    if failures:
+        print("\nFailures:")
+        print("\n".join(f"  {line}" for line in failures))
+        LOG.info("failures:\n%s", "\n".join(failures))
+    writer.save_run_report(rows, failures, nodes=[] if result is None else result.records)
+    run: dict[str, Any] = {
+        "device": _device_info(device),
+        "engine": engine,
+        "omp_nthreads": threads,
+        "cpus": available_cpus(),
+        "work_dir": str(work_dir),
+        "summary": rows,
+        "failures": failures,
+    }
+    if result is not None:
+        run.update(result.to_json())
+    writer.save_provenance(run, argv=argv)
+    return 0 if result is None else len(result.failures)
+
+
+def _device_info(device: str) -> dict[str, Any]:
+    import platform
+
+    info: dict[str, Any] = {"device": device, "processor": platform.processor() or "unknown"}
+    if device == "cuda":
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    return info
 
 
 def run_group(args: argparse.Namespace) -> int:

@@ -1,7 +1,30 @@
 """The one writer of smoulder's outputs: ``<OUTPUT_DIR>/smoulder`` as BIDS derivatives.
 
 Every file goes through the atomic writers of :mod:`smoulder.images`, so an output exists under
-its final name only when complete.
+its final name only when complete. :func:`bids_name` is the only place that turns entities into
+a file name; :meth:`DerivativesWriter.path` the only place that decides the folder.
+
+Output names (``<s>``, ``<y>``: subject and session labels; ``A``/``B``: an earlier and a later
+session of one subject)::
+
+    sub-<s>/ses-<y>/anat/
+      sub-<s>_ses-<y>_desc-preproc_FLAIR.nii.gz              session reference (RAS, float32)
+      sub-<s>_ses-<y>_from-T1w_to-FLAIR_mode-image_xfm.mat   ITK rigid: T1w onto the reference
+      sub-<s>_ses-<y>_space-FLAIR_desc-preproc_T1w.nii.gz    T1w resampled onto the reference
+      (the same for UNIT1, and for MEGRE with ``echo-1_part-mag``)
+    sub-<s>/ses-<B>/anat/
+      sub-<s>_ses-<B>_from-sesA_to-sesB_mode-image_xfm.nii.gz  ITK displacement field on the
+                                                  ses-B reference grid: resamples A onto B
+      sub-<s>_ses-<B>_from-sesB_to-sesA_mode-image_xfm.nii.gz  the other way, on the A grid
+      sub-<s>_ses-<B>_space-sesA_desc-det_jacobian.nii.gz      Jacobian determinant of the
+                                                  A → B map on the A grid (> 1: expansion)
+      sub-<s>_ses-<B>_space-sesA_desc-logdet_jacobian.nii.gz   its logarithm
+
+Longitudinal files sit in the later session's folder (the change *at* that session, measured
+from session A) so that every file has a ``ses`` entity and any number of sessions stays
+unambiguous; ``from``/``to``/``space`` carry ``ses<label>`` (BIDS labels are alphanumeric).
+Every image has a JSON sidecar with ``Sources`` and, where its grid is another file's,
+``SpatialReference`` (BIDS URIs: ``bids:raw:`` for the input dataset, ``bids::`` for this one).
 """
 
 from __future__ import annotations
@@ -9,16 +32,103 @@ from __future__ import annotations
 import csv
 import html
 import platform
+import re
+import shutil
 import sys
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from smoulder import __version__
-from smoulder.images import save_json, save_text, save_tsv
+from smoulder.images import atomic_path, save_json, save_text, save_tsv
 
 BIDS_VERSION = "1.10.0"
 PIPELINE = "smoulder"
+
+#: Entities smoulder writes, in the order BIDS puts them in a file name (raw-data entities, then
+#: the derivative ones).
+ENTITIES = (
+    "sub",
+    "ses",
+    "acq",
+    "ce",
+    "rec",
+    "run",
+    "echo",
+    "inv",
+    "part",
+    "from",
+    "to",
+    "mode",
+    "space",
+    "res",
+    "label",
+    "desc",
+)
+_LABEL = re.compile(r"^[A-Za-z0-9]+$")
+_SUFFIX = re.compile(r"^[A-Za-z0-9]+$")
+
+
+def bids_name(entities: Mapping[str, str | int | None], *, suffix: str, extension: str) -> str:
+    """Return the BIDS file name of ``entities`` (short keys; ``None`` values left out).
+
+    Args:
+        entities: ``{"sub": "01", "ses": "02", "from": "T1w", ...}``; keys from
+            :data:`ENTITIES`, values alphanumeric labels (or integers for ``echo``, ``run``...).
+        suffix: the BIDS suffix (``FLAIR``, ``xfm``, ``mask``...).
+        extension: with its leading dot (``.nii.gz``, ``.mat``, ``.tsv``).
+
+    Raises:
+        ValueError: an unknown entity, a label that is not alphanumeric, no ``sub``, or a bad
+            suffix or extension.
+
+    Examples:
+        >>> bids_name({"ses": "01", "sub": "01", "from": "T1w", "to": "FLAIR", "mode": "image"},
+        ...           suffix="xfm", extension=".mat")
+        'sub-01_ses-01_from-T1w_to-FLAIR_mode-image_xfm.mat'
+        >>> bids_name({"sub": "01", "echo": 1, "part": "mag", "space": "FLAIR", "desc": "preproc"},
+        ...           suffix="MEGRE", extension=".nii.gz")
+        'sub-01_echo-1_part-mag_space-FLAIR_desc-preproc_MEGRE.nii.gz'
+        >>> bids_name({"sub": "0_1"}, suffix="T1w", extension=".nii.gz")
+        Traceback (most recent call last):
+        ...
+        ValueError: entity sub: expected an alphanumeric label, found '0_1'
+    """
+    unknown = sorted(set(entities) - set(ENTITIES))
+    if unknown:
+        raise ValueError(f"unknown BIDS entities {unknown} (known: {', '.join(ENTITIES)})")
+    if entities.get("sub") is None:
+        raise ValueError("a BIDS file name needs a 'sub' entity")
+    parts = []
+    for key in ENTITIES:
+        value = entities.get(key)
+        if value is None:
+            continue
+        label = str(value)
+        if not _LABEL.match(label):
+            raise ValueError(f"entity {key}: expected an alphanumeric label, found {label!r}")
+        parts.append(f"{key}-{label}")
+    if not _SUFFIX.match(suffix):
+        raise ValueError(f"suffix: expected an alphanumeric BIDS suffix, found {suffix!r}")
+    if not extension.startswith(".") or "/" in extension:
+        raise ValueError(f"extension: expected a leading dot (.nii.gz), found {extension!r}")
+    return "_".join([*parts, suffix]) + extension
+
+
+def extension_of(path: str | Path) -> str:
+    """Return the extension of ``path`` with its dot, ``.nii.gz`` counting as one.
+
+    Examples:
+        >>> extension_of("a/sub-01_T1w.nii.gz"), extension_of("x.mat")
+        ('.nii.gz', '.mat')
+    """
+    name = Path(path).name
+    for double in (".nii.gz", ".tsv.gz"):
+        if name.endswith(double):
+            return double
+    return Path(name).suffix
+
 
 #: Columns of the per-session inputs table, with their meaning.
 INPUT_COLUMNS: dict[str, str] = {
@@ -32,61 +142,158 @@ INPUT_COLUMNS: dict[str, str] = {
 
 
 class DerivativesWriter:
-    """Names and writes smoulder's derivatives under ``<output_dir>/smoulder``."""
+    """Names and writes smoulder's derivatives under ``<output_dir>/smoulder``.
 
-    def __init__(self, output_dir: str | Path) -> None:
-        self.root = Path(output_dir) / PIPELINE
+    Args:
+        output_dir: the BIDS-App output folder; files go to ``<output_dir>/smoulder``.
+        raw_dir: the input BIDS dataset, for ``bids:raw:`` URIs in ``Sources``.
+    """
+
+    def __init__(self, output_dir: str | Path, raw_dir: str | Path | None = None) -> None:
+        self.root = Path(output_dir).absolute() / PIPELINE
+        # resolved, as discovery resolves the dataset's paths (symbolic links)
+        self.raw_dir = Path(raw_dir).resolve() if raw_dir is not None else None
+        #: Names this run's files in ``logs/``: UTC time and a random suffix, so that runs
+        #: started in the same second (one job per subject on a cluster) do not collide.
+        self.started = datetime.now(timezone.utc)
+        self.stamp = self.started.strftime("%Y%m%dT%H%M%SZ") + f"-{_token()}"
+
+    @property
+    def logs(self) -> Path:
+        """Return the folder of run logs, configurations and provenance records."""
+        return self.root / "logs"
 
     # -- dataset level
     def save_description(self, models: dict[str, str] | None = None) -> Path:
-        """Return the path of ``dataset_description.json`` (GeneratedBy with versions)."""
+        """Return the path of ``dataset_description.json`` (GeneratedBy with versions).
+
+        ``GeneratedBy`` names smoulder's version and ``Models`` the version of every trained
+        model the run used (empty while no step uses one); ``DatasetLinks`` maps ``raw`` to
+        the input dataset so that the ``bids:raw:`` URIs of ``Sources`` resolve.
+        """
         generated: dict[str, Any] = {
             "Name": PIPELINE,
             "Version": __version__,
             "CodeURL": "https://github.com/smoulder-ms/smoulder",
+            "Models": dict(models or {}),
         }
-        if models:
-            generated["Models"] = models
-        return save_json(
-            {
-                "Name": "smoulder derivatives",
-                "BIDSVersion": BIDS_VERSION,
-                "DatasetType": "derivative",
-                "GeneratedBy": [generated],
-            },
-            self.root / "dataset_description.json",
-        )
+        description: dict[str, Any] = {
+            "Name": "smoulder derivatives",
+            "BIDSVersion": BIDS_VERSION,
+            "DatasetType": "derivative",
+            "GeneratedBy": [generated],
+        }
+        if self.raw_dir is not None:
+            description["DatasetLinks"] = {"raw": self.raw_dir.as_uri()}
+        return save_json(description, self.root / "dataset_description.json")
 
     def save_config(self, cfg: dict[str, Any], *, argv: list[str]) -> Path:
         """Return the path of the resolved configuration saved for this run (with provenance)."""
         from smoulder.config import dump
 
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        logs = self.root / "logs"
         text = dump(cfg)
-        save_text(text, logs / f"config-{stamp}.yaml")
-        save_json(
-            {
-                "command": argv,
-                "started": stamp,
-                "smoulder": __version__,
-                "python": sys.version.split()[0],
-                "platform": platform.platform(),
-                "packages": _package_versions(),
-            },
-            logs / f"provenance-{stamp}.json",
-        )
-        return save_text(text, logs / "config.yaml")
+        save_text(text, self.logs / f"config-{self.stamp}.yaml")
+        save_json(self._provenance(argv), self.provenance_path)
+        return save_text(text, self.logs / "config.yaml")
+
+    @property
+    def provenance_path(self) -> Path:
+        """Return the path of this run's provenance record."""
+        return self.logs / f"provenance-{self.stamp}.json"
+
+    def save_provenance(self, run: dict[str, Any], *, argv: list[str]) -> Path:
+        """Return the path of this run's provenance record, completed with ``run``.
+
+        ``run`` holds what only the end of a run knows (device, plugin, per-node timings,
+        failures); the command and versions written by :meth:`save_config` are kept.
+        """
+        return save_json({**self._provenance(argv), **run}, self.provenance_path)
+
+    def _provenance(self, argv: list[str]) -> dict[str, Any]:
+        return {
+            "command": argv,
+            "run": self.stamp,
+            "started": self.started.isoformat(timespec="seconds"),
+            "smoulder": __version__,
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            "packages": _package_versions(),
+        }
+
+    # -- per-session and per-subject files
+    def path(
+        self,
+        entities: Mapping[str, str | int | None],
+        *,
+        suffix: str,
+        extension: str,
+        datatype: str = "anat",
+    ) -> Path:
+        """Return where the derivative with these entities goes (``sub-X/[ses-Y/]anat/...``)."""
+        folder = self.root / f"sub-{entities['sub']}"
+        if entities.get("ses") is not None:
+            folder = folder / f"ses-{entities['ses']}"
+        return folder / datatype / bids_name(entities, suffix=suffix, extension=extension)
+
+    def uri(self, path: str | Path) -> str:
+        """Return a BIDS URI for ``path``: ``bids::`` here, ``bids:raw:`` in the input dataset.
+
+        Paths elsewhere are returned as ``file://`` URIs.
+        """
+        target = Path(path).absolute()
+        for prefix, base in (("bids::", self.root), ("bids:raw:", self.raw_dir)):
+            if base is not None and target.is_relative_to(base):
+                return prefix + target.relative_to(base).as_posix()
+        return target.as_uri()
+
+    def save_derivative(
+        self,
+        in_file: str | Path,
+        entities: Mapping[str, str | int | None],
+        *,
+        suffix: str,
+        sources: Sequence[str | Path] = (),
+        spatial_reference: str | Path | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Path:
+        """Return the derivative path after copying ``in_file`` there with its JSON sidecar.
+
+        Args:
+            in_file: the file to publish (its extension is kept).
+            entities: see :func:`bids_name`.
+            suffix: the BIDS suffix.
+            sources: files the output was made from (paths; written as BIDS URIs).
+            spatial_reference: the file whose voxel grid the output is on.
+            metadata: more sidecar fields (``Description``, units...).
+        """
+        in_file = Path(in_file)
+        out = self.path(entities, suffix=suffix, extension=extension_of(in_file))
+        with atomic_path(out) as tmp:
+            shutil.copyfile(in_file, tmp)
+        sidecar: dict[str, Any] = dict(metadata or {})
+        if sources:
+            sidecar["Sources"] = [self.uri(p) for p in sources]
+        if spatial_reference is not None:
+            sidecar["SpatialReference"] = self.uri(spatial_reference)
+        save_json(sidecar, out.with_name(out.name[: -len(extension_of(out))] + ".json"))
+        return out
 
     # -- inputs
     def save_subject_inputs(self, subject: str, records: list[dict[str, Any]]) -> Path:
-        """Return the path of the subject's inputs table (one row per session)."""
+        """Return the path of the subject's inputs table (one row per session).
+
+        Beside it: the table's column dictionary (``sub-X_inputs.json``) and every detail of
+        the checks (``sub-X_desc-checks_inputs.json``, ``{"Sessions": [...]}``; a mapping, as
+        pybids reads every JSON file of a dataset as metadata).
+        """
         rows = [_input_row(r) for r in records]
-        path = self.root / f"sub-{subject}" / f"sub-{subject}_inputs.tsv"
+        folder = self.root / f"sub-{subject}"
+        path = folder / bids_name({"sub": subject}, suffix="inputs", extension=".tsv")
         save_json(
             {k: {"Description": v} for k, v in INPUT_COLUMNS.items()}, path.with_suffix(".json")
         )
-        save_json(records, self.root / f"sub-{subject}" / f"sub-{subject}_inputs.json")
+        details = bids_name({"sub": subject, "desc": "checks"}, suffix="inputs", extension=".json")
+        save_json({"Sessions": records}, folder / details)
         return save_tsv(rows, path)
 
     def gather_inputs(self, participants: list[str] | None = None) -> Path:
@@ -140,6 +347,78 @@ class DerivativesWriter:
             + "</tbody></table></body></html>\n"
         )
         return save_text(page, self.root / "inputs.html")
+
+    def save_run_report(
+        self,
+        rows: Sequence[Mapping[str, Any]],
+        failures: Sequence[str],
+        *,
+        nodes: Sequence[Any] = (),
+    ) -> Path:
+        """Return the path of ``report.html``: what each session produced and what failed.
+
+        ``report.html`` shows the latest run; ``logs/report-<stamp>.html`` keeps each run's.
+
+        Args:
+            rows: one per subject and session (``subject``, ``session``, ``steps``, ``ran``,
+                ``cached``, ``outputs``, ``status``), as the console summary shows them.
+            failures: one line per failed step (session, step, inputs, error, crash file).
+            nodes: per-node records (``node``, ``status``, ``duration_s``, ``mem_peak_gb``...)
+                for the timing table.
+        """
+        header = list(rows[0]) if rows else []
+
+        def cell(key: str, value: Any) -> str:
+            css = ""
+            if key == "status":
+                text = str(value)
+                css = (
+                    " class='pass'"
+                    if text == "ok"
+                    else " class='fail'"
+                    if text.startswith(("failed", "skipped", "not run", "incomplete"))
+                    else ""
+                )
+            return f"<td{css}>{html.escape(str(value))}</td>"
+
+        summary = "".join("<tr>" + "".join(cell(k, r[k]) for k in header) + "</tr>" for r in rows)
+        failed = "".join(f"<li>{html.escape(line)}</li>" for line in failures) or "<li>none</li>"
+        timing_rows = []
+        for n in nodes:
+            if getattr(n, "kind", "step") != "step":
+                continue
+            duration = "" if n.duration_s is None else f"{n.duration_s:.1f}"
+            memory = "" if n.mem_peak_gb is None else f"{n.mem_peak_gb * 1024:.0f}"
+            timing_rows.append(
+                f"<tr><td>{html.escape(n.node)}</td><td>{html.escape(n.status)}</td>"
+                f"<td>{duration}</td><td>{memory}</td></tr>"
+            )
+        page = (
+            "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+            "<title>smoulder run</title><style>"
+            "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}"
+            ".fail{background:#fde2e2}.pass{background:#e6f5e6}</style></head><body>"
+            f"<h1>smoulder {html.escape(__version__)}: run {html.escape(self.stamp)}</h1>"
+            "<p>Inputs and their checks: <a href='inputs.html'>inputs.html</a>; "
+            f"configuration, provenance, log and crash files: <code>logs/</code>.</p>"
+            "<h2>Sessions</h2><table><thead><tr>"
+            + "".join(f"<th>{html.escape(k)}</th>" for k in header)
+            + f"</tr></thead><tbody>{summary}</tbody></table>"
+            f"<h2>Failures</h2><ul>{failed}</ul>"
+            "<h2>Steps</h2><table><thead><tr><th>step</th><th>status</th><th>seconds</th>"
+            "<th>peak MiB</th></tr></thead><tbody>"
+            + "".join(timing_rows)
+            + "</tbody></table></body></html>\n"
+        )
+        save_text(page, self.logs / f"report-{self.stamp}.html")
+        return save_text(page, self.root / "report.html")
+
+
+def _token() -> str:
+    import secrets
+
+    return secrets.token_hex(3)
 
 
 def _ses(record: dict[str, Any]) -> str:

@@ -116,6 +116,90 @@ def save_tsv(rows: list[dict[str, Any]], path: str | Path) -> Path:
     return save_text(buf.getvalue(), path)
 
 
+def conform(img: nib.Nifti1Image) -> nib.Nifti1Image:
+    """Return ``img`` with RAS+ voxel axes and float32 voxels, every voxel at its world position.
+
+    Voxel axes are only flipped and permuted (``nibabel.as_closest_canonical``): nothing is
+    interpolated, so the world position (and value) of every voxel is kept and a transform
+    estimated on the conformed image applies to the original file too. Scaled integers become
+    their float32 values; the sform/qform codes are kept (1, scanner, when absent).
+
+    Args:
+        img: a 3D NIfTI image in any orientation and data type.
+
+    Examples:
+        >>> data = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
+        >>> lps = nib.Nifti1Image(data, np.diag([-2.0, -2.0, 2.0, 1.0]))
+        >>> out = conform(lps)
+        >>> nib.aff2axcodes(out.affine), out.get_data_dtype().name, out.shape
+        (('R', 'A', 'S'), 'float32', (2, 3, 4))
+        >>> # world (0, 0, 0) was voxel (0, 0, 0); now it is voxel (1, 2, 0), same value
+        >>> out.affine[:3, 3].tolist(), float(out.dataobj[1, 2, 0]) == float(data[0, 0, 0])
+        ([-2.0, -4.0, 0.0], True)
+    """
+    canonical = nib.as_closest_canonical(img)
+    data = np.asarray(canonical.dataobj, dtype=np.float32)
+    out = nib.Nifti1Image(data, canonical.affine)
+    out.set_data_dtype(np.float32)
+    out.header.set_xyzt_units("mm", "sec")
+    out.set_sform(canonical.affine, code=int(img.header["sform_code"]) or 1)
+    out.set_qform(canonical.affine, code=int(img.header["qform_code"]) or 1)
+    return out
+
+
+def coarsen(img: nib.Nifti1Image, voxel_mm: float) -> nib.Nifti1Image:
+    """Return ``img`` on a grid of at least ``voxel_mm`` voxels, over the same field of view.
+
+    Axes finer than ``voxel_mm`` are smoothed (Gaussian, to the target resolution) and sampled
+    (linear) at ``voxel_mm``; coarser axes are kept, and an image already coarse enough is
+    returned as it is. The grid keeps the image's axes and its centre; world positions are
+    unchanged, so a transform estimated on the coarse image applies to the original.
+
+    Args:
+        img: a 3D image.
+        voxel_mm: the voxel size to reach (mm, > 0).
+
+    Examples:
+        >>> img = nib.Nifti1Image(np.ones((60, 60, 30), np.float32), np.diag([1, 1, 2.0, 1]))
+        >>> out = coarsen(img, 3.0)
+        >>> out.shape, [float(z) for z in out.header.get_zooms()]
+        ((20, 20, 20), [3.0, 3.0, 3.0])
+        >>> # the centre of the field of view stays where it was
+        >>> c_in = nib.affines.apply_affine(img.affine, (np.array(img.shape) - 1) / 2)
+        >>> c_out = nib.affines.apply_affine(out.affine, (np.array(out.shape) - 1) / 2)
+        >>> np.allclose(c_in, c_out)
+        True
+        >>> coarsen(img, 1.0) is img
+        True
+    """
+    from scipy import ndimage
+
+    if not voxel_mm > 0:
+        raise ValueError(f"voxel_mm: expected a positive size, found {voxel_mm!r}")
+    zooms = np.sqrt((np.asarray(img.affine, float)[:3, :3] ** 2).sum(axis=0))
+    factors = np.maximum(voxel_mm / zooms, 1.0)
+    if np.all(factors < 1.0 + 1e-6):
+        return img
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    # FWHM of the target voxel minus that of the source voxel, in source voxels
+    sigma = np.sqrt(np.maximum(factors**2 - 1.0, 0.0)) / 2.355
+    smooth = ndimage.gaussian_filter(data, sigma, mode="nearest")
+    shape = np.maximum(np.round(np.array(data.shape) / factors).astype(int), 1)
+    # new voxel j sits at old voxel c + s (j - c'), with c, c' the two grid centres
+    steps = np.array(data.shape) / shape
+    offset = (np.array(data.shape) - 1) / 2 - steps * (shape - 1) / 2
+    axes = [o + s * np.arange(n) for o, s, n in zip(offset, steps, shape, strict=True)]
+    coords = np.meshgrid(*axes, indexing="ij")
+    out = ndimage.map_coordinates(smooth, coords, order=1, mode="nearest").astype(np.float32)
+    scale = np.eye(4)
+    scale[:3, :3] = np.diag(steps)
+    scale[:3, 3] = offset
+    affine = np.asarray(img.affine, float) @ scale
+    result = nib.Nifti1Image(out, affine)
+    result.set_data_dtype(np.float32)
+    return result
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()

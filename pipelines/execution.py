@@ -1,0 +1,658 @@
+"""Running the participant workflow: plugin, live progress, crash reports and node timings.
+
+:func:`run_workflow` runs a workflow with the Nipype plugin of the configuration and returns a
+:class:`RunResult`: one :class:`NodeRecord` per node (ran, cached, failed or not run, with
+timings, memory when the resource monitor is on, and the error of a failed node). The work
+directory is Nipype's cache: a rerun recomputes only nodes whose inputs changed or that did not
+finish, so an interrupted run resumes and a changed setting reruns only the nodes it reaches.
+
+Progress comes from the plugin's ``status_callback`` (Linear, MultiProc and the per-node batch
+plugins call it; the ``*Graph`` plugins submit everything at once and do not): a line per
+subject, ``steps done/total``, outputs written and time elapsed. Steps are the computing nodes;
+publishing a derivative counts as an output, not a step.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any
+
+from smoulder.config import Config, available_cpus
+
+LOG = logging.getLogger("smoulder.run")
+
+#: Plugins that submit the whole graph at once: no status callback, no live progress.
+GRAPH_PLUGINS = ("SLURMGraph", "SGEGraph", "PBSGraph", "DAGMan")
+_SUBJECT = re.compile(r"(?:^|\.)sub_([A-Za-z0-9]+)_wf(?:\.|$)")
+_SESSION = re.compile(r"(?:^|\.)ses_([A-Za-z0-9]+)_wf(?:\.|$)")
+LONGITUDINAL = "longitudinal"
+
+
+# ------------------------------------------------------------------------------------ plugin
+
+
+def plugin_settings(cfg: Config, *, device: str = "cpu") -> tuple[str, dict[str, Any]]:
+    """Return the Nipype plugin name and its arguments from the configuration.
+
+    For MultiProc: ``n_procs`` from ``execution.nprocs`` (else the plugin file, else every CPU
+    this process may use), ``memory_gb`` from ``execution.mem_gb``, ``n_gpu_procs`` from
+    ``execution.gpu_slots`` (else, on CUDA, the number of GPUs), ``raise_insufficient`` false
+    (a step larger than the budget runs alone rather than aborting the run) and the ``spawn``
+    start method: a forked worker can hang in PyTorch's OpenMP pool when the parent process
+    has already used it.
+
+    Examples:
+        >>> from smoulder.config import resolve
+        >>> name, args = plugin_settings(resolve(overrides={"execution": {"nprocs": 3}}))
+        >>> name, args["n_procs"], args["mp_context"]
+        ('MultiProc', 3, 'spawn')
+    """
+    ex = cfg["execution"]
+    plugin = ex["plugin"]
+    args = dict(ex["plugin_args"])
+    if plugin in ("MultiProc", "LegacyMultiProc"):
+        args["n_procs"] = int(ex["nprocs"] or args.get("n_procs") or available_cpus())
+        if ex["mem_gb"]:
+            args["memory_gb"] = float(ex["mem_gb"])
+        if ex["gpu_slots"]:
+            args["n_gpu_procs"] = int(ex["gpu_slots"])
+        elif device == "cuda" and "n_gpu_procs" not in args:
+            import torch
+
+            args["n_gpu_procs"] = max(1, torch.cuda.device_count())
+        args.setdefault("raise_insufficient", False)
+        if plugin == "MultiProc":  # LegacyMultiProc has no start-method option
+            args.setdefault("mp_context", "spawn")
+    return plugin, args
+
+
+# ------------------------------------------------------------------------------------ records
+
+
+@dataclass
+class NodeRecord:
+    """What happened to one node in a run.
+
+    Attributes:
+        node: its path in the workflow (``sub_01_wf.ses_01_wf.coreg_t1w``).
+        subject, session: parsed from the path; ``session`` is ``longitudinal`` for the
+            subject workflow and ``None`` in a dataset without sessions.
+        step: the node name.
+        kind: ``step`` (computes) or ``output`` (publishes a derivative).
+        status: ``ran``, ``cached`` (finished in an earlier run), ``failed`` or ``not run``
+            (blocked by a failure upstream, or the run stopped first).
+        start, end: UTC ISO times from Nipype's runtime record (``None`` when unknown).
+        duration_s: run time of the node (of its earlier run when cached).
+        mem_peak_gb, cpu_percent: from the resource monitor (``--resource-monitor``).
+        error: the last line of a failed node's traceback.
+        inputs: the node's file inputs.
+        out_file: the derivative written (``output`` nodes).
+        crash_file: Nipype's crash report of a failed node.
+    """
+
+    node: str
+    subject: str | None
+    session: str | None
+    step: str
+    kind: str
+    status: str = "not run"
+    start: str | None = None
+    end: str | None = None
+    duration_s: float | None = None
+    mem_peak_gb: float | None = None
+    cpu_percent: float | None = None
+    error: str | None = None
+    inputs: list[str] = field(default_factory=list)
+    out_file: str | None = None
+    crash_file: str | None = None
+
+    @property
+    def group(self) -> tuple[str, str]:
+        """Return ``(subject, session or 'longitudinal' or '-')`` for tables."""
+        return (self.subject or "-", self.session or "-")
+
+
+@dataclass
+class RunResult:
+    """The outcome of :func:`run_workflow`."""
+
+    records: list[NodeRecord]
+    plugin: str
+    plugin_args: dict[str, Any]
+    wall_s: float
+    error: str | None = None
+
+    @property
+    def failures(self) -> list[NodeRecord]:
+        """Return the failed nodes."""
+        return [r for r in self.records if r.status == "failed"]
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the result as JSON-friendly data (for the provenance record)."""
+        args = {k: v for k, v in self.plugin_args.items() if k != "status_callback"}
+        return {
+            "plugin": self.plugin,
+            "plugin_args": {k: v if _jsonable(v) else repr(v) for k, v in args.items()},
+            "wall_s": round(self.wall_s, 2),
+            "error": self.error,
+            "nodes": [asdict(r) for r in self.records],
+        }
+
+
+def _session_label(record: NodeRecord) -> str:
+    """Return ``"ses-<y> "``, ``"longitudinal "`` or ``""`` for messages."""
+    if record.session == LONGITUDINAL:
+        return f"{LONGITUDINAL} "
+    return f"ses-{record.session} " if record.session else ""
+
+
+def _jsonable(value: Any) -> bool:
+    return isinstance(value, str | int | float | bool | type(None) | list | dict)
+
+
+def _location(path: str) -> tuple[str | None, str | None]:
+    """Return ``(subject, session)`` of a node path.
+
+    Examples:
+        >>> _location("sub_01_wf.ses_02_wf.conform_flair")
+        ('01', '02')
+        >>> _location("sub_01_wf.longitudinal_wf.halfway_01_02")
+        ('01', 'longitudinal')
+    """
+    subject = _SUBJECT.search(path)
+    session = _SESSION.search(path)
+    if ".longitudinal_wf." in f".{path}.":
+        return (subject.group(1) if subject else None, LONGITUDINAL)
+    return (subject.group(1) if subject else None, session.group(1) if session else None)
+
+
+def workflow_nodes(wf: Any) -> dict[str, Any]:
+    """Return the nodes that run (identity nodes dissolve when Nipype flattens the graph)."""
+    from nipype.interfaces.utility import IdentityInterface
+
+    nodes = {}
+    for name in wf.list_node_names():
+        node = wf.get_node(name)
+        if not isinstance(node.interface, IdentityInterface):
+            nodes[name] = node
+    return nodes
+
+
+def _is_output(node: Any) -> bool:
+    from smoulder.pipelines.interfaces import DerivativesSink
+
+    return isinstance(node.interface, DerivativesSink)
+
+
+# ------------------------------------------------------------------------------------ monitor
+
+
+class RunMonitor:
+    """Nipype ``status_callback``: records every node and prints progress per subject.
+
+    Args:
+        wf: the workflow about to run (its nodes give the totals).
+        progress: print progress lines.
+        stream: where they go (default: standard output at the time of the call).
+        live: redraw one line per subject in place (default: when ``stream`` is a terminal);
+            otherwise a subject's line is printed each time one of its steps ends.
+    """
+
+    def __init__(
+        self,
+        wf: Any,
+        *,
+        progress: bool = True,
+        stream: IO[str] | None = None,
+        live: bool | None = None,
+    ) -> None:
+        self.top = wf.name
+        self.started = datetime.now(timezone.utc)
+        self.stream = (stream or sys.stdout) if progress else None
+        self.live = bool(
+            live if live is not None else self.stream is not None and self.stream.isatty()
+        )
+        self.records: dict[str, NodeRecord] = {}
+        for path, node in workflow_nodes(wf).items():
+            subject, session = _location(path)
+            self.records[path] = NodeRecord(
+                node=path,
+                subject=subject,
+                session=session,
+                step=node.name,
+                kind="output" if _is_output(node) else "step",
+            )
+        self.subjects = sorted({r.subject for r in self.records.values() if r.subject})
+        self._first: dict[str, float] = {}
+        self._last: dict[str, float] = {}
+        self._running: dict[str, dict[str, str]] = {}  # subject -> {node: step label}
+        self._drawn = 0
+        self.seen = False
+
+    # -- the callback
+    def __call__(self, node: Any, status: str) -> None:
+        """Record a node's ``start``, ``end`` or ``exception`` (Nipype's callback protocol)."""
+        self.seen = True
+        path = self._path(node)
+        record = self.records.get(path)
+        if record is None:  # a node added after the monitor was made: keep it anyway
+            subject, session = _location(path)
+            kind = "output" if _is_output(node) else "step"
+            record = NodeRecord(path, subject, session, node.name, kind)
+            self.records[path] = record
+        now = time.monotonic()
+        subject = record.subject or "-"
+        self._first.setdefault(subject, now)
+        self._last[subject] = now
+        running = self._running.setdefault(subject, {})
+        if status == "start":
+            running[path] = _session_label(record) + record.step
+            return
+        running.pop(path, None)
+        self._fill_from_result(record, node)
+        if status == "end":
+            record.status = "ran" if self._ran_now(record) else "cached"
+            LOG.info(
+                "%s: %s%s",
+                self._where(record),
+                record.status,
+                f" in {record.duration_s:.1f} s" if record.duration_s is not None else "",
+            )
+        else:
+            record.status = "failed"
+            record.error = record.error or "failed (see the crash file)"
+            self._drawn = 0  # the error line goes below the progress block: draw a new one
+            LOG.error("%s", failure_line(record))
+        if record.kind == "step":
+            self._show(subject)
+
+    def _path(self, node: Any) -> str:
+        return self._path_of(str(node.fullname))
+
+    def _where(self, record: NodeRecord) -> str:
+        subject = f"sub-{record.subject} " if record.subject else ""
+        return subject + _session_label(record) + record.step
+
+    def _ran_now(self, record: NodeRecord) -> bool:
+        if record.start is None:
+            return True
+        return _parse_time(record.start) >= self.started
+
+    def _fill_from_result(self, record: NodeRecord, node: Any) -> None:
+        try:
+            result = node.result
+        except Exception:  # no result file: the node failed before running its interface
+            return
+        fill_record(record, result)
+
+    # -- progress
+    def counts(self, subject: str) -> tuple[int, int, int, int]:
+        """Return ``(steps done, steps total, failed, outputs written)`` of a subject."""
+        mine = [r for r in self.records.values() if (r.subject or "-") == subject]
+        steps = [r for r in mine if r.kind == "step"]
+        done = sum(r.status in ("ran", "cached") for r in steps)
+        failed = sum(r.status == "failed" for r in mine)
+        outputs = sum(r.kind == "output" and r.status in ("ran", "cached") for r in mine)
+        return done, len(steps), failed, outputs
+
+    def line(self, subject: str) -> str:
+        """Return the progress line of ``subject``."""
+        done, total, failed, outputs = self.counts(subject)
+        running = self._running.get(subject) or {}
+        end = time.monotonic() if running else self._last.get(subject, 0.0)
+        elapsed = end - self._first.get(subject, end)
+        text = f"sub-{subject}  {done}/{total} steps  {outputs} outputs  {_clock(elapsed)}"
+        if failed:
+            text += f"  {failed} failed"
+        if running:
+            text += "  running: " + ", ".join(sorted(running.values()))
+        return text
+
+    def _show(self, subject: str) -> None:
+        if self.stream is None:
+            return
+        if self.live:
+            if self._drawn:
+                self.stream.write(f"\x1b[{self._drawn}F")
+            for s in self.subjects:
+                self.stream.write("\x1b[2K" + self.line(s) + "\n")
+            self._drawn = len(self.subjects)
+        else:
+            self.stream.write(self.line(subject) + "\n")
+        self.stream.flush()
+
+    def finish(self, work_dir: Path, crash_dir: Path) -> list[NodeRecord]:
+        """Return the records, completing those the callback could not see.
+
+        Without callbacks (graph plugins) every node's status is read from its result file in
+        the work directory; crash files fill in the error of failed nodes missing one.
+        """
+        if not self.seen:
+            for record in self.records.values():
+                result_file = (
+                    work_dir
+                    / self.top
+                    / Path(*record.node.split("."))
+                    / (f"result_{record.step}.pklz")
+                )
+                if result_file.is_file():
+                    from nipype.pipeline.engine.utils import load_resultfile
+
+                    fill_record(record, load_resultfile(str(result_file)))
+                    failed = record.error is not None
+                    record.status = (
+                        "failed" if failed else "ran" if self._ran_now(record) else "cached"
+                    )
+        crashes: dict[str, Path] = {}
+        for crash in sorted(crash_dir.glob("crash-*.txt")) if crash_dir.is_dir() else []:
+            text = crash.read_text(errors="replace")
+            first = text.splitlines()[0] if text else ""
+            if first.startswith("Node: "):
+                crashes[self._path_of(first[len("Node: ") :].strip())] = crash
+        for record in self.records.values():
+            found = crashes.get(record.node)
+            if record.status != "failed" or found is None:
+                continue
+            record.crash_file = str(found)
+            if record.error == "failed (see the crash file)":
+                record.error = _last_line(found.read_text(errors="replace"))
+        return list(self.records.values())
+
+    def _path_of(self, fullname: str) -> str:
+        prefix = f"{self.top}."
+        return fullname[len(prefix) :] if fullname.startswith(prefix) else fullname
+
+
+def fill_record(record: NodeRecord, result: Any) -> None:
+    """Copy timings, memory, file inputs, the output file and any error from a Nipype result."""
+    runtime = getattr(result, "runtime", None)
+    if runtime is not None and not isinstance(runtime, list):
+        record.start = getattr(runtime, "startTime", None)
+        record.end = getattr(runtime, "endTime", None)
+        duration = getattr(runtime, "duration", None)
+        record.duration_s = round(float(duration), 3) if duration is not None else None
+        for key in ("mem_peak_gb", "cpu_percent"):
+            value = getattr(runtime, key, None)
+            if isinstance(value, int | float):
+                setattr(record, key, round(float(value), 4))
+        traceback = getattr(runtime, "traceback", None)
+        if traceback:
+            record.error = _last_line(traceback)
+    inputs = getattr(result, "inputs", None) or {}
+    if isinstance(inputs, dict):
+        files = []
+        for value in inputs.values():
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, str) and os.path.isfile(item):
+                    files.append(item)
+        record.inputs = files
+    outputs = getattr(result, "outputs", None)
+    if record.kind == "output" and outputs is not None:
+        out = getattr(outputs, "out_file", None)
+        record.out_file = str(out) if isinstance(out, str) else None
+
+
+def _last_line(text: str) -> str:
+    """Return the last non-empty line of a traceback, without the module of the exception.
+
+    Examples:
+        >>> _last_line("Traceback...\\nsmoulder.errors.InputError: a.nii: expected x, found y\\n")
+        'InputError: a.nii: expected x, found y'
+    """
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return "failed (no message)"
+    last = lines[-1]
+    return re.sub(r"^(?:[A-Za-z_][\w]*\.)+(?=\w*(?:Error|Exception|Interrupt)\b)", "", last)
+
+
+def _parse_time(text: str) -> datetime:
+    stamp = datetime.fromisoformat(text)
+    return stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)
+
+
+def _clock(seconds: float) -> str:
+    """Return ``h:mm:ss``.
+
+    Examples:
+        >>> _clock(3725.2)
+        '1:02:05'
+    """
+    s = int(round(max(seconds, 0.0)))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+# ------------------------------------------------------------------------------------ running
+
+
+@contextmanager
+def nipype_environment(
+    folder: Path, *, resource_monitor: bool, verbose: int, here: bool = False
+) -> Iterator[None]:
+    """Set Nipype's configuration for this process and its workers; restore it afterwards.
+
+    Worker processes start fresh (``spawn``) and read Nipype's configuration file when they
+    import it, so the settings go to ``folder/nipype.cfg`` with ``NIPYPE_CONFIG_DIR`` pointing
+    there: no version check over the network, quiet logs, the resource monitor on request.
+    ``here``: the nodes run in this process (Linear), so monitor them here too; otherwise the
+    monitor stays off here (on, Nipype would look for profiles of nodes it never ran itself).
+    """
+    from nipype import config as nipype_config
+    from nipype import logging as nipype_logging
+
+    level = "INFO" if verbose >= 2 else "WARNING"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "nipype.cfg").write_text(
+        "[execution]\ncheck_version = false\nresource_monitor_frequency = 0.5\n"
+        f"[logging]\nworkflow_level = {level}\ninterface_level = {level}\n"
+        f"utils_level = {level}\n"
+        f"[monitoring]\nenabled = {str(resource_monitor).lower()}\n"
+    )
+    saved_env = {k: os.environ.get(k) for k in ("NIPYPE_CONFIG_DIR", "NIPYPE_NO_ET")}
+    saved_monitor = nipype_config.resource_monitor
+    saved_logging = {k: nipype_config.get("logging", k) for k in _LOG_KEYS}
+    os.environ["NIPYPE_CONFIG_DIR"] = str(folder)
+    os.environ["NIPYPE_NO_ET"] = "1"
+    nipype_config.set("execution", "check_version", "false")
+    for key in _LOG_KEYS:
+        nipype_config.set("logging", key, level)
+    nipype_logging.update_logging(nipype_config)
+    nipype_config.resource_monitor = resource_monitor and here
+    try:
+        yield
+    finally:
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        nipype_config.resource_monitor = saved_monitor
+        for key, value in saved_logging.items():
+            nipype_config.set("logging", key, value)
+        nipype_logging.update_logging(nipype_config)
+
+
+_LOG_KEYS = ("workflow_level", "interface_level", "utils_level")
+
+
+def run_workflow(
+    wf: Any,
+    cfg: Config,
+    *,
+    device: str = "cpu",
+    crash_dir: Path,
+    progress: bool = True,
+    stream: IO[str] | None = None,
+    live: bool | None = None,
+    verbose: int = 0,
+) -> RunResult:
+    """Run ``wf`` with the configured plugin; return what happened to every node.
+
+    A failing node does not stop the others (unless ``execution.stop_on_first_crash``): the
+    nodes that need its outputs are not run, everything else is. Nipype's exception at the end
+    of such a run is caught and its first line kept in :attr:`RunResult.error`.
+
+    Args:
+        wf: the workflow (its ``base_dir`` is the work directory).
+        cfg: the resolved configuration (``execution`` section).
+        device: the resolved device (``cuda`` sets GPU slots).
+        crash_dir: where Nipype writes crash reports (text).
+        progress: print a progress line per subject.
+        stream: where progress lines go (default: standard output).
+        live: redraw progress in place (default: when ``stream`` is a terminal).
+        verbose: 2 or more lets Nipype's own INFO messages through.
+    """
+    ex = cfg["execution"]
+    plugin, args = plugin_settings(cfg, device=device)
+    monitor = RunMonitor(wf, progress=progress, stream=stream, live=live)
+    if plugin not in GRAPH_PLUGINS:
+        args["status_callback"] = monitor
+    work_dir = Path(wf.base_dir).absolute()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    crash_dir = Path(crash_dir).absolute()
+    wf.config["execution"].update(
+        {
+            "crashdump_dir": str(crash_dir),
+            "crashfile_format": "txt",
+            "stop_on_first_crash": str(bool(ex["stop_on_first_crash"])).lower(),
+            "poll_sleep_duration": "0.1",
+            "check_version": "false",
+            "hash_method": "timestamp",
+            "resource_monitor_frequency": "0.5",
+        }
+    )
+    error = None
+    start = time.perf_counter()
+    with nipype_environment(
+        work_dir / ".nipype",
+        resource_monitor=bool(ex["resource_monitor"]),
+        verbose=verbose,
+        here=plugin == "Linear",
+    ):
+        # MultiProc runs a full garbage collection before every round of submissions; with
+        # PyTorch imported that scans millions of objects (0.15 s in the command, more in a
+        # test session) per round. Freezing what exists now keeps each collection to the
+        # objects the run itself makes.
+        gc.freeze()
+        # Nipype's workers start in the scheduler's working directory, and its resource monitor
+        # leaves a .proc-* file there per step: keep them in the work directory.
+        previous = Path.cwd()
+        os.chdir(work_dir)
+        try:
+            wf.run(plugin=plugin, plugin_args=args)
+        except RuntimeError as exc:  # Nipype's "Workflow did not execute cleanly" (or the crash)
+            error = _first_line(str(exc))
+        finally:
+            os.chdir(previous)
+            gc.unfreeze()
+    wall = time.perf_counter() - start
+    records = monitor.finish(work_dir, crash_dir)
+    return RunResult(records, plugin, args, wall, error)
+
+
+def _first_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[0].strip() if lines else "workflow failed"
+
+
+# ------------------------------------------------------------------------------------ summary
+
+
+def summary_rows(result: RunResult | None, skipped: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    """Return one row per subject and session (and per subject's longitudinal part).
+
+    Columns: ``subject``, ``session``, ``steps`` (done/total), ``ran``, ``cached``,
+    ``outputs`` (derivatives written), ``status`` (``ok``, ``failed: <step>``, ``not run``,
+    ``skipped: <reason>``). ``skipped`` holds session plans with a ``skipped`` reason.
+    """
+    rows: list[dict[str, Any]] = []
+    groups: dict[tuple[str, str], list[NodeRecord]] = {}
+    for record in result.records if result else []:
+        groups.setdefault(record.group, []).append(record)
+    for plan in skipped:
+        groups.setdefault((plan.subject, plan.session or "-"), [])
+    reasons = {(p.subject, p.session or "-"): p.skipped for p in skipped}
+
+    def order(key: tuple[str, str]) -> tuple[str, int, str]:
+        return (key[0], key[1] == LONGITUDINAL, key[1])
+
+    for key in sorted(groups, key=order):
+        records = groups[key]
+        steps = [r for r in records if r.kind == "step"]
+        done = [r for r in steps if r.status in ("ran", "cached")]
+        failed = [r for r in records if r.status == "failed"]
+        if key in reasons:
+            status = f"skipped: {reasons[key]}"
+        elif failed:
+            status = "failed: " + ", ".join(r.step for r in failed)
+        elif steps and len(done) == len(steps):
+            status = "ok"
+        elif not done:
+            status = "not run"
+        else:
+            status = "incomplete"
+        rows.append(
+            {
+                "subject": f"sub-{key[0]}",
+                "session": key[1] if key[1] in (LONGITUDINAL, "-") else f"ses-{key[1]}",
+                "steps": f"{len(done)}/{len(steps)}" if steps else "-",
+                "ran": sum(r.status == "ran" for r in steps),
+                "cached": sum(r.status == "cached" for r in steps),
+                "outputs": sum(
+                    r.kind == "output" and r.status in ("ran", "cached") for r in records
+                ),
+                "status": status,
+            }
+        )
+    return rows
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Return rows (dicts with the same keys) as an aligned plain-text table.
+
+    Examples:
+        >>> print(format_table([{"a": 1, "bb": "x"}, {"a": 22, "bb": "yy"}]))
+        a   bb
+        --  --
+        1   x
+        22  yy
+    """
+    if not rows:
+        return "(nothing)"
+    header = list(rows[0])
+    cells = [header] + [[str(r[k]) for k in header] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def failure_line(r: NodeRecord) -> str:
+    """Return ``<sub> <ses> step <step> (inputs: <files>): <error>[ [crash file: <path>]]``."""
+    where = (f"sub-{r.subject} " if r.subject else "") + _session_label(r)
+    inputs = ", ".join(Path(p).name for p in r.inputs) or "n/a"
+    line = f"{where}step {r.step} (inputs: {inputs}): {r.error}"
+    if r.crash_file:
+        line += f" [crash file: {r.crash_file}]"
+    return line
+
+
+def failure_lines(result: RunResult) -> list[str]:
+    """Return one line per failed node: where, which inputs, the error, the crash file."""
+    lines = [failure_line(r) for r in result.failures]
+    blocked = [r for r in result.records if r.status == "not run"]
+    if blocked and result.failures:
+        lines.append(f"{len(blocked)} node(s) not run because of these failures")
+    return lines

@@ -1,0 +1,325 @@
+"""Nipype interfaces: each runs one library function on files and writes its outputs.
+
+Every interface here is thin: load the inputs, call a function of the smoulder library, save
+the result in the node's working directory. Inputs that change a result are hashed (changing
+them reruns the node); ``num_threads`` is not (the result does not depend on it).
+
+GPU steps: Nipype's MultiProc counts a node against ``n_gpu_procs`` when its interface has a
+true ``use_gpu`` (or ``use_cuda``) input — ``Node.is_gpu_node()`` in nipype ≥ 1.9. The
+registration interfaces carry ``use_gpu``; the workflows set it when the step runs on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    SimpleInterface,
+    TraitedSpec,
+    isdefined,
+    traits,
+)
+
+
+def _stem(path: str | os.PathLike[str]) -> str:
+    name = Path(path).name
+    for ext in (".nii.gz", ".nii", ".mat", ".txt"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return Path(name).stem
+
+
+def _coarse(img: Any, resolution_mm: float) -> Any:
+    """Return ``img`` coarsened to ``resolution_mm`` (:func:`smoulder.images.coarsen`), or as is."""
+    from smoulder.images import coarsen
+
+    return coarsen(img, resolution_mm) if resolution_mm > 0 else img
+
+
+# ------------------------------------------------------------------------------------- conform
+
+
+class _ConformInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="3D NIfTI image, any orientation and type")
+
+
+class _ConformOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="the image with RAS+ voxel axes, float32")
+
+
+class Conform(SimpleInterface):
+    """Check an image and reorient it to RAS+ float32 (:func:`smoulder.images.conform`)."""
+
+    input_spec = _ConformInputSpec
+    output_spec = _ConformOutputSpec
+
+    def _run_interface(self, runtime: Any) -> Any:
+        import numpy as np
+
+        from smoulder.images import conform, load_image, save_nifti
+
+        img = conform(load_image(self.inputs.in_file))
+        out = Path(runtime.cwd) / f"{_stem(self.inputs.in_file)}_conform.nii.gz"
+        save_nifti(np.asarray(img.dataobj, dtype=np.float32), img.affine, out)
+        self._results["out_file"] = str(out)
+        return runtime
+
+
+# -------------------------------------------------------------------------------- registration
+
+
+class _RegistrationInputSpec(BaseInterfaceInputSpec):
+    engine = traits.Enum("greedy", "torch", "ants", usedefault=True, desc="registration engine")
+    device = traits.Enum("cpu", "cuda", usedefault=True, desc="where the torch code runs")
+    seed = traits.Int(0, usedefault=True, desc="random seed")
+    use_gpu = traits.Bool(
+        False, usedefault=True, desc="the step runs on the GPU (MultiProc counts it in n_gpu_procs)"
+    )
+    num_threads = traits.Int(1, usedefault=True, nohash=True, desc="CPU threads")
+
+
+class _CoRegisterInputSpec(_RegistrationInputSpec):
+    fixed_file = File(exists=True, mandatory=True, desc="the session reference (FLAIR)")
+    moving_file = File(exists=True, mandatory=True, desc="the image to align to it")
+    transform = traits.Enum("rigid", "affine", usedefault=True, desc="transform model")
+    metric = traits.Enum("mi", "ncc", usedefault=True, desc="similarity metric")
+    resolution_mm = traits.Float(
+        0.0, usedefault=True, desc="estimate on images coarsened to this voxel size; 0: native"
+    )
+
+
+class _CoRegisterOutputSpec(TraitedSpec):
+    out_xfm = File(
+        exists=True,
+        desc="ITK affine (.mat) mapping fixed points to moving points: "
+        "resamples the moving image onto the fixed grid",
+    )
+    out_file = File(exists=True, desc="the moving image resampled onto the fixed grid (linear)")
+
+
+class CoRegister(SimpleInterface):
+    """Align an image to the session reference (:func:`smoulder.registration.engines.register`).
+
+    Writes the fixed → moving transform as an ITK ``.mat`` and the moving image resampled on
+    the fixed grid through it (:func:`smoulder.registration.transforms.resample`). With
+    ``resolution_mm`` the transform is estimated on coarsened copies of both images; it maps
+    world points, so it applies to the originals unchanged.
+    """
+
+    input_spec = _CoRegisterInputSpec
+    output_spec = _CoRegisterOutputSpec
+
+    def _run_interface(self, runtime: Any) -> Any:
+        import numpy as np
+
+        from smoulder.errors import RegistrationError
+        from smoulder.images import load_image, save_nifti
+        from smoulder.registration.engines import register
+        from smoulder.registration.transforms import AffineTransform, resample
+
+        fixed = load_image(self.inputs.fixed_file)
+        moving = load_image(self.inputs.moving_file)
+        reg = register(
+            _coarse(fixed, self.inputs.resolution_mm),
+            _coarse(moving, self.inputs.resolution_mm),
+            transform=self.inputs.transform,
+            metric=self.inputs.metric,
+            engine=self.inputs.engine,
+            device=self.inputs.device,
+            seed=self.inputs.seed,
+            threads=self.inputs.num_threads,
+        )
+        steps = reg.forward.steps
+        if len(steps) != 1 or not isinstance(steps[0], AffineTransform):
+            raise RegistrationError(
+                f"{self.inputs.transform} registration of {Path(self.inputs.moving_file).name}",
+                expected="one affine transform",
+                found=repr(reg.forward),
+            )
+        stem = _stem(self.inputs.moving_file)
+        xfm = steps[0].save(Path(runtime.cwd) / f"{stem}_to_fixed.mat")
+        moved = resample(moving, fixed, reg.forward, interpolation="linear")
+        out = save_nifti(
+            np.asarray(moved.dataobj), moved.affine, Path(runtime.cwd) / f"{stem}_fixed.nii.gz"
+        )
+        self._results["out_xfm"] = str(xfm)
+        self._results["out_file"] = str(out)
+        return runtime
+
+
+class _HalfwayInputSpec(_RegistrationInputSpec):
+    in_a = File(exists=True, mandatory=True, desc="earlier session's reference image (A)")
+    in_b = File(exists=True, mandatory=True, desc="later session's reference image (B)")
+    transform = traits.Enum(
+        "deformable", "affine", "rigid", usedefault=True, desc="transform model"
+    )
+    resolution_mm = traits.Float(
+        0.0, usedefault=True, desc="estimate on images coarsened to this voxel size; 0: native"
+    )
+
+
+class _HalfwayOutputSpec(TraitedSpec):
+    xfm_a_to_b = File(
+        exists=True,
+        desc="ITK displacement field on A's grid mapping A points to B points: resamples B onto A",
+    )
+    xfm_b_to_a = File(
+        exists=True,
+        desc="ITK displacement field on B's grid mapping B points to A points: resamples A onto B",
+    )
+
+
+class HalfwayRegister(SimpleInterface):
+    """Register two sessions symmetrically (:func:`smoulder.registration.engines.halfway`).
+
+    Neither session is privileged: both are resampled once onto a halfway grid and the two
+    directions are inverse by construction. Each direction is written as one displacement
+    field (:meth:`TransformChain.to_displacement`) on the grid of the image it resamples onto.
+    """
+
+    input_spec = _HalfwayInputSpec
+    output_spec = _HalfwayOutputSpec
+
+    def _run_interface(self, runtime: Any) -> Any:
+        from smoulder.images import load_image
+        from smoulder.registration.engines import halfway
+
+        a = load_image(self.inputs.in_a)
+        b = load_image(self.inputs.in_b)
+        result = halfway(
+            _coarse(a, self.inputs.resolution_mm),
+            _coarse(b, self.inputs.resolution_mm),
+            transform=self.inputs.transform,
+            engine=self.inputs.engine,
+            device=self.inputs.device,
+            seed=self.inputs.seed,
+            threads=self.inputs.num_threads,
+        )
+        cwd = Path(runtime.cwd)
+        a_to_b = result.a_to_b.to_displacement(a).save(cwd / "a_to_b.nii.gz")
+        b_to_a = result.b_to_a.to_displacement(b).save(cwd / "b_to_a.nii.gz")
+        self._results["xfm_a_to_b"] = str(a_to_b)
+        self._results["xfm_b_to_a"] = str(b_to_a)
+        return runtime
+
+
+class _JacobianInputSpec(BaseInterfaceInputSpec):
+    in_xfm = File(exists=True, mandatory=True, desc="ITK displacement field (points map)")
+    reference = File(exists=True, mandatory=True, desc="the image whose grid the maps take")
+
+
+class _JacobianOutputSpec(TraitedSpec):
+    det_file = File(exists=True, desc="Jacobian determinant of the points map")
+    logdet_file = File(exists=True, desc="its natural logarithm (determinants clipped at 1e-6)")
+
+
+class JacobianMaps(SimpleInterface):
+    """Write the Jacobian determinant of a transform and its logarithm on a reference grid.
+
+    :func:`smoulder.registration.transforms.jacobian_determinant_map` and
+    :func:`~smoulder.registration.transforms.log_jacobian_map`: for the A → B points map on
+    A's grid, a value above 1 means the tissue around that voxel is larger at B.
+    """
+
+    input_spec = _JacobianInputSpec
+    output_spec = _JacobianOutputSpec
+
+    def _run_interface(self, runtime: Any) -> Any:
+        import numpy as np
+
+        from smoulder.images import load_image, save_nifti
+        from smoulder.registration.transforms import (
+            DisplacementTransform,
+            jacobian_determinant_map,
+            log_jacobian_map,
+        )
+
+        transform = DisplacementTransform.load(self.inputs.in_xfm)
+        reference = load_image(self.inputs.reference, read_data=False)
+        cwd = Path(runtime.cwd)
+        det = jacobian_determinant_map(transform, reference)
+        logdet = log_jacobian_map(transform, reference)
+        for key, img in (("det_file", det), ("logdet_file", logdet)):
+            path = cwd / f"{key[: -len('_file')]}.nii.gz"
+            self._results[key] = str(save_nifti(np.asarray(img.dataobj), img.affine, path))
+        return runtime
+
+
+# --------------------------------------------------------------------------------- derivatives
+
+
+class _DerivativesSinkInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="the file to publish")
+    output_dir = traits.Str(mandatory=True, desc="BIDS-App output folder (files go to smoulder/)")
+    raw_dir = traits.Str(desc="the input BIDS dataset (for bids:raw: URIs)")
+    entities = traits.Dict(mandatory=True, desc="BIDS entities by short key (sub, ses, from...)")
+    suffix = traits.Str(mandatory=True, desc="BIDS suffix")
+    source_files = traits.List(traits.Str, desc="files the output was made from")
+    spatial_reference = traits.Str(desc="the file whose grid the output is on")
+    metadata = traits.Dict(desc="more sidecar fields")
+
+
+class _DerivativesSinkOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="the published file")
+
+
+class DerivativesSink(SimpleInterface):
+    """Publish a file as a BIDS derivative (:meth:`DerivativesWriter.save_derivative`).
+
+    Always runs (a copy is cheap), so deleting an output and rerunning with the same work
+    directory writes it again.
+    """
+
+    input_spec = _DerivativesSinkInputSpec
+    output_spec = _DerivativesSinkOutputSpec
+    _always_run = True
+
+    def _run_interface(self, runtime: Any) -> Any:
+        from smoulder.derivatives import DerivativesWriter
+
+        def given(value: Any) -> Any:
+            return value if isdefined(value) and value else None
+
+        writer = DerivativesWriter(self.inputs.output_dir, raw_dir=given(self.inputs.raw_dir))
+        out = writer.save_derivative(
+            self.inputs.in_file,
+            self.inputs.entities,
+            suffix=self.inputs.suffix,
+            sources=given(self.inputs.source_files) or [],
+            spatial_reference=given(self.inputs.spatial_reference),
+            metadata=given(self.inputs.metadata),
+        )
+        self._results["out_file"] = str(out)
+        return runtime
+
+
+def derivatives_node(
+    name: str,
+    *,
+    output_dir: str | os.PathLike[str],
+    raw_dir: str | os.PathLike[str],
+    entities: dict[str, Any],
+    suffix: str,
+    sources: list[str | os.PathLike[str]],
+    spatial_reference: str | os.PathLike[str] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Any:
+    """Return a node publishing its ``in_file`` as a derivative (run in the main process)."""
+    from nipype.pipeline import engine as pe
+
+    sink = DerivativesSink(
+        output_dir=str(output_dir),
+        raw_dir=str(raw_dir),
+        entities=dict(entities),
+        suffix=suffix,
+        source_files=[str(p) for p in sources],
+    )
+    if spatial_reference is not None:
+        sink.inputs.spatial_reference = str(spatial_reference)
+    if metadata:
+        sink.inputs.metadata = dict(metadata)
+    return pe.Node(sink, name=name, run_without_submitting=True, mem_gb=0.1)

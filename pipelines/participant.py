@@ -1,0 +1,160 @@
+"""The participant workflow: every selected subject's sessions, then its longitudinal steps.
+
+Layout of the graph (and of the work directory, Nipype's cache)::
+
+    smoulder_wf/
+      sub_<s>_wf/
+        ses_<y>_wf/         init_session_wf, one per usable session
+        longitudinal_wf/    init_subject_wf, when the subject has two or more usable sessions
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nipype.pipeline import engine as pe
+
+from smoulder.inputs import SessionInputs
+from smoulder.pipelines.session import REFERENCE, init_session_wf
+from smoulder.pipelines.subject import init_subject_wf
+
+#: The :class:`SessionInputs` attribute holding each modality.
+_ATTRIBUTE = {"FLAIR": "flair", "T1w": "t1w", "UNIT1": "unit1", "MEGRE": "megre_mag"}
+
+
+@dataclass
+class SessionPlan:
+    """What a session's workflow gets: its images by modality, or why it is skipped."""
+
+    subject: str
+    session: str | None
+    images: dict[str, Path] = field(default_factory=dict)
+    skipped: str | None = None
+
+    @property
+    def label(self) -> str:
+        """Return ``sub-<s>[_ses-<y>]``."""
+        return f"sub-{self.subject}" + (f"_ses-{self.session}" if self.session else "")
+
+
+def plan_sessions(
+    sessions: Sequence[SessionInputs], *, modalities: Sequence[str]
+) -> list[SessionPlan]:
+    """Return one plan per validated session: the usable images, or the reason to skip it.
+
+    A session needs a usable FLAIR (its reference); the other images (``modalities`` among
+    T1w, UNIT1, MEGRE — the echo-1 magnitude) join when present and usable, and are left out
+    when validation found them unusable.
+    """
+    plans = []
+    for s in sessions:
+        plan = SessionPlan(s.subject, s.session)
+        usable = set(s.usable)
+        if "flair" not in usable:
+            plan.skipped = (
+                "FLAIR unusable (see the input errors)"
+                if s.flair is not None
+                else "no FLAIR (the session reference)"
+            )
+        else:
+            for modality in (REFERENCE, *modalities):
+                attribute = _ATTRIBUTE[modality]
+                if attribute not in usable:
+                    continue
+                value = getattr(s, attribute)
+                plan.images[modality] = Path(value[0] if isinstance(value, list) else value)
+        plans.append(plan)
+    return plans
+
+
+def init_participant_wf(
+    *,
+    plans: Sequence[SessionPlan],
+    cfg: dict[str, Any],
+    output_dir: str | Path,
+    bids_dir: str | Path,
+    work_dir: str | Path,
+    engine: str,
+    device: str,
+    omp_nthreads: int,
+    name: str = "smoulder_wf",
+) -> pe.Workflow:
+    """Return the workflow over every subject of ``plans`` (skipped sessions left out).
+
+    Args:
+        plans: from :func:`plan_sessions`.
+        cfg: the resolved configuration (its ``registration`` section is used).
+        output_dir: the BIDS-App output folder.
+        bids_dir: the input BIDS dataset.
+        work_dir: Nipype's cache; reusing it resumes a run.
+        engine: registration engine, resolved (``greedy``, ``torch`` or ``ants``).
+        device: ``cpu`` or ``cuda``, resolved.
+        omp_nthreads: threads per registration on the CPU.
+        name: workflow name.
+    """
+    reg = cfg["registration"]
+    # absolute: Nipype runs every node in its own folder
+    output_dir, bids_dir = Path(output_dir).absolute(), Path(bids_dir).absolute()
+    wf = pe.Workflow(name=name, base_dir=str(Path(work_dir).absolute()))
+    subjects = sorted({p.subject for p in plans if not p.skipped})
+    for subject in subjects:
+        runnable = [p for p in plans if p.subject == subject and not p.skipped]
+        volume_gb = max(_volume_gb(p) for p in runnable)
+        subject_wf = pe.Workflow(name=f"sub_{subject}_wf")
+        session_wfs = {}
+        for plan in runnable:
+            session_wfs[plan.session] = init_session_wf(
+                subject=subject,
+                session=plan.session,
+                images=plan.images,
+                output_dir=output_dir,
+                bids_dir=bids_dir,
+                engine=engine,
+                device=device,
+                transform=reg["session"]["transform"],
+                metric=reg["session"]["metric"],
+                resolution_mm=reg["session"]["resolution_mm"],
+                seed=reg["seed"],
+                omp_nthreads=omp_nthreads,
+                volume_gb=volume_gb,
+                name=f"ses_{plan.session}_wf" if plan.session else "session_wf",
+            )
+            subject_wf.add_nodes([session_wfs[plan.session]])
+        labels = [s for s in session_wfs if s is not None]
+        if len(labels) >= 2:
+            longitudinal = init_subject_wf(
+                subject=subject,
+                sessions=labels,
+                output_dir=output_dir,
+                bids_dir=bids_dir,
+                engine=engine,
+                device=device,
+                pairs=reg["longitudinal"]["pairs"],
+                transform=reg["longitudinal"]["transform"],
+                resolution_mm=reg["longitudinal"]["resolution_mm"],
+                seed=reg["seed"],
+                omp_nthreads=omp_nthreads,
+                volume_gb=volume_gb,
+            )
+            for label in labels:
+                subject_wf.connect(
+                    session_wfs[label],
+                    "outputnode.reference",
+                    longitudinal,
+                    f"inputnode.reference_{label}",
+                )
+        wf.add_nodes([subject_wf])
+    return wf
+
+
+def _volume_gb(plan: SessionPlan) -> float:
+    """Return the size in GB of the largest image of the session as float32."""
+    import numpy as np
+
+    from smoulder.images import load_image
+
+    shapes = [load_image(p, read_data=False).shape for p in plan.images.values()]
+    return max(int(np.prod(shape[:3])) for shape in shapes) * 4 / 1e9

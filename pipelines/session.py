@@ -1,0 +1,195 @@
+"""The session workflow: one subject's session, from its input images to its derivatives.
+
+Methods, as they stand (later steps add their nodes here):
+
+1. Every image is checked and conformed: voxel axes reoriented to RAS+, stored as float32,
+   without interpolation (:func:`smoulder.images.conform`).
+2. The FLAIR is the session reference. The T1w, the UNIT1 and the echo-1 magnitude of the
+   multi-echo GRE, when present, are each registered to it (rigid, mutual information by
+   default; :func:`smoulder.registration.engines.register`) and resampled onto its grid once.
+3. Derivatives: the conformed reference, each transform (ITK ``.mat``) and each resampled image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from nipype.interfaces.utility import IdentityInterface
+from nipype.pipeline import engine as pe
+
+from smoulder.derivatives import DerivativesWriter
+from smoulder.pipelines.interfaces import Conform, CoRegister, derivatives_node
+
+#: The modality every other image of a session is aligned to.
+REFERENCE = "FLAIR"
+
+#: Entities and suffix of each modality's published image (the MEGRE is its echo-1 magnitude).
+MODALITY_ENTITIES: dict[str, tuple[dict[str, Any], str]] = {
+    "FLAIR": ({}, "FLAIR"),
+    "T1w": ({}, "T1w"),
+    "UNIT1": ({}, "UNIT1"),
+    "MEGRE": ({"echo": 1, "part": "mag"}, "MEGRE"),
+}
+
+#: Memory of each step in GB: a base plus a multiple of one float32 reference volume. Fitted
+#: (with ~15 % margin) to the peaks ``--resource-monitor`` measured on the phantom at 3 mm and
+#: 1 mm (0.04 GB volumes), CPU engines: conform 0.10/0.15, co-registration 0.81/0.97, greedy
+#: halfway 0.49/1.60, Jacobian maps 0.64/0.75 GB.
+MEMORY_GB = {
+    "conform": (0.15, 3.0),
+    "coregister": (0.9, 6.0),
+    "halfway": (0.5, 35.0),
+    "jacobian": (0.7, 6.0),
+}
+
+
+def step_memory_gb(step: str, volume_gb: float) -> float:
+    """Return the memory estimate of ``step`` for a reference volume of ``volume_gb``.
+
+    Examples:
+        >>> round(step_memory_gb("coregister", 0.04), 2)
+        1.14
+    """
+    base, per_volume = MEMORY_GB[step]
+    return base + per_volume * volume_gb
+
+
+def reference_entities(subject: str, session: str | None) -> dict[str, Any]:
+    """Return the entities of a session's published reference image (suffix :data:`REFERENCE`)."""
+    return {"sub": subject, "ses": session, "desc": "preproc"}
+
+
+def init_session_wf(
+    *,
+    subject: str,
+    session: str | None,
+    images: Mapping[str, str | Path],
+    output_dir: str | Path,
+    bids_dir: str | Path,
+    engine: str,
+    device: str,
+    transform: str = "rigid",
+    metric: str = "mi",
+    resolution_mm: float | None = None,
+    seed: int = 0,
+    omp_nthreads: int = 1,
+    volume_gb: float = 0.0,
+    name: str = "session_wf",
+) -> pe.Workflow:
+    """Return the workflow of one session.
+
+    Args:
+        subject: subject label (without ``sub-``).
+        session: session label (without ``ses-``), ``None`` in a dataset without sessions.
+        images: input files by modality: ``FLAIR`` (required), and any of ``T1w``, ``UNIT1``,
+            ``MEGRE`` (the echo-1 magnitude). Only the modalities given get nodes.
+        output_dir: the BIDS-App output folder.
+        bids_dir: the input BIDS dataset (for the ``Sources`` of sidecars).
+        engine: registration engine, resolved (``greedy``, ``torch`` or ``ants``).
+        device: ``cpu`` or ``cuda``, resolved; ``cuda`` makes registrations GPU nodes.
+        transform: co-registration model, ``rigid`` or ``affine``.
+        metric: co-registration metric, ``mi`` or ``ncc``.
+        resolution_mm: estimate the transforms on images coarsened to this voxel size (mm);
+            ``None``: on the images as they are.
+        seed: registration seed.
+        omp_nthreads: threads per registration on the CPU.
+        volume_gb: size of one float32 reference volume, for the memory estimates.
+        name: workflow name.
+
+    Outputs (``outputnode``):
+        reference: the conformed FLAIR (the session's reference grid).
+    """
+    if REFERENCE not in images:
+        raise ValueError(f"init_session_wf: expected a {REFERENCE} image, found {sorted(images)}")
+    # absolute: Nipype runs every node in its own folder
+    output_dir, bids_dir = Path(output_dir).absolute(), Path(bids_dir).absolute()
+    images = {modality: Path(path).absolute() for modality, path in images.items()}
+    writer = DerivativesWriter(output_dir, raw_dir=bids_dir)
+    ses = {"sub": subject, "ses": session}
+    use_gpu = device == "cuda"
+    reg_procs = 1 if use_gpu else omp_nthreads
+
+    wf = pe.Workflow(name=name)
+    fields = [m.lower() for m in images]
+    inputnode = pe.Node(IdentityInterface(fields=fields), name="inputnode")
+    for modality, path in images.items():
+        setattr(inputnode.inputs, modality.lower(), str(path))
+    outputnode = pe.Node(IdentityInterface(fields=["reference"]), name="outputnode")
+
+    conform_ref = pe.Node(
+        Conform(), name=f"conform_{REFERENCE.lower()}", mem_gb=step_memory_gb("conform", volume_gb)
+    )
+    reference_file = writer.path(
+        reference_entities(subject, session), suffix=REFERENCE, extension=".nii.gz"
+    )
+    ds_reference = derivatives_node(
+        f"ds_{REFERENCE.lower()}",
+        output_dir=output_dir,
+        raw_dir=bids_dir,
+        entities=reference_entities(subject, session),
+        suffix=REFERENCE,
+        sources=[images[REFERENCE]],
+        metadata={"Description": "session reference: RAS+ voxel axes, float32, not resampled"},
+    )
+    wf.connect([
+        (inputnode, conform_ref, [(REFERENCE.lower(), "in_file")]),
+        (conform_ref, ds_reference, [("out_file", "in_file")]),
+        (conform_ref, outputnode, [("out_file", "reference")]),
+    ])  # fmt: skip
+
+    for modality in images:
+        if modality == REFERENCE:
+            continue
+        key = modality.lower()
+        extra, suffix = MODALITY_ENTITIES[modality]
+        conform_mov = pe.Node(
+            Conform(), name=f"conform_{key}", mem_gb=step_memory_gb("conform", volume_gb)
+        )
+        coreg = pe.Node(
+            CoRegister(
+                transform=transform,
+                metric=metric,
+                resolution_mm=resolution_mm or 0.0,
+                engine=engine,
+                device=device,
+                seed=seed,
+                use_gpu=use_gpu,
+                num_threads=omp_nthreads,
+            ),
+            name=f"coreg_{key}",
+            n_procs=reg_procs,
+            mem_gb=step_memory_gb("coregister", volume_gb),
+        )
+        ds_xfm = derivatives_node(
+            f"ds_{key}_xfm",
+            output_dir=output_dir,
+            raw_dir=bids_dir,
+            entities={**ses, "from": modality, "to": REFERENCE, "mode": "image"},
+            suffix="xfm",
+            sources=[images[modality], images[REFERENCE]],
+            metadata={
+                "Description": f"{transform} transform ({metric.upper()}) resampling the "
+                f"{modality} onto the {REFERENCE}; ITK convention (maps {REFERENCE} points to "
+                f"{modality} points)",
+            },
+        )
+        ds_moved = derivatives_node(
+            f"ds_{key}_space_{REFERENCE.lower()}",
+            output_dir=output_dir,
+            raw_dir=bids_dir,
+            entities={**ses, **extra, "space": REFERENCE, "desc": "preproc"},
+            suffix=suffix,
+            sources=[images[modality], images[REFERENCE]],
+            spatial_reference=reference_file,
+            metadata={"Description": f"{modality} resampled onto the {REFERENCE} (linear)"},
+        )
+        wf.connect([
+            (inputnode, conform_mov, [(key, "in_file")]),
+            (conform_ref, coreg, [("out_file", "fixed_file")]),
+            (conform_mov, coreg, [("out_file", "moving_file")]),
+            (coreg, ds_xfm, [("out_xfm", "in_file")]),
+            (coreg, ds_moved, [("out_file", "in_file")]),
+        ])  # fmt: skip
+    return wf
