@@ -54,7 +54,9 @@ Methods (deformable cases / rigid cases)
     ``smoulder-greedy-rigid`` — ``smoulder.registration.engines.register(fixed, moving,
     transform=..., engine=..., device=..., threads=...)`` with nibabel images, and
     ``halfway(fixed, moving, ...)`` whose ``a_to_b``/``b_to_a`` are the forward/inverse maps;
-    skipped (not failed) while the module does not import.
+    skipped (not failed) while the module does not import. ``smoulder-greedy-rigid`` is
+    greedy's own rigid (NMI, 100x50x25x10, centres of mass matched first); the affine stage of
+    ``smoulder-greedy`` (deformable) is smoulder's PyTorch affine.
 ``identity`` (no registration, the "before" row) and ``truth`` (the true map: the ceiling of the
     Dice, which interpolation keeps below 1) are evaluated in the parent, for reference.
 

@@ -50,14 +50,17 @@ def brain_points(img: nib.Nifti1Image, mask: np.ndarray) -> np.ndarray:
     return nib.affines.apply_affine(img.affine, np.argwhere(mask))
 
 
+@pytest.mark.parametrize("engine", ["torch", "greedy"])
 @pytest.mark.parametrize(("modality", "metric"), [("T1w", "mi"), ("FLAIR", "mi"), ("T1w", "ncc")])
-def test_rigid_recovers_a_header_rotation(phantom4: Path, modality: str, metric: str) -> None:
+def test_rigid_recovers_a_header_rotation(
+    phantom4: Path, modality: str, metric: str, engine: str
+) -> None:
     t1w, flair, mask = images(phantom4)
     moving_src = t1w if modality == "T1w" else flair
     truth = rigid((4.0, -3.0, 5.0), (5.0, -4.0, 3.0))
     # moving the header is exact: a fixed point p shows up at truth @ p in the moving world
     moving = nib.Nifti1Image(np.asarray(moving_src.dataobj, np.float32), truth @ moving_src.affine)
-    reg = register(t1w, moving, transform="rigid", metric=metric, engine="torch", device="cpu")
+    reg = register(t1w, moving, transform="rigid", metric=metric, engine=engine, device="cpu")
     pts = brain_points(t1w, mask)
     err = np.linalg.norm(reg.forward.apply(pts) - nib.affines.apply_affine(truth, pts), axis=1)
     assert err.mean() < 0.15 * RES_MM, err.mean()
