@@ -17,8 +17,8 @@ Measured:
 * ``peak_rss_mb``: the peak of the summed resident memory of the child and all its
   descendants (Nipype's worker processes), sampled every 0.2 s with psutil;
 * per node (from the run's provenance record, ``--resource-monitor``): run time and peak
-  memory of each step, and a breakdown per kind of step (conform, co-registration, halfway
-  registration, Jacobian maps, publishing outputs).
+  memory of each step, and a breakdown per kind of step (conform, co-registration,
+  segmentation, lesion filling, halfway registration, Jacobian maps, publishing outputs).
 
 Writes ``DIR/end_to_end.json`` (a list of records: ``method``, ``case``, ``device``,
 ``wall_s``, ``peak_rss_mb``, with ``breakdown`` and ``nodes`` in the main record) and
@@ -47,6 +47,8 @@ KINDS = {
     "coreg": "co-registration (rigid, MI)",
     "halfway": "halfway registration (deformable)",
     "jacobian": "Jacobian maps",
+    "segment": "segmentation (brain, tissue, lesions)",
+    "fill": "lesion filling",
     "ds": "publish outputs",
 }
 
@@ -135,7 +137,11 @@ def breakdown(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Return per kind of step: count, total and largest run time, largest peak memory."""
     rows = []
     for prefix, label in KINDS.items():
-        mine = [n for n in nodes if n["step"].startswith(f"{prefix}_") and n["status"] == "ran"]
+        mine = [
+            n
+            for n in nodes
+            if (n["step"] == prefix or n["step"].startswith(f"{prefix}_")) and n["status"] == "ran"
+        ]
         if not mine:
             continue
         durations = [n["duration_s"] or 0.0 for n in mine]
@@ -200,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             "steps": sum(not n["step"].startswith("ds_") for n in nodes),
             "outputs": sum(n["step"].startswith("ds_") for n in nodes),
             "breakdown": breakdown(nodes),
+            "environment": environment(),
             "nodes": nodes,
         }
         print("rerunning with the same work directory ...", flush=True)
@@ -222,6 +229,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def environment() -> str:
+    """Return one line: machine, date and versions."""
+    from importlib.metadata import version
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    pkgs = ", ".join(f"{p} {version(p)}" for p in ("smoulder", "nipype", "picsl_greedy", "torch"))
+    return (
+        f"Machine: {cpu}, {os.cpu_count()} cores. Date: {time.strftime('%Y-%m-%dT%H:%M')}. "
+        f"Versions: {pkgs}. Run: `python benchmarks/end_to_end.py --out DIR --resolution 1`."
+    )
+
+
 def write_markdown(path: Path, records: list[dict[str, Any]]) -> str:
     """Write the tables; return the text."""
     keys = ["method", "case", "device", "wall_s", "peak_rss_mb"]
@@ -233,13 +259,15 @@ def write_markdown(path: Path, records: list[dict[str, Any]]) -> str:
     steps += ["| " + " | ".join(str(r[k]) for k in step_keys) + " |" for r in rows]
     text = (
         "# smoulder participant pipeline, end to end\n\n"
+        + f"{records[0].get('environment', '')}\n\n"
         + "\n".join(lines)
         + "\n\nTime per kind of step in the first run (summed over nodes; steps run two at a "
         "time, so the sum exceeds the wall time):\n\n"
         + "\n".join(steps)
         + "\n\nMission goal: a 2-session subject in <= 5 min on 2 CPU cores, <= 45 s on one "
-        "GPU. The pipeline holds conform, co-registration and halfway registration so far "
-        "(issue 4); later issues add their steps and are measured against this baseline.\n"
+        "GPU. The pipeline holds conform, co-registration, segmentation (brain, tissue, "
+        "lesions) with lesion filling, and halfway registration with Jacobian maps so far "
+        "(issues 3-5); later issues add their steps and are measured against this baseline.\n"
     )
     path.write_text(text)
     return text
