@@ -249,6 +249,121 @@ class JacobianMaps(SimpleInterface):
         return runtime
 
 
+# -------------------------------------------------------------------------------- segmentation
+
+#: Outputs of :class:`Segment`: trait name → file written by
+#: :func:`smoulder.segmentation.command.write_outputs` (after the prefix).
+SEGMENT_OUTPUTS = {
+    "brain_mask": "desc-brain_mask.nii.gz",
+    "dseg": "dseg.nii.gz",
+    "dseg_tsv": "dseg.tsv",
+    "probseg_csf": "label-CSF_probseg.nii.gz",
+    "probseg_gm": "label-GM_probseg.nii.gz",
+    "probseg_wm": "label-WM_probseg.nii.gz",
+    "probseg_lesion": "label-lesion_probseg.nii.gz",
+    "lesions": "desc-lesions_dseg.nii.gz",
+    "lesions_tsv": "desc-lesions_dseg.tsv",
+    "lesion_stats": "desc-lesions_stats.tsv",
+}
+
+
+class _SegmentInputSpec(BaseInterfaceInputSpec):
+    flair_file = File(exists=True, mandatory=True, desc="the session's FLAIR (reference grid)")
+    t1_file = File(exists=True, desc="T1w or UNIT1 resampled onto the FLAIR grid")
+    model = traits.Str("", usedefault=True, desc="MONAI bundle folder; empty: the shipped one")
+    min_lesion_ul = traits.Float(10.0, usedefault=True, desc="smallest lesion kept (µl)")
+    device = traits.Enum("cpu", "cuda", usedefault=True, desc="where the network runs")
+    use_gpu = traits.Bool(
+        False, usedefault=True, desc="the step runs on the GPU (MultiProc counts it in n_gpu_procs)"
+    )
+    num_threads = traits.Int(1, usedefault=True, nohash=True, desc="CPU threads")
+
+
+class _SegmentOutputSpec(TraitedSpec):
+    brain_mask = File(exists=True, desc="brain (parenchyma) mask")
+    dseg = File(exists=True, desc="tissue classes")
+    dseg_tsv = File(exists=True, desc="index → class name of dseg")
+    probseg_csf = File(exists=True, desc="CSF probability")
+    probseg_gm = File(exists=True, desc="GM (cortical + deep) probability")
+    probseg_wm = File(exists=True, desc="WM probability")
+    probseg_lesion = File(exists=True, desc="lesion probability")
+    lesions = File(exists=True, desc="lesion instances, one index per lesion")
+    lesions_tsv = File(exists=True, desc="index → lesion name of the instances")
+    lesion_stats = File(exists=True, desc="per-lesion table")
+    used_t1 = traits.Bool(desc="a T1-weighted channel was used")
+    model_version = traits.Str(desc="version of the bundle")
+
+
+class Segment(SimpleInterface):
+    """Brain, tissue and lesion segmentation (:func:`smoulder.segmentation.inference.segment`)."""
+
+    input_spec = _SegmentInputSpec
+    output_spec = _SegmentOutputSpec
+
+    def _run_interface(self, runtime: Any) -> Any:
+        import torch
+
+        from smoulder.images import load_image
+        from smoulder.segmentation.command import write_outputs
+        from smoulder.segmentation.inference import segment
+
+        torch.set_num_threads(max(1, self.inputs.num_threads))
+        flair = load_image(self.inputs.flair_file)
+        t1 = load_image(self.inputs.t1_file) if isdefined(self.inputs.t1_file) else None
+        result = segment(
+            flair,
+            t1,
+            device=self.inputs.device,
+            model=self.inputs.model or None,
+            min_lesion_ul=self.inputs.min_lesion_ul,
+        )
+        sources = [self.inputs.flair_file] + ([self.inputs.t1_file] if t1 is not None else [])
+        write_outputs(result, Path(runtime.cwd), "seg_", sources)
+        for trait, name in SEGMENT_OUTPUTS.items():
+            self._results[trait] = str(Path(runtime.cwd) / f"seg_{name}")
+        self._results["used_t1"] = result.used_t1
+        self._results["model_version"] = result.model_version
+        return runtime
+
+
+class _FillLesionsInputSpec(BaseInterfaceInputSpec):
+    t1_file = File(exists=True, mandatory=True, desc="T1-weighted image on the FLAIR grid")
+    lesions = File(exists=True, mandatory=True, desc="lesion instances on the same grid")
+    dseg = File(exists=True, mandatory=True, desc="tissue classes on the same grid")
+
+
+class _FillLesionsOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="the T1-weighted image with lesions filled")
+
+
+class FillLesions(SimpleInterface):
+    """Fill T1w lesions with white matter (:func:`smoulder.segmentation.lesions.fill_lesions`).
+
+    Lesions bias tissue volumes towards grey matter; the filled image is for those measures.
+    """
+
+    input_spec = _FillLesionsInputSpec
+    output_spec = _FillLesionsOutputSpec
+
+    def _run_interface(self, runtime: Any) -> Any:
+        import numpy as np
+
+        from smoulder.images import load_image, save_nifti
+        from smoulder.segmentation.lesions import fill_lesions
+        from smoulder.segmentation.synth import CLASSES
+
+        t1 = load_image(self.inputs.t1_file)
+        lesions = np.asarray(load_image(self.inputs.lesions).dataobj) > 0
+        wm = np.asarray(load_image(self.inputs.dseg).dataobj) == CLASSES.index("WM")
+        data = np.asarray(t1.dataobj, np.float32)
+        if lesions.any() and wm.any():
+            data = fill_lesions(data, lesions, wm)
+        out = Path(runtime.cwd) / f"{_stem(self.inputs.t1_file)}_filled.nii.gz"
+        save_nifti(data, t1.affine, out)
+        self._results["out_file"] = str(out)
+        return runtime
+
+
 # --------------------------------------------------------------------------------- derivatives
 
 

@@ -120,6 +120,7 @@ def init_participant_wf(
                 seed=reg["seed"],
                 omp_nthreads=omp_nthreads,
                 volume_gb=volume_gb,
+                segmentation=cfg["segmentation"] if cfg["segmentation"]["enabled"] else None,
                 name=f"ses_{plan.session}_wf" if plan.session else "session_wf",
             )
             subject_wf.add_nodes([session_wfs[plan.session]])

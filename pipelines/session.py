@@ -7,7 +7,11 @@ Methods, as they stand (later steps add their nodes here):
 2. The FLAIR is the session reference. The T1w, the UNIT1 and the echo-1 magnitude of the
    multi-echo GRE, when present, are each registered to it (rigid, mutual information by
    default; :func:`smoulder.registration.engines.register`) and resampled onto its grid once.
-3. Derivatives: the conformed reference, each transform (ITK ``.mat``) and each resampled image.
+3. Brain, tissue and lesion segmentation of the FLAIR, with the T1w (else the UNIT1) resampled
+   onto it when present (:func:`smoulder.segmentation.inference.segment`): brain mask, tissue
+   classes and probabilities, numbered lesions and the per-lesion table.
+4. Derivatives: the conformed reference, each transform (ITK ``.mat``), each resampled image and
+   the segmentation outputs, all on the FLAIR grid.
 """
 
 from __future__ import annotations
@@ -20,7 +24,13 @@ from nipype.interfaces.utility import IdentityInterface
 from nipype.pipeline import engine as pe
 
 from smoulder.derivatives import DerivativesWriter
-from smoulder.pipelines.interfaces import Conform, CoRegister, derivatives_node
+from smoulder.pipelines.interfaces import (
+    Conform,
+    CoRegister,
+    FillLesions,
+    Segment,
+    derivatives_node,
+)
 
 #: The modality every other image of a session is aligned to.
 REFERENCE = "FLAIR"
@@ -42,6 +52,21 @@ MEMORY_GB = {
     "coregister": (0.9, 6.0),
     "halfway": (0.5, 35.0),
     "jacobian": (0.7, 6.0),
+    "segment": (1.5, 20.0),
+}
+
+#: Segmentation derivatives: Segment output → (entities beyond sub/ses, suffix, description).
+SEGMENT_DERIVATIVES: dict[str, tuple[dict[str, Any], str, str]] = {
+    "brain_mask": ({"desc": "brain"}, "mask", "brain (parenchyma) mask"),
+    "dseg": ({}, "dseg", "tissue classes"),
+    "dseg_tsv": ({}, "dseg", "index and name of each tissue class"),
+    "probseg_csf": ({"label": "CSF"}, "probseg", "CSF probability"),
+    "probseg_gm": ({"label": "GM"}, "probseg", "grey-matter (cortical and deep) probability"),
+    "probseg_wm": ({"label": "WM"}, "probseg", "white-matter probability"),
+    "probseg_lesion": ({"label": "lesion"}, "probseg", "lesion probability"),
+    "lesions": ({"desc": "lesions"}, "dseg", "lesion instances, one index per lesion"),
+    "lesions_tsv": ({"desc": "lesions"}, "dseg", "index and name of each lesion"),
+    "lesion_stats": ({"desc": "lesions"}, "stats", "one row per lesion"),
 }
 
 
@@ -76,6 +101,7 @@ def init_session_wf(
     seed: int = 0,
     omp_nthreads: int = 1,
     volume_gb: float = 0.0,
+    segmentation: Mapping[str, Any] | None = None,
     name: str = "session_wf",
 ) -> pe.Workflow:
     """Return the workflow of one session.
@@ -96,6 +122,8 @@ def init_session_wf(
         seed: registration seed.
         omp_nthreads: threads per registration on the CPU.
         volume_gb: size of one float32 reference volume, for the memory estimates.
+        segmentation: ``model`` (bundle folder, ``None``: shipped) and ``min_lesion_ul``; the
+            segmentation step is absent when this is ``None``.
         name: workflow name.
 
     Outputs (``outputnode``):
@@ -139,6 +167,7 @@ def init_session_wf(
         (conform_ref, outputnode, [("out_file", "reference")]),
     ])  # fmt: skip
 
+    coregs: dict[str, pe.Node] = {}
     for modality in images:
         if modality == REFERENCE:
             continue
@@ -162,6 +191,7 @@ def init_session_wf(
             n_procs=reg_procs,
             mem_gb=step_memory_gb("coregister", volume_gb),
         )
+        coregs[modality] = coreg
         ds_xfm = derivatives_node(
             f"ds_{key}_xfm",
             output_dir=output_dir,
@@ -192,4 +222,87 @@ def init_session_wf(
             (coreg, ds_xfm, [("out_xfm", "in_file")]),
             (coreg, ds_moved, [("out_file", "in_file")]),
         ])  # fmt: skip
+    if segmentation is not None:
+        _add_segmentation(
+            wf, conform_ref, coregs, subject=subject, session=session, output_dir=output_dir,
+            bids_dir=bids_dir, device=device, omp_nthreads=omp_nthreads, volume_gb=volume_gb,
+            reference_file=reference_file, sources=[images[m] for m in images],
+            settings=segmentation,
+        )  # fmt: skip
     return wf
+
+
+def _add_segmentation(
+    wf: pe.Workflow,
+    conform_ref: pe.Node,
+    coregs: dict[str, pe.Node],
+    *,
+    subject: str,
+    session: str | None,
+    output_dir: Path,
+    bids_dir: Path,
+    device: str,
+    omp_nthreads: int,
+    volume_gb: float,
+    reference_file: Path,
+    sources: list[Path],
+    settings: Mapping[str, Any],
+) -> None:
+    """Add the segmentation node (FLAIR + T1w, else UNIT1, when present) and its sinks."""
+    use_gpu = device == "cuda"
+    seg = pe.Node(
+        Segment(
+            model=str(settings.get("model") or ""),
+            min_lesion_ul=float(settings.get("min_lesion_ul", 10.0)),
+            device=device,
+            use_gpu=use_gpu,
+            num_threads=omp_nthreads,
+        ),
+        name="segment",
+        n_procs=1 if use_gpu else omp_nthreads,
+        mem_gb=step_memory_gb("segment", volume_gb),
+    )
+    wf.connect(conform_ref, "out_file", seg, "flair_file")
+    for t1 in ("T1w", "UNIT1"):
+        if t1 in coregs:
+            wf.connect(coregs[t1], "out_file", seg, "t1_file")
+            break
+    if "T1w" in coregs:  # the lesion-filled T1w: for tissue volumes unbiased by lesions
+        fill = pe.Node(
+            FillLesions(), name="fill_lesions", mem_gb=step_memory_gb("conform", volume_gb)
+        )
+        ds_fill = derivatives_node(
+            "ds_t1w_lesionfilled",
+            output_dir=output_dir,
+            raw_dir=bids_dir,
+            entities={"sub": subject, "ses": session, "space": REFERENCE, "desc": "lesionfilled"},
+            suffix="T1w",
+            sources=sources,
+            spatial_reference=reference_file,
+            metadata={
+                "Description": "T1w on the FLAIR grid, lesion voxels replaced by "
+                "normal-appearing white matter drawn from around each lesion"
+            },
+        )
+        wf.connect([
+            (coregs["T1w"], fill, [("out_file", "t1_file")]),
+            (seg, fill, [("lesions", "lesions"), ("dseg", "dseg")]),
+            (fill, ds_fill, [("out_file", "in_file")]),
+        ])  # fmt: skip
+    from smoulder.segmentation.lesions import LESION_COLUMNS
+
+    for trait, (extra, suffix, description) in SEGMENT_DERIVATIVES.items():
+        meta: dict[str, Any] = {"Description": description}
+        if trait == "lesion_stats":
+            meta.update(LESION_COLUMNS)
+        sink = derivatives_node(
+            f"ds_{trait}",
+            output_dir=output_dir,
+            raw_dir=bids_dir,
+            entities={"sub": subject, "ses": session, **extra},
+            suffix=suffix,
+            sources=sources,
+            spatial_reference=None if trait.endswith(("_tsv", "_stats")) else reference_file,
+            metadata=meta,
+        )
+        wf.connect(seg, trait, sink, "in_file")

@@ -83,9 +83,13 @@ def test_graph_has_only_real_steps(phantom_dir: Path, tmp_path: Path) -> None:
         "sub_01_wf.ses_01_wf.conform_flair",
         "sub_01_wf.ses_01_wf.conform_t1w",
         "sub_01_wf.ses_01_wf.coreg_t1w",
+        "sub_01_wf.ses_01_wf.fill_lesions",
+        "sub_01_wf.ses_01_wf.segment",
         "sub_01_wf.ses_02_wf.conform_flair",
         "sub_01_wf.ses_02_wf.conform_t1w",
         "sub_01_wf.ses_02_wf.coreg_t1w",
+        "sub_01_wf.ses_02_wf.fill_lesions",
+        "sub_01_wf.ses_02_wf.segment",
     ]
     assert not any(n.is_gpu_node() for n in nodes.values())
     assert nodes["sub_01_wf.ses_01_wf.coreg_t1w"].n_procs == 2
@@ -94,7 +98,9 @@ def test_graph_has_only_real_steps(phantom_dir: Path, tmp_path: Path) -> None:
 def test_gpu_steps_are_marked_for_multiproc(phantom_dir: Path, tmp_path: Path) -> None:
     nodes = workflow_nodes(build(phantom_dir, tmp_path, device="cuda", engine="torch"))
     gpu = sorted(name.split(".")[-1] for name, n in nodes.items() if n.is_gpu_node())
-    assert gpu == sorted(["coreg_megre", "coreg_t1w", "coreg_unit1"] * 2 + ["halfway_01_02"])
+    assert gpu == sorted(
+        ["coreg_megre", "coreg_t1w", "coreg_unit1", "segment"] * 2 + ["halfway_01_02"]
+    )
     # one GPU slot each: MultiProc counts a GPU node's n_procs against n_gpu_procs
     assert all(n.n_procs == 1 for n in nodes.values() if n.is_gpu_node())
 
@@ -367,6 +373,8 @@ def test_corrupt_session_is_reported_and_the_others_finish(runs: Runs) -> None:
     assert _steps(run, "not run") == {
         "sub_02_wf.ses_02_wf.coreg_t1w",
         "sub_02_wf.ses_02_wf.coreg_megre",
+        "sub_02_wf.ses_02_wf.segment",
+        "sub_02_wf.ses_02_wf.fill_lesions",
         "sub_02_wf.longitudinal_wf.halfway_01_02",
         "sub_02_wf.longitudinal_wf.jacobian_01_02",
     }
@@ -391,7 +399,7 @@ def test_rerun_resumes_without_redoing_finished_steps(runs: Runs) -> None:
     assert _steps(after, "cached") == _steps(before, "ran")
     # Nipype did not execute them again: their result files are untouched
     finished = [_result_file(node) for node in _steps(before, "ran")]
-    assert len(finished) == 19  # 12 of sub-01, 5 of sub-02 ses-01, 2 conforms of ses-02
+    assert len(finished) == 25  # 16 of sub-01, 7 of sub-02 ses-01, 2 conforms of ses-02
     assert all(after.result_mtimes[k] == before.result_mtimes[k] for k in finished)
     summary = json.loads(sorted(runs.out.glob("smoulder/logs/provenance-*.json"))[1].read_text())
     assert {(r["subject"], r["session"]): r["status"] for r in summary["summary"]} == {
@@ -411,7 +419,7 @@ def test_changed_setting_reruns_exactly_the_affected_steps(runs: Runs) -> None:
         "sub_01_wf.longitudinal_wf.halfway_01_02",
         "sub_01_wf.longitudinal_wf.jacobian_01_02",
     }
-    assert len(_steps(run, "cached")) == 10
+    assert len(_steps(run, "cached")) == 14
     assert not _steps(run, "failed") and not _steps(run, "not run")
     ran = [n for n in run.nodes.values() if n["status"] == "ran" and n["kind"] == "step"]
     assert all(n["mem_peak_gb"] is not None and n["mem_peak_gb"] > 0 for n in ran)
@@ -419,6 +427,7 @@ def test_changed_setting_reruns_exactly_the_affected_steps(runs: Runs) -> None:
 
 def test_outputs_are_bids_derivatives(runs: Runs) -> None:
     from bids import BIDSLayout
+    from bids.layout import Query
 
     root = runs.out / "smoulder"
     layout = BIDSLayout(root, validate=False, is_derivative=True)
@@ -433,6 +442,20 @@ def test_outputs_are_bids_derivatives(runs: Runs) -> None:
                              subject=subject, session=session)  # fmt: skip
             assert sorted(f.entities["from"] for f in xfm) == ["MEGRE", "T1w"]
             assert not layout.get(suffix="UNIT1", **query)  # not configured: no step, no file
+            # segmentation, on the FLAIR grid
+            assert layout.get(suffix="mask", desc="brain", **query)
+            assert layout.get(suffix="dseg", desc=Query.NONE, **query)
+            assert layout.get(suffix="T1w", space="FLAIR", desc="lesionfilled", **query)
+            for label in ("CSF", "GM", "WM", "lesion"):
+                assert layout.get(suffix="probseg", label=label, **query)
+            (lesions,) = layout.get(suffix="dseg", desc="lesions", **query)
+            assert (
+                lesions.get_image().shape
+                == layout.get(suffix="FLAIR", desc="preproc", **query)[0].get_image().shape
+            )
+            (stats,) = layout.get(suffix="stats", desc="lesions", subject=subject,
+                                  session=session, extension=".tsv")  # fmt: skip
+            assert "volume_ul" in stats.get_metadata()
         later = {"subject": subject, "session": "02", "extension": ".nii.gz"}
         fields = layout.get(suffix="xfm", mode="image", **later)
         assert sorted((f.entities["from"], f.entities["to"]) for f in fields) == [
@@ -453,7 +476,7 @@ def test_outputs_are_bids_derivatives(runs: Runs) -> None:
         inside = det_data > 1e-3
         np.testing.assert_allclose(np.log(det_data[inside]), log_data[inside], atol=1e-4)
     (t1w_file,) = layout.get(
-        subject="01", session="01", suffix="T1w", space="FLAIR", extension=".nii.gz"
+        subject="01", session="01", suffix="T1w", space="FLAIR", desc="preproc", extension=".nii.gz"
     )
     t1w = t1w_file.get_metadata()
     assert t1w["Sources"] == [

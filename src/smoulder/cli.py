@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-TOOLS = ("phantom", "validate", "demo", "register")
+TOOLS = ("phantom", "validate", "demo", "register", "segment", "train")
 LOG = logging.getLogger("smoulder.run")
 
 USAGE = """\
@@ -23,6 +23,8 @@ smoulder BIDS_DIR OUTPUT_DIR {participant,group} [options]
        smoulder phantom OUTPUT_DIR [options]
        smoulder validate BIDS_DIR [options]
        smoulder register FIXED MOVING -o OUT_DIR [options]
+       smoulder segment FLAIR [--t1 T1] -o OUT_DIR [options]
+       smoulder train segmentation RUN_DIR [options]
        smoulder demo [OUTPUT_DIR]"""
 
 DESCRIPTION = """\
@@ -33,6 +35,8 @@ tools:
   phantom   write a synthetic BIDS dataset with exact truth (smoulder phantom --help)
   validate  check a BIDS dataset's inputs without running anything
   register  register two images, or move two sessions half way (ITK/ANTs transforms)
+  segment   brain mask, tissue classes and numbered lesions of one FLAIR (+T1w)
+  train     train the segmentation network on synthetic images (resumable)
   demo      generate a small phantom and run the pipeline on it
 """
 
@@ -222,6 +226,14 @@ def main(argv: list[str] | None = None) -> int:
                 from smoulder.registration import command
 
                 return command.run(command.parser().parse_args(rest))
+            if tool == "segment":
+                from smoulder.segmentation import command as seg
+
+                return seg.run_segment(seg.segment_parser().parse_args(rest))
+            if tool == "train":
+                from smoulder.segmentation import command as seg
+
+                return seg.run_train(rest)
             return run_demo(demo_parser().parse_args(rest))
         args = bids_app_parser().parse_args(argv)
         args.argv = ["smoulder", *argv]

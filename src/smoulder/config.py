@@ -195,6 +195,14 @@ def validate(cfg: Config) -> None:
                 f"registration.{part}.resolution_mm: expected null or a voxel size in mm "
                 f"(0, 20], found {value!r}"
             )
+    seg = cfg["segmentation"]
+    if not isinstance(seg["enabled"], bool):
+        raise ConfigError(f"segmentation.enabled: expected true or false, found {seg['enabled']!r}")
+    if seg["model"] is not None and not isinstance(seg["model"], str):
+        raise ConfigError(f"segmentation.model: expected null or a folder, found {seg['model']!r}")
+    value = seg["min_lesion_ul"]
+    if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"segmentation.min_lesion_ul: expected a number >= 0, found {value!r}")
     modalities = cfg["registration"]["session"]["modalities"]
     if not isinstance(modalities, list) or not set(modalities) <= set(SESSION_MODALITIES):
         raise ConfigError(

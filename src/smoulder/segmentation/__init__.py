@@ -1,0 +1,1 @@
+"""Segmentation: lesions and tissues from MRI, and the measurements made on them."""

@@ -1,0 +1,211 @@
+"""``smoulder segment`` and ``smoulder train segmentation`` from the command line.
+
+``smoulder segment FLAIR [--t1 T1] -o OUT [--prefix P]`` writes, into ``OUT`` on the FLAIR grid:
+``<P>desc-brain_mask``, ``<P>dseg`` + ``_dseg.tsv``, ``<P>label-{CSF,GM,WM,lesion}_probseg``,
+``<P>desc-lesions_dseg`` (one index per lesion) and ``<P>desc-lesions_stats.tsv`` with its JSON
+column dictionary. Every file is written atomically.
+
+``smoulder train segmentation OUT [--iterations N] ...`` trains (or resumes) the network on
+synthetic images (:mod:`smoulder.segmentation.train`); ``OUT/bundle`` holds the best weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from smoulder.segmentation.synth import CLASSES
+
+
+def segment_parser() -> argparse.ArgumentParser:
+    """Return the parser of ``smoulder segment``."""
+    p = argparse.ArgumentParser(
+        prog="smoulder segment",
+        description="Brain mask, tissue classes and lesions (with a per-lesion table) of one "
+        "session's FLAIR, with a T1w/UNIT1 aligned to it when given.",
+    )
+    p.add_argument("flair", type=Path, help="FLAIR image (NIfTI)")
+    p.add_argument("--t1", type=Path, help="T1w or UNIT1 aligned to the FLAIR (world space)")
+    p.add_argument("-o", "--out", type=Path, required=True, help="output folder")
+    p.add_argument("--prefix", default="", help="prepended to every output name, e.g. 'sub-01_'")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--model", help="MONAI bundle folder (default: the shipped model)")
+    p.add_argument("--min-lesion-ul", type=float, default=10.0, help="smallest lesion kept (µl)")
+    return p
+
+
+def write_outputs(result: Any, out: Path, prefix: str, sources: list[str]) -> list[Path]:
+    """Write a :class:`~smoulder.segmentation.inference.SegmentationResult`; return the files."""
+    import numpy as np
+
+    from smoulder.images import save_json, save_nifti, save_tsv
+    from smoulder.segmentation.lesions import lesion_table, write_lesion_stats
+
+    out.mkdir(parents=True, exist_ok=True)
+    side = {"Sources": sources, "ModelVersion": result.model_version}
+    written = []
+
+    def nifti(img: Any, name: str, dtype: Any, meta: dict[str, Any]) -> None:
+        path = save_nifti(
+            np.asarray(img.dataobj), img.affine, out / f"{prefix}{name}.nii.gz", dtype=dtype
+        )
+        save_json({**side, **meta}, out / f"{prefix}{name}.json")
+        written.append(path)
+
+    nifti(
+        result.brain_mask,
+        "desc-brain_mask",
+        np.uint8,
+        {"Type": "Brain", "Description": "parenchyma: GM + WM + lesion probability >= 0.5"},
+    )
+    nifti(result.dseg, "dseg", np.uint8, {"Description": "tissue classes (argmax)"})
+    save_tsv([{"index": i, "name": n} for i, n in enumerate(CLASSES)], out / f"{prefix}dseg.tsv")
+    for name, img in result.probseg.items():
+        nifti(img, f"label-{name}_probseg", np.float32, {"Description": f"{name} probability"})
+    nifti(
+        result.instances,
+        "desc-lesions_dseg",
+        np.int16,
+        {
+            "Description": "lesion instances: 0 outside lesions, 1..N one index per lesion, "
+            "numbered by world position (stable across reorientation)"
+        },
+    )
+    instances = np.asarray(result.instances.dataobj)
+    ids = [int(i) for i in np.unique(instances) if i > 0]
+    save_tsv(
+        [{"index": 0, "name": "background"}] + [{"index": i, "name": f"lesion-{i}"} for i in ids],
+        out / f"{prefix}desc-lesions_dseg.tsv",
+    )
+    rows = lesion_table(
+        instances,
+        result.instances.affine,
+        np.asarray(result.probseg["lesion"].dataobj),
+        np.asarray(result.dseg.dataobj),
+    )
+    written.append(write_lesion_stats(rows, out / f"{prefix}desc-lesions_stats.tsv"))
+    return written
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    """Run ``smoulder segment``; return the exit status."""
+    from smoulder.images import load_image
+    from smoulder.registration.engines import resolve_engine
+    from smoulder.segmentation.inference import segment
+
+    _, device = resolve_engine("auto", args.device)
+    flair = load_image(args.flair)
+    t1 = load_image(args.t1) if args.t1 else None
+    result = segment(flair, t1, device=device, model=args.model, min_lesion_ul=args.min_lesion_ul)
+    sources = [str(args.flair)] + ([str(args.t1)] if args.t1 else [])
+    files = write_outputs(result, args.out, args.prefix, sources)
+    import numpy as np
+
+    n = int(np.asarray(result.instances.dataobj).max())
+    print(
+        f"segmented {args.flair.name} ({'FLAIR+T1' if t1 is not None else 'FLAIR only'}) "
+        f"on {device} in {result.wall_s:.1f} s: {n} lesions; {len(files)} files in {args.out}"
+    )
+    return 0
+
+
+def train_parser() -> argparse.ArgumentParser:
+    """Return the parser of ``smoulder train segmentation``."""
+    from smoulder.segmentation.train import TrainSettings
+
+    d = TrainSettings()
+    p = argparse.ArgumentParser(
+        prog="smoulder train segmentation",
+        description="Train the segmentation network on synthetic images from label maps; "
+        "rerunning with the same OUT resumes from its checkpoint.",
+    )
+    p.add_argument("out", type=Path, help="run folder (checkpoint, history, best bundle)")
+    p.add_argument("--iterations", type=int, default=d.iterations)
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--patch", type=int, default=d.synth.patch, help="patch edge (1 mm voxels)")
+    p.add_argument("--learning-rate", type=float, default=d.learning_rate)
+    p.add_argument("--validate-every", type=int, default=d.validate_every)
+    p.add_argument(
+        "--channels",
+        default=",".join(map(str, d.network.channels)),
+        help="UNet channels per level, comma-separated",
+    )
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--lesions-per-patch",
+        default=",".join(str(n) for n in d.synth.lesions_per_patch),
+        help="fewest,most real lesion shapes pasted per patch",
+    )
+    p.add_argument(
+        "--periventricular",
+        type=float,
+        default=d.synth.p_periventricular,
+        help="share of pasted lesions centred within 5 mm of a lateral ventricle",
+    )
+    p.add_argument(
+        "--lesion-weight",
+        type=float,
+        default=d.lesion_weight,
+        help="weight of the lesion class in the cross-entropy",
+    )
+    p.add_argument("--init", type=Path, help="bundle or checkpoint to start from (fine-tuning)")
+    p.add_argument("--label-maps", type=Path, help="folder of training_seg_*.nii.gz")
+    p.add_argument("--lesion-masks", type=Path, help="folder of real lesion masks")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--threads", type=int)
+    return p
+
+
+def run_train(argv: list[str]) -> int:
+    """Run ``smoulder train <what> ...``; return the exit status."""
+    from dataclasses import replace
+
+    from smoulder.errors import ConfigError
+    from smoulder.registration.engines import resolve_engine
+    from smoulder.segmentation.network import NetworkDef
+    from smoulder.segmentation.train import TrainSettings, train
+
+    if not argv or argv[0] != "segmentation":
+        raise ConfigError(
+            "smoulder train: expected 'segmentation' (the only trainable model), "
+            f"found {argv[:1] or 'nothing'}"
+        )
+    args = train_parser().parse_args(argv[1:])
+    _, device = resolve_engine("auto", args.device)
+    d = TrainSettings()
+    try:
+        channels = tuple(int(c) for c in args.channels.split(","))
+        low, high = (int(c) for c in args.lesions_per_patch.split(","))
+    except ValueError as exc:
+        raise ConfigError(
+            f"--channels/--lesions-per-patch: expected integers, found {args.channels!r}, "
+            f"{args.lesions_per_patch!r}"
+        ) from exc
+    settings = replace(
+        d,
+        iterations=args.iterations,
+        batch=args.batch,
+        learning_rate=args.learning_rate,
+        validate_every=args.validate_every,
+        seed=args.seed,
+        lesion_weight=args.lesion_weight,
+        init=str(args.init or ""),
+        synth=replace(
+            d.synth,
+            patch=args.patch,
+            lesions_per_patch=(low, high),
+            p_periventricular=args.periventricular,
+        ),
+        network=NetworkDef(channels=channels, strides=(2,) * (len(channels) - 1)),
+    )
+    bundle = train(
+        args.out,
+        settings=settings,
+        label_dir=args.label_maps,
+        lesion_dir=args.lesion_masks,
+        device=device,
+        threads=args.threads,
+    )
+    print(f"best weights: {bundle}")
+    return 0

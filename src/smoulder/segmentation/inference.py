@@ -1,0 +1,233 @@
+"""Brain, tissue and lesion segmentation of one session (FLAIR, with a T1w or UNIT1 when given).
+
+1. The FLAIR's field of view is covered by a RAS+ grid of the network's voxel size (1 mm); the
+   FLAIR and, when given, the T1-weighted image (already aligned to the FLAIR in world space,
+   as the session workflow's co-registration leaves it) are resampled onto it (linear) and
+   normalised (:func:`smoulder.segmentation.synth.normalise`).
+2. Without a T1-weighted image its channel is zero and the presence flag says so: the network
+   was trained to segment from the FLAIR alone in that case (nothing is imputed).
+3. Sliding-window inference (MONAI, Gaussian blending), softmax.
+4. Class probabilities are resampled back onto the FLAIR grid (linear); anything outside the
+   largest connected piece of tissue becomes background; they give the class map
+   (argmax), the brain mask (parenchyma: GM + WM + lesion probability ≥ 0.5) and the lesion
+   instances (:func:`smoulder.segmentation.lesions.lesion_instances`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage as ndi
+
+from smoulder.errors import InputError
+from smoulder.segmentation.network import Bundle, load_bundle
+from smoulder.segmentation.synth import CLASSES, LESION, T1_FLAG, normalise
+
+#: Probability maps published (``_label-<name>_probseg``) and the classes each sums.
+PROBSEG = {"CSF": ("CSF",), "GM": ("cortical_GM", "deep_GM"), "WM": ("WM",), "lesion": ("lesion",)}
+PARENCHYMA = ("cortical_GM", "deep_GM", "WM", "lesion")
+
+
+@dataclass
+class SegmentationResult:
+    """What :func:`segment` returns, every image on the FLAIR's grid."""
+
+    dseg: nib.Nifti1Image
+    brain_mask: nib.Nifti1Image
+    probseg: dict[str, nib.Nifti1Image]
+    instances: nib.Nifti1Image
+    used_t1: bool
+    device: str
+    model_version: str
+    wall_s: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def network_grid(
+    img: nib.Nifti1Image, spacing_mm: float
+) -> tuple[tuple[int, int, int], np.ndarray]:
+    """Return shape and affine of the RAS+ grid of ``spacing_mm`` voxels covering ``img``.
+
+    Examples:
+        >>> img = nib.Nifti1Image(np.zeros((10, 20, 5), np.float32), np.diag([2.0, 1.0, 3.0, 1]))
+        >>> network_grid(img, 1.0)[0]
+        (20, 20, 15)
+    """
+    shape = np.array(img.shape[:3])
+    corners = np.array(
+        [
+            [i, j, k, 1.0]
+            for i in (-0.5, shape[0] - 0.5)
+            for j in (-0.5, shape[1] - 0.5)
+            for k in (-0.5, shape[2] - 0.5)
+        ]
+    )
+    world = (img.affine @ corners.T)[:3]
+    lo, hi = world.min(1), world.max(1)
+    n = np.maximum(np.round((hi - lo) / spacing_mm).astype(int), 1)
+    affine = np.diag([spacing_mm] * 3 + [1.0])
+    centre = (lo + hi) / 2
+    affine[:3, 3] = centre - spacing_mm * (n - 1) / 2
+    return tuple(int(v) for v in n), affine  # type: ignore[return-value]
+
+
+def head_box(flair: np.ndarray, margin: int = 6) -> tuple[slice, slice, slice]:
+    """Return the box around the head (normalised FLAIR above 0.1) plus ``margin`` voxels.
+
+    The network runs inside it only: in a skull-on image with neck, about half the voxels.
+
+    Examples:
+        >>> x = np.zeros((50, 50, 50), np.float32); x[20:30, 10:40, 5:15] = 1.0
+        >>> head_box(x, margin=2)
+        (slice(17, 33, None), slice(7, 43, None), slice(2, 18, None))
+    """
+    signal = ndi.uniform_filter(flair, 3) > 0.1
+    if not signal.any():
+        return (slice(None),) * 3  # type: ignore[return-value]
+    box = ndi.find_objects(signal.astype(np.uint8))[0]
+    return tuple(  # type: ignore[return-value]
+        slice(max(0, b.start - margin), min(n, b.stop + margin))
+        for b, n in zip(box, flair.shape, strict=True)
+    )
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """Return the largest 6-connected component of ``mask`` (all False when it is empty).
+
+    Examples:
+        >>> m = np.zeros((8, 8, 8), bool); m[1:4, 1:4, 1:4] = True; m[6, 6, 6] = True
+        >>> int(largest_component(m).sum())
+        27
+    """
+    labels, n = ndi.label(mask)
+    if n == 0:
+        return np.zeros_like(mask, bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(sizes.argmax())
+
+
+def _resample(
+    data: np.ndarray, src_affine: np.ndarray, shape, dst_affine: np.ndarray, order: int = 1
+) -> np.ndarray:
+    """``data`` (on ``src_affine``) sampled at the voxels of the ``shape``/``dst_affine`` grid."""
+    m = np.linalg.inv(src_affine) @ dst_affine
+    return ndi.affine_transform(
+        np.asarray(data, np.float32),
+        m[:3, :3],
+        m[:3, 3],
+        output_shape=tuple(shape),
+        order=order,
+        mode="constant",
+        cval=0.0,
+    )
+
+
+def _check(img: nib.Nifti1Image, what: str) -> np.ndarray:
+    data = np.asarray(img.dataobj, np.float32)
+    name = img.get_filename() or what
+    if data.ndim != 3:
+        raise InputError(name, expected=f"a 3D {what}", found=f"{data.ndim}D {data.shape}")
+    if not np.isfinite(data).all():
+        raise InputError(name, expected=f"a {what} with finite values", found="NaN or Inf voxels")
+    if float(data.max()) <= float(data.min()):
+        raise InputError(name, expected=f"a {what} with signal", found="a constant image")
+    return data
+
+
+def segment(
+    flair: nib.Nifti1Image,
+    t1: nib.Nifti1Image | None = None,
+    *,
+    device: str = "cpu",
+    model: str | Path | None = None,
+    bundle: Bundle | None = None,
+    min_lesion_ul: float = 10.0,
+) -> SegmentationResult:
+    """Return the segmentation of one session (see the module docstring).
+
+    Args:
+        flair: the FLAIR (any orientation and voxel size).
+        t1: a T1-weighted image (T1w or UNIT1) aligned to the FLAIR in world space, or ``None``.
+        device: ``cpu`` or ``cuda``.
+        model: a bundle folder or shipped bundle name (default: the shipped model).
+        bundle: an already loaded bundle (overrides ``model``).
+        min_lesion_ul: lesions smaller than this are dropped from the instances.
+
+    Raises:
+        InputError: an image that is not 3D, has non-finite voxels or no signal; a bundle
+            that is missing, corrupt or does not fit its network.
+    """
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    from smoulder.segmentation.lesions import lesion_instances
+
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+    bundle = bundle or load_bundle(model, device)
+    f_data = _check(flair, "FLAIR")
+    shape, grid = network_grid(flair, bundle.inference.spacing_mm)
+    channels = np.zeros((3, *shape), np.float32)
+    channels[0] = normalise(_resample(f_data, flair.affine, shape, grid))
+    if t1 is not None:
+        channels[1] = normalise(_resample(_check(t1, "T1-weighted image"), t1.affine, shape, grid))
+        channels[T1_FLAG] = 1.0
+    timings["prepare_s"] = time.perf_counter() - start
+    tic = time.perf_counter()
+    x = torch.from_numpy(channels)[None].to(device)
+    roi = tuple(min(r, max(16, s)) for r, s in zip(bundle.inference.roi_size, shape, strict=True))
+    with torch.inference_mode():
+        logits = sliding_window_inference(
+            x,
+            roi,
+            bundle.inference.sw_batch_size,
+            bundle.network,
+            overlap=bundle.inference.overlap,
+            mode=bundle.inference.mode,
+        )
+        probs = torch.softmax(logits, 1)[0].float().cpu().numpy()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    timings["network_s"] = time.perf_counter() - tic
+    tic = time.perf_counter()
+    out_shape = flair.shape[:3]
+    back = np.stack([_resample(p, grid, out_shape, flair.affine) for p in probs])
+    outside = back.sum(0) < 1e-3  # beyond the network grid: background
+    back[0][outside] = 1.0
+    back /= back.sum(0, keepdims=True)
+    stray = ~largest_component(back.argmax(0) > 0)  # specks beyond the head: background
+    back[:, stray] = 0.0
+    back[0, stray] = 1.0
+    dseg = back.argmax(0).astype(np.uint8)
+    parenchyma = sum(back[CLASSES.index(c)] for c in PARENCHYMA)
+    brain = (parenchyma >= 0.5).astype(np.uint8)
+    lesion_prob = back[LESION]
+    instances = lesion_instances(lesion_prob, flair.affine, min_volume_ul=min_lesion_ul)
+    timings["finish_s"] = time.perf_counter() - tic
+
+    def image(data: np.ndarray, dtype: type) -> nib.Nifti1Image:
+        img = nib.Nifti1Image(data.astype(dtype), flair.affine)
+        img.set_qform(flair.affine, 1)
+        img.set_sform(flair.affine, 1)
+        return img
+
+    probseg = {
+        name: image(sum(back[CLASSES.index(c)] for c in parts), np.float32)
+        for name, parts in PROBSEG.items()
+    }
+    return SegmentationResult(
+        dseg=image(dseg, np.uint8),
+        brain_mask=image(brain, np.uint8),
+        probseg=probseg,
+        instances=image(instances, np.int16),
+        used_t1=t1 is not None,
+        device=device,
+        model_version=bundle.version,
+        wall_s=time.perf_counter() - start,
+        timings=timings,
+    )

@@ -1,0 +1,202 @@
+"""Segmentation: synthesis, the bundle, inference on a phantom and the command line."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from smoulder.cli import main
+from smoulder.errors import ConfigError, InputError
+from smoulder.phantom.dataset import generate_dataset
+from smoulder.phantom.generate import PhantomConfig
+from smoulder.segmentation import synth
+from smoulder.segmentation.inference import segment
+from smoulder.segmentation.network import NetworkDef, bundle_dir, load_bundle, save_bundle
+
+SES = "sub-01/ses-01/anat/sub-01_ses-01"
+
+
+@pytest.fixture(scope="module")
+def phantom_2mm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2 mm phantom, one subject, one session, with lesions of every size."""
+    cfg = PhantomConfig(resolution_mm=2.0, subjects=1, sessions=1, lesions=12, seed=5)
+    return generate_dataset(tmp_path_factory.mktemp("seg-phantom"), cfg)
+
+
+@pytest.fixture(scope="module")
+def label_maps(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
+    folder = tmp_path_factory.mktemp("maps")
+    src = shared_data / "synthseg_label_maps" / "training_seg_01.nii.gz"
+    (folder / src.name).symlink_to(src)
+    shapes = synth.load_lesion_shapes(shared_data / "open_ms" / "lesion_masks_mni")
+    return synth.load_label_maps(folder), shapes
+
+
+def _truth(root: Path, name: str) -> np.ndarray:
+    """Truth of the phantom (on the T1w grid, which is the FLAIR's when slices are not thicker)."""
+    path = root / "derivatives" / "truth" / f"{SES}_space-T1w_{name}.nii.gz"
+    return np.asarray(nib.load(path).dataobj)
+
+
+# ----------------------------------------------------------------------------------- synthesis
+
+
+def test_synth_sample_is_seeded_and_lesions_sit_on_white_matter(label_maps) -> None:
+    maps, shapes = label_maps
+    s = synth.SynthSettings(patch=32, lesions_per_patch=(6, 6), p_wm_centre=1.0)
+    x1, y1 = synth.synth_sample(np.random.default_rng(1), maps, shapes, s)
+    x2, y2 = synth.synth_sample(np.random.default_rng(1), maps, shapes, s)
+    assert x1.shape == (3, 32, 32, 32) and y1.shape == (32, 32, 32)
+    np.testing.assert_array_equal(x1, x2)
+    np.testing.assert_array_equal(y1, y2)
+    assert set(np.unique(y1)) <= set(range(len(synth.CLASSES)))
+    assert np.isfinite(x1).all() and x1[0].max() > 0
+    # a flag of 0 comes with an empty T1 channel, a flag of 1 with a painted one
+    assert (x1[synth.T1_FLAG].max() == 0) == (x1[1].max() == 0)
+
+
+def test_pasted_lesions_only_replace_white_matter() -> None:
+    labels = np.zeros((20, 20, 20), np.uint16)
+    labels[5:15, 5:15, 5:15] = 2  # WM
+    labels[5:15, 5:15, 5:8] = 3  # cortex
+    shape = np.ones((6, 6, 6), bool)
+    out = synth.paste_lesions(labels, [shape], np.random.default_rng(0), 5)
+    assert (out == synth.LESION_LABEL).any()
+    assert np.all(labels[out == synth.LESION_LABEL] == 2)
+    assert np.array_equal(out[labels != 2], labels[labels != 2])
+
+
+# -------------------------------------------------------------------------------------- bundle
+
+
+def test_bundle_round_trip_and_clear_errors(tmp_path: Path) -> None:
+    net_def = NetworkDef(channels=(4, 8), strides=(2,))
+    net = net_def.build()
+    root = save_bundle(tmp_path / "b", net.state_dict(), net_def, version="9.9.9")
+    bundle = load_bundle(root)
+    assert bundle.version == "9.9.9"
+    x = torch.rand(1, 3, 16, 16, 16)
+    with torch.inference_mode():
+        ref = net.eval()(x)
+        np.testing.assert_allclose(bundle.network(x), ref, atol=2e-2)  # half-precision weights
+    weights = root / "models" / "model.pt"
+    # weights of another network: named, with what was expected
+    save_bundle(tmp_path / "other", NetworkDef((8, 16), (2,)).build().state_dict(), net_def)
+    other = tmp_path / "other" / "models" / "model.pt"
+    shutil.copy(other, weights)
+    with pytest.raises(InputError, match=r"model\.pt: expected weights of the network"):
+        load_bundle(root)
+    weights.write_bytes(b"not a torch file")
+    with pytest.raises(InputError, match=r"model\.pt: expected PyTorch weights"):
+        load_bundle(root)
+    weights.unlink()
+    with pytest.raises(InputError, match=r"model\.pt: expected a file of the MONAI bundle"):
+        load_bundle(root)
+
+
+def test_shipped_bundle_is_complete() -> None:
+    root = bundle_dir()
+    for name in ("configs/metadata.json", "configs/inference.json", "models/model.pt",
+                 "docs/README.md"):  # fmt: skip
+        assert (root / name).is_file(), name
+    assert (root / "models" / "model.pt").stat().st_size < 10_000_000
+
+
+# ----------------------------------------------------------------------------------- inference
+
+
+@pytest.fixture(scope="module")
+def phantom_result(phantom_2mm: Path):
+    flair = nib.load(phantom_2mm / f"{SES}_FLAIR.nii.gz")
+    t1 = nib.load(phantom_2mm / f"{SES}_T1w.nii.gz")
+    return flair, segment(flair, t1), segment(flair)
+
+
+def test_inference_finds_the_phantom_lesions(phantom_2mm: Path, phantom_result) -> None:
+    flair, with_t1, flair_only = phantom_result
+    truth = _truth(phantom_2mm, "desc-lesions_dseg")
+    for result in (with_t1, flair_only):
+        found = np.asarray(result.instances.dataobj) > 0
+        assert result.dseg.shape == flair.shape
+        big = [i for i in np.unique(truth) if i > 0 and (truth == i).sum() * 8 >= 100]
+        hit = [i for i in big if found[truth == i].any()]
+        assert len(hit) >= 0.7 * len(big), (len(hit), len(big))
+    assert with_t1.used_t1 and not flair_only.used_t1
+
+
+def test_brain_mask_matches_the_phantom(phantom_2mm: Path, phantom_result) -> None:
+    """A regression guard for the first model (0.84 measured at 2 mm; issue 5 asks 0.98)."""
+    _, result, _ = phantom_result
+    truth = _truth(phantom_2mm, "desc-brain_mask") > 0
+    mask = np.asarray(result.brain_mask.dataobj) > 0
+    dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
+    assert dice > 0.8, dice
+
+
+def test_lesions_are_stable_under_reorientation(phantom_2mm: Path, phantom_result) -> None:
+    """Axes swapped and flipped: the same lesion voxels, to 0.1 %.
+
+    Resampling the flipped array differs in the last bits of floating point, which moves a few
+    boundary voxels. IDs follow world position and are identical for identical masks
+    (``tests/test_lesions.py``); through the network they are not yet guaranteed: a lesion at
+    the size threshold, or a confluent lesion split at a core of nearly 0.9, can renumber the
+    others (issue 5, open).
+    """
+    flair, _, flair_only = phantom_result
+    ornt = np.array([[1, -1], [0, 1], [2, -1]])
+    again = segment(flair.as_reoriented(ornt))
+    back = np.asarray(again.instances.as_reoriented(ornt).dataobj)
+    first = np.asarray(flair_only.instances.dataobj)
+    assert back.shape == first.shape and (first > 0).any()
+    assert ((back > 0) != (first > 0)).mean() < 1e-3
+
+
+def test_bad_input_is_named(tmp_path: Path) -> None:
+    img = nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4))
+    with pytest.raises(InputError, match="expected a FLAIR with signal"):
+        segment(img)
+
+
+# -------------------------------------------------------------------------------- command line
+
+
+def test_segment_command_writes_bids_outputs(phantom_2mm: Path, tmp_path: Path) -> None:
+    flair = phantom_2mm / f"{SES}_FLAIR.nii.gz"
+    assert main(["segment", str(flair), "-o", str(tmp_path), "--prefix", "sub-01_"]) == 0
+    for name in ("desc-brain_mask.nii.gz", "dseg.nii.gz", "dseg.tsv", "label-GM_probseg.nii.gz",
+                 "label-lesion_probseg.nii.gz", "desc-lesions_dseg.nii.gz",
+                 "desc-lesions_stats.tsv", "desc-lesions_stats.json"):  # fmt: skip
+        assert (tmp_path / f"sub-01_{name}").is_file(), name
+    rows = list(csv.DictReader((tmp_path / "sub-01_desc-lesions_stats.tsv").open(), delimiter="\t"))
+    assert rows and {"index", "volume_ul", "location"} <= set(rows[0])
+    # no lesion kept: an empty table (header only), not a crash
+    out = tmp_path / "none"
+    assert main(["segment", str(flair), "-o", str(out), "--min-lesion-ul", "1e9"]) == 0
+    lines = (out / "desc-lesions_stats.tsv").read_text().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("index")
+
+
+def test_train_command_resumes_and_refuses_another_recipe(shared_data: Path, tmp_path: Path,
+                                                          label_maps) -> None:  # fmt: skip
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    (maps / "training_seg_01.nii.gz").symlink_to(
+        shared_data / "synthseg_label_maps" / "training_seg_01.nii.gz"
+    )
+    args = ["train", "segmentation", str(tmp_path / "run"), "--iterations", "2", "--batch", "1",
+            "--patch", "32", "--channels", "4,8", "--validate-every", "2", "--label-maps",
+            str(maps), "--threads", "1"]  # fmt: skip
+    assert main(args) == 0
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert ckpt["iteration"] == 2
+    assert load_bundle(tmp_path / "run" / "bundle").network is not None
+    with pytest.raises(ConfigError, match="expected the recipe this run was started with"):
+        from smoulder.segmentation.command import run_train
+
+        run_train([*args[1:-4], "--learning-rate", "0.1", *args[-4:]])
