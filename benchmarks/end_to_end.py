@@ -41,6 +41,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchenv import machine, versions
+
 #: Kinds of step, by the start of their node names.
 KINDS = {
     "conform": "conform",
@@ -231,19 +233,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def environment() -> str:
     """Return one line: machine, date and versions."""
-    from importlib.metadata import version
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    pkgs = ", ".join(f"{p} {version(p)}" for p in ("smoulder", "nipype", "picsl_greedy", "torch"))
+    pkgs = versions(("smoulder", "nipype", "picsl_greedy", "torch"))
     return (
-        f"Machine: {cpu}, {os.cpu_count()} cores. Date: {time.strftime('%Y-%m-%dT%H:%M')}. "
+        f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%dT%H:%M')}. "
         f"Versions: {pkgs}. Run: `python benchmarks/end_to_end.py --out DIR --resolution 1`."
     )
 

@@ -98,7 +98,6 @@ import argparse
 import fnmatch
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -112,8 +111,11 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from benchenv import machine, versions
 from scipy import ndimage
 
+#: Packages whose versions the table states.
+VERSIONED = ("smoulder", "antspyx", "picsl_greedy", "fireants", "torch")
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = REPO.parent / "shared" / "data" / "open_ms" / "longitudinal"
 PATIENTS = ("patient01", "patient03")
@@ -1117,32 +1119,6 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
     return records
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    system = f"{platform.system()} {platform.release()}"
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {system}"
-
-
-def versions() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = []
-    for pkg in ("smoulder", "antspyx", "picsl_greedy", "fireants", "torch"):
-        try:
-            out.append(f"{pkg} {version(pkg)}")
-        except PackageNotFoundError:
-            out.append(f"{pkg} (not installed)")
-    return ", ".join(out)
-
-
 def fmt(value: object) -> str:
     if value is None:
         return ""
@@ -1161,7 +1137,7 @@ def write_outputs(args: argparse.Namespace, records: list[dict], notes: list[str
         "# smoulder registration benchmark",
         "",
         f"Machine: {machine()}. Date: {datetime.now().isoformat(timespec='minutes')}. "
-        f"Versions: {versions()}. Threads per method: {args.threads}. "
+        f"Versions: {versions(VERSIONED)}. Threads per method: {args.threads}. "
         f"Run: `python benchmarks/registration.py{' --quick' if args.quick else ''}`.",
         "",
         "Cases: `phantom-*` — T1w→T1w with a known smooth deformation (≤ 5 mm in the brain) "

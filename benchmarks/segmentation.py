@@ -70,7 +70,6 @@ import fnmatch
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -81,8 +80,10 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
+import benchenv
 import nibabel as nib
 import numpy as np
+from benchenv import machine
 from scipy import ndimage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -575,31 +576,9 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
     return records
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    system = f"{platform.system()} {platform.release()}"
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {system}"
-
-
 def versions() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = []
-    for pkg in ("smoulder", "torch", "monai"):
-        try:
-            out.append(f"{pkg} {version(pkg)}")
-        except PackageNotFoundError:
-            out.append(f"{pkg} (not installed)")
-    out.append(f"samseg {samseg_version() or '(not installed)'} ({RUN_SAMSEG.parents[1]})")
-    return ", ".join(out)
+    samseg = f"samseg {samseg_version() or '(not installed)'} ({RUN_SAMSEG.parents[1]})"
+    return f"{benchenv.versions(('smoulder', 'torch', 'monai'))}, {samseg}"
 
 
 def fmt(value: object) -> str:

@@ -90,6 +90,8 @@ def write_outputs(result: Any, out: Path, prefix: str, sources: list[str]) -> li
 
 def run_segment(args: argparse.Namespace) -> int:
     """Run ``smoulder segment``; return the exit status."""
+    import numpy as np
+
     from smoulder.images import load_image
     from smoulder.registration.engines import resolve_engine
     from smoulder.segmentation.inference import segment
@@ -100,8 +102,6 @@ def run_segment(args: argparse.Namespace) -> int:
     result = segment(flair, t1, device=device, model=args.model, min_lesion_ul=args.min_lesion_ul)
     sources = [str(args.flair)] + ([str(args.t1)] if args.t1 else [])
     files = write_outputs(result, args.out, args.prefix, sources)
-    import numpy as np
-
     n = int(np.asarray(result.instances.dataobj).max())
     print(
         f"segmented {args.flair.name} ({'FLAIR+T1' if t1 is not None else 'FLAIR only'}) "

@@ -27,16 +27,11 @@ import numpy as np
 from scipy import ndimage
 
 from smoulder.images import save_json, save_text
+from smoulder.segmentation.synth import CLASSES
 
-#: Labels of smoulder's tissue segmentation (``desc-tissue_dseg``): class name → integer label.
-TISSUE_LABELS: dict[str, int] = {
-    "background": 0,
-    "csf": 1,
-    "cortical_gm": 2,
-    "deep_gm": 3,
-    "wm": 4,
-    "lesion": 5,
-}
+#: Labels of smoulder's tissue segmentation (``_dseg``): class name (lower case) → label, e.g.
+#: ``background`` 0, ``csf`` 1, ``cortical_gm`` 2, ``deep_gm`` 3, ``wm`` 4, ``lesion`` 5.
+TISSUE_LABELS: dict[str, int] = {name.lower(): index for index, name in enumerate(CLASSES)}
 
 #: Lesion locations of :func:`lesion_table`, with their meaning (the ``Levels`` of the TSV).
 LOCATIONS: dict[str, str] = {

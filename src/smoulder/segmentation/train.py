@@ -13,7 +13,6 @@ iteration the run (re)started from: a run resumed at the same iterations is repr
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -32,7 +31,6 @@ from smoulder.segmentation.synth import (
     synth_sample,
 )
 
-LOG = logging.getLogger("smoulder.train")
 SHARED_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
 
 
