@@ -272,6 +272,9 @@ class _SegmentInputSpec(BaseInterfaceInputSpec):
     t1_file = File(exists=True, desc="T1w or UNIT1 resampled onto the FLAIR grid")
     model = traits.Str("", usedefault=True, desc="MONAI bundle folder; empty: the shipped one")
     min_lesion_ul = traits.Float(10.0, usedefault=True, desc="smallest lesion kept (µl)")
+    refine = traits.Bool(
+        True, usedefault=True, desc="fit the subject's intensities with the network as prior"
+    )
     device = traits.Enum("cpu", "cuda", usedefault=True, desc="where the network runs")
     use_gpu = traits.Bool(
         False, usedefault=True, desc="the step runs on the GPU (MultiProc counts it in n_gpu_procs)"
@@ -316,6 +319,7 @@ class Segment(SimpleInterface):
             device=self.inputs.device,
             model=self.inputs.model or None,
             min_lesion_ul=self.inputs.min_lesion_ul,
+            refine=self.inputs.refine,
         )
         sources = [self.inputs.flair_file] + ([self.inputs.t1_file] if t1 is not None else [])
         write_outputs(result, Path(runtime.cwd), "seg_", sources)

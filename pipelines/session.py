@@ -122,8 +122,8 @@ def init_session_wf(
         seed: registration seed.
         omp_nthreads: threads per registration on the CPU.
         volume_gb: size of one float32 reference volume, for the memory estimates.
-        segmentation: ``model`` (bundle folder, ``None``: shipped) and ``min_lesion_ul``; the
-            segmentation step is absent when this is ``None``.
+        segmentation: ``model`` (bundle folder, ``None``: shipped), ``min_lesion_ul`` and
+            ``refine``; the segmentation step is absent when this is ``None``.
         name: workflow name.
 
     Outputs (``outputnode``):
@@ -254,6 +254,7 @@ def _add_segmentation(
         Segment(
             model=str(settings.get("model") or ""),
             min_lesion_ul=float(settings.get("min_lesion_ul", 10.0)),
+            refine=bool(settings.get("refine", True)),
             device=device,
             use_gpu=use_gpu,
             num_threads=omp_nthreads,

@@ -200,6 +200,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"segmentation.enabled: expected true or false, found {seg['enabled']!r}")
     if seg["model"] is not None and not isinstance(seg["model"], str):
         raise ConfigError(f"segmentation.model: expected null or a folder, found {seg['model']!r}")
+    if not isinstance(seg.get("refine", True), bool):
+        raise ConfigError(f"segmentation.refine: expected true or false, found {seg['refine']!r}")
     value = seg["min_lesion_ul"]
     if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
         raise ConfigError(f"segmentation.min_lesion_ul: expected a number >= 0, found {value!r}")

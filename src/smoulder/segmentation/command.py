@@ -32,6 +32,12 @@ def segment_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--model", help="MONAI bundle folder (default: the shipped model)")
     p.add_argument("--min-lesion-ul", type=float, default=10.0, help="smallest lesion kept (µl)")
+    p.add_argument(
+        "--no-refine",
+        dest="refine",
+        action="store_false",
+        help="the raw network: no subject-specific intensity refinement",
+    )
     return p
 
 
@@ -99,7 +105,14 @@ def run_segment(args: argparse.Namespace) -> int:
     _, device = resolve_engine("auto", args.device)
     flair = load_image(args.flair)
     t1 = load_image(args.t1) if args.t1 else None
-    result = segment(flair, t1, device=device, model=args.model, min_lesion_ul=args.min_lesion_ul)
+    result = segment(
+        flair,
+        t1,
+        device=device,
+        model=args.model,
+        min_lesion_ul=args.min_lesion_ul,
+        refine=args.refine,
+    )
     sources = [str(args.flair)] + ([str(args.t1)] if args.t1 else [])
     files = write_outputs(result, args.out, args.prefix, sources)
     n = int(np.asarray(result.instances.dataobj).max())

@@ -25,6 +25,7 @@ from scipy import ndimage as ndi
 
 from smoulder.errors import InputError
 from smoulder.segmentation.network import Bundle, load_bundle
+from smoulder.segmentation.refine import brain_masks, em_refine, largest_component
 from smoulder.segmentation.synth import CLASSES, LESION, T1_FLAG, normalise
 
 #: Probability maps published (``_label-<name>_probseg``) and the classes each sums.
@@ -95,22 +96,6 @@ def head_box(flair: np.ndarray, margin: int = 6) -> tuple[slice, slice, slice]:
     )
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """Return the largest 6-connected component of ``mask`` (all False when it is empty).
-
-    Examples:
-        >>> m = np.zeros((8, 8, 8), bool); m[1:4, 1:4, 1:4] = True; m[6, 6, 6] = True
-        >>> int(largest_component(m).sum())
-        27
-    """
-    labels, n = ndi.label(mask)
-    if n == 0:
-        return np.zeros_like(mask, bool)
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(sizes.argmax())
-
-
 def _resample(
     data: np.ndarray, src_affine: np.ndarray, shape, dst_affine: np.ndarray, order: int = 1
 ) -> np.ndarray:
@@ -147,6 +132,7 @@ def segment(
     model: str | Path | None = None,
     bundle: Bundle | None = None,
     min_lesion_ul: float = 10.0,
+    refine: bool = True,
 ) -> SegmentationResult:
     """Return the segmentation of one session (see the module docstring).
 
@@ -157,6 +143,8 @@ def segment(
         model: a bundle folder or shipped bundle name (default: the shipped model).
         bundle: an already loaded bundle (overrides ``model``).
         min_lesion_ul: lesions smaller than this are dropped from the instances.
+        refine: clean the brain mask and fit the subject's own intensities with the network
+            as prior (:mod:`smoulder.segmentation.refine`); off gives the raw network.
 
     Raises:
         InputError: an image that is not 3D, has non-finite voxels or no signal; a bundle
@@ -165,7 +153,7 @@ def segment(
     import torch
     from monai.inferers import sliding_window_inference
 
-    from smoulder.segmentation.lesions import lesion_instances
+    from smoulder.segmentation.lesions import drop_outside_white_matter, lesion_instances
 
     start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -194,6 +182,12 @@ def segment(
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     timings["network_s"] = time.perf_counter() - tic
+    if refine:
+        tic = time.perf_counter()
+        _, intracranial = brain_masks(probs, spacing_mm=bundle.inference.spacing_mm)
+        images = [channels[0]] + ([channels[1]] if t1 is not None else [])
+        probs = em_refine(images, probs, intracranial)
+        timings["refine_s"] = time.perf_counter() - tic
     tic = time.perf_counter()
     out_shape = flair.shape[:3]
     back = np.stack([_resample(p, grid, out_shape, flair.affine) for p in probs])
@@ -206,8 +200,12 @@ def segment(
     dseg = back.argmax(0).astype(np.uint8)
     parenchyma = sum(back[CLASSES.index(c)] for c in PARENCHYMA)
     brain = (parenchyma >= 0.5).astype(np.uint8)
-    lesion_prob = back[LESION]
+    lesion_prob = drop_outside_white_matter(back[LESION], back[CLASSES.index("WM")])
     instances = lesion_instances(lesion_prob, flair.affine, min_volume_ul=min_lesion_ul)
+    # the class map agrees with the reported lesions: dropped candidates get their next class
+    dropped = (dseg == LESION) & (instances == 0)
+    if dropped.any():
+        dseg[dropped] = back[:LESION, dropped].argmax(0).astype(np.uint8)
     timings["finish_s"] = time.perf_counter() - tic
 
     def image(data: np.ndarray, dtype: type) -> nib.Nifti1Image:

@@ -157,6 +157,52 @@ def lesion_instances(
     return _renumber_by_world_position(out, affine)
 
 
+def drop_outside_white_matter(
+    prob: np.ndarray,
+    wm_prob: np.ndarray,
+    *,
+    threshold: float = 0.5,
+    min_wm: float = 0.2,
+    ring_voxels: int = 2,
+) -> np.ndarray:
+    """Return ``prob`` with candidate lesions that do not touch white matter set to 0.
+
+    MS white-matter lesions lie in or against the white matter (juxtacortical ones touch
+    it too). A candidate (26-connected group of ``prob >= threshold``) whose surrounding
+    shell of ``ring_voxels`` has a mean white-matter probability under ``min_wm`` is enclosed
+    by cortex or CSF: a bright sulcus, vessel or choroid plexus, not a white-matter lesion.
+
+    Args:
+        prob: 3D lesion probability.
+        wm_prob: 3D white-matter probability on the same grid.
+        threshold: lesion threshold (as :func:`lesion_instances`).
+        min_wm: smallest mean white-matter probability of the shell.
+        ring_voxels: shell thickness, voxels.
+
+    Examples:
+        >>> p = np.zeros((30, 10, 10), np.float32); wm = np.zeros_like(p); wm[:15] = 1.0
+        >>> p[5:8, 4:7, 4:7] = 0.75; p[20:23, 4:7, 4:7] = 0.75  # one in WM, one in cortex
+        >>> out = drop_outside_white_matter(p, wm)
+        >>> float(out[6, 5, 5]), float(out[21, 5, 5])
+        (0.75, 0.0)
+    """
+    prob = _checked_volume(prob, "prob")
+    wm_prob = _checked_volume(wm_prob, "wm_prob")
+    if wm_prob.shape != prob.shape:
+        raise ValueError(f"wm_prob: expected shape {prob.shape}, found {wm_prob.shape}")
+    components, _ = ndimage.label(prob >= threshold, structure=_FULL)
+    out = prob.copy()
+    for index, box in enumerate(ndimage.find_objects(components), start=1):
+        if box is None:
+            continue
+        big = _padded(box, ring_voxels, prob.shape)
+        component = components[big] == index
+        shell = ndimage.binary_dilation(component, _FULL, iterations=ring_voxels) & ~component
+        if shell.any() and float(wm_prob[big][shell].mean()) < min_wm:
+            out[big][component] = 0.0
+    return out
+
+
 def lesion_table(
     instances: np.ndarray,
     affine: np.ndarray,

@@ -73,7 +73,9 @@ class ContrastPrior:
     lesion_over_wm: tuple[float, float]  # lesion mean = WM mean × this
 
 
-FLAIR_PRIOR = ContrastPrior((0.02, 0.2), (0.5, 0.75), (0.4, 0.65), (0.35, 0.55), (1.35, 2.2))
+#: FLAIR: grey matter from as dark as white matter (weak contrast, as on some scanners and the
+#: phantom) to much brighter; lesions above the brightest parenchyma (see ``_class_means``).
+FLAIR_PRIOR = ContrastPrior((0.02, 0.2), (0.4, 0.75), (0.35, 0.65), (0.3, 0.6), (1.3, 2.2))
 T1_PRIOR = ContrastPrior((0.02, 0.25), (0.35, 0.55), (0.45, 0.65), (0.65, 0.9), (0.4, 0.9))
 
 
@@ -166,13 +168,27 @@ def load_label_maps(folder: str | Path) -> list[LabelMap]:
     return maps
 
 
-def load_lesion_shapes(folder: str | Path, *, min_voxels: int = 5) -> list[np.ndarray]:
+#: Real cases the segmentation is evaluated on (benchmarks/segmentation.py): their lesion masks
+#: are left out of the shape bank, so no figure on them comes from a model that saw them.
+HELD_OUT_CASES: tuple[str, ...] = ("patient07", "patient19")
+
+
+def load_lesion_shapes(
+    folder: str | Path, *, min_voxels: int = 5, exclude: Sequence[str] = HELD_OUT_CASES
+) -> list[np.ndarray]:
     """Return every lesion (26-connected component) of the masks in ``folder`` as a small box.
+
+    Args:
+        folder: lesion masks (``*.nii.gz``).
+        min_voxels: smaller components are skipped.
+        exclude: masks whose file name starts with one of these are skipped (held-out cases).
 
     Raises:
         FileNotFoundError: no ``*.nii.gz`` mask in ``folder``.
     """
-    paths = sorted(Path(folder).glob("*.nii.gz"))
+    paths = sorted(
+        p for p in Path(folder).glob("*.nii.gz") if not p.name.startswith(tuple(exclude))
+    )
     if not paths:
         raise FileNotFoundError(f"{folder}: expected lesion masks (*.nii.gz), found none")
     shapes = []
@@ -275,6 +291,8 @@ def _class_means(
     }
     centre = {c: rng.uniform(*r) for c, r in ranges.items()}
     centre[LESION] = centre[4] * rng.uniform(*prior.lesion_over_wm)
+    if prior.lesion_over_wm[0] > 1.0:  # hyperintense lesions stand out from grey matter too
+        centre[LESION] = max(centre[LESION], max(centre[2], centre[3]) * rng.uniform(1.1, 1.5))
     for label in labels:
         c = int(lut[label])
         if c == 0:
@@ -300,7 +318,7 @@ def _paint(
         for label in present:
             if lut[label] == 0:
                 means[int(label)] = 0.0
-    stds = {k: rng.uniform(0.0, 0.04) for k in means}
+    stds = {k: rng.uniform(0.0, 0.07) for k in means}
     mean_lut = np.zeros(int(present.max()) + 1, np.float32)
     std_lut = np.zeros_like(mean_lut)
     for k, v in means.items():
