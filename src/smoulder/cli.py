@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-TOOLS = ("phantom", "validate", "demo", "register", "segment", "train")
+TOOLS = ("phantom", "validate", "demo", "register", "segment", "train", "report", "review")
 LOG = logging.getLogger("smoulder.run")
 
 USAGE = """\
@@ -25,6 +25,8 @@ smoulder BIDS_DIR OUTPUT_DIR {participant,group} [options]
        smoulder register FIXED MOVING -o OUT_DIR [options]
        smoulder segment FLAIR [--t1 T1] -o OUT_DIR [options]
        smoulder train segmentation RUN_DIR [options]
+       smoulder report OUTPUT_DIR [--participant-label ...]
+       smoulder review OUTPUT_DIR [--host 127.0.0.1] [--port 8765]
        smoulder demo [OUTPUT_DIR]"""
 
 DESCRIPTION = """\
@@ -37,6 +39,8 @@ tools:
   register  register two images, or move two sessions half way (ITK/ANTs transforms)
   segment   brain mask, tissue classes and numbered lesions of one FLAIR (+T1w)
   train     train the segmentation network on synthetic images (resumable)
+  report    rebuild the per-subject QA reports and the cohort index from the outputs
+  review    serve the reports on this machine; raters' decisions go to a TSV per subject
   demo      generate a small phantom and run the pipeline on it
 """
 
@@ -115,6 +119,11 @@ def bids_app_parser() -> argparse.ArgumentParser:
         "(default, fast, cpu, slurm); command-line values win",
     )
     p.add_argument("--fast", action="store_true", help="lower-cost preset for tests and previews")
+    p.add_argument(
+        "--reports-only",
+        action="store_true",
+        help="only rebuild the QA reports (sub-X.html, index.html) from existing outputs",
+    )
     p.add_argument(
         "--skip-data-check",
         action="store_true",
@@ -230,6 +239,12 @@ def main(argv: list[str] | None = None) -> int:
                 from smoulder.segmentation import command as seg
 
                 return seg.run_segment(seg.segment_parser().parse_args(rest))
+            if tool in ("report", "review"):
+                from smoulder.report import command as rep
+
+                if tool == "report":
+                    return rep.run_report(rep.report_parser().parse_args(rest))
+                return rep.run_review(rep.review_parser().parse_args(rest))
             if tool == "train":
                 from smoulder.segmentation import command as seg
 
@@ -328,6 +343,12 @@ def run_participant(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {"execution": execution}
     if args.skip_data_check:
         overrides["inputs"] = {"read_data": False}
+    if args.reports_only:
+        from smoulder.report.command import build_reports
+
+        for page in build_reports(args.output_dir, _labels(args.participant_label, "sub-")):
+            print(f"report: {page}")
+        return 0
     cfg = cfgmod.resolve(config_file=args.config, fast=args.fast, overrides=overrides)
     writer = DerivativesWriter(args.output_dir, raw_dir=args.bids_dir)
     work_dir = Path(args.work_dir or args.output_dir / "work").absolute()
@@ -348,10 +369,23 @@ def run_participant(args: argparse.Namespace) -> int:
         writer.save_description()
         inputs_page = writer.save_inputs_report(records)
         failed_nodes = _process(args, cfg, writer, checked, work_dir, argv)
+        _build_reports(args.output_dir, _labels(args.participant_label, "sub-"))
     print(f"outputs: {writer.root}")
     print(f"report:  {writer.root / 'report.html'} (inputs: {inputs_page})")
     input_errors = [s for s in checked if s.errors]
     return 1 if input_errors or failed_nodes else 0
+
+
+def _build_reports(output_dir: Path, participants: list[str] | None) -> None:
+    """Build the QA reports; a failure is logged and does not fail the run (outputs stand)."""
+    from smoulder.report.command import build_reports
+
+    try:
+        pages = build_reports(output_dir, participants)
+        print(f"QA reports: {', '.join(p.name for p in pages)}")
+    except Exception:  # noqa: BLE001 - the run's outputs are complete; the report can be rebuilt
+        LOG.exception("building the QA reports failed; rerun 'smoulder report %s'", output_dir)
+        print(f"warning: QA reports not built; see the log, then 'smoulder report {output_dir}'")
 
 
 @contextmanager

@@ -1,0 +1,642 @@
+"""One subject's report, ``sub-<label>.html``, built from the derivatives alone.
+
+What it reads (all written by ``smoulder BIDS OUT participant``): the per-session anat
+derivatives (preprocessed FLAIR, the other modalities on the FLAIR grid, class map, lesion
+instances and their table), the session-to-session transforms, the subject's inputs table, the
+latest provenance record and the raw dataset's ``sessions.tsv`` (linked from
+``dataset_description.json``) for the session dates. Nothing is recomputed but pictures and
+volumes, so ``smoulder report OUT`` rebuilds it at any time.
+
+Lesions are those of the reference (first) session; their volume in a later session is the
+volume of that session's lesions mapped onto the reference grid through the longitudinal
+transform, inside the reference lesion (0 µl: gone or not yet matched).
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any, cast
+
+import nibabel as nib
+import numpy as np
+
+from smoulder import __version__
+from smoulder.images import save_text
+from smoulder.report import render
+from smoulder.report.review import read_review, review_path
+
+#: Half-size of the lesion-centred crops, mm.
+CROP_HALF_MM = 16.0
+#: Pixels a crop is drawn at (about), per side.
+CROP_PX = 132
+#: QSM window (ppm), stated on every card.
+QSM_WINDOW_PPM = 0.15
+#: dseg class names (``_dseg.tsv``) that make up each volume.
+VOLUME_CLASSES = {
+    "brain": ("cortical_GM", "deep_GM", "WM", "lesion"),
+    "GM": ("cortical_GM", "deep_GM"),
+    "WM": ("WM", "lesion"),
+    "lesion": ("lesion",),
+}
+
+
+@dataclass
+class SessionData:
+    """What the report uses of one session."""
+
+    label: str
+    anat: Path
+    prefix: str
+    when: datetime | None = None
+    volumes_ml: dict[str, float] = field(default_factory=dict)
+    lesions: list[dict[str, str]] = field(default_factory=list)
+
+    def file(self, suffix: str) -> Path | None:
+        """Return ``<prefix>_<suffix>`` in the session's anat folder if it exists."""
+        path = self.anat / f"{self.prefix}_{suffix}"
+        return path if path.exists() else None
+
+
+def _nii(path: Path) -> nib.Nifti1Image:
+    """Return the NIfTI image at ``path`` (typed for mypy; nibabel returns a generic image)."""
+    return cast(nib.Nifti1Image, nib.load(path))
+
+
+def _tsv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle, delimiter="\t"))
+
+
+def _session_dates(root: Path, subject: str) -> dict[str, datetime]:
+    """Return ``{session: acquisition time}`` from the raw dataset's ``sessions.tsv``."""
+    desc = root / "dataset_description.json"
+    raw = None
+    if desc.exists():
+        links = json.loads(desc.read_text()).get("DatasetLinks", {})
+        raw = links.get("raw")
+    if not raw:
+        return {}
+    raw_path = Path(str(raw).removeprefix("file://"))
+    table = raw_path / subject / f"{subject}_sessions.tsv"
+    if not table.exists():
+        return {}
+    out = {}
+    for row in _tsv(table):
+        try:
+            out[row["session_id"]] = datetime.fromisoformat(row.get("acq_time", ""))
+        except ValueError:
+            continue
+    return out
+
+
+def _volumes_ml(dseg_path: Path) -> dict[str, float]:
+    img = _nii(dseg_path)
+    data = np.asarray(img.dataobj)
+    names = {
+        r["name"]: int(r["index"]) for r in _tsv(dseg_path.with_suffix("").with_suffix(".tsv"))
+    }
+    voxel_ml = float(abs(np.linalg.det(img.affine[:3, :3]))) / 1000.0
+    counts = np.bincount(data.ravel().astype(np.int64), minlength=max(names.values()) + 1)
+    return {
+        key: round(float(sum(counts[names[c]] for c in parts if c in names)) * voxel_ml, 3)
+        for key, parts in VOLUME_CLASSES.items()
+    }
+
+
+def collect_sessions(root: Path, subject: str) -> list[SessionData]:
+    """Return the subject's sessions that have segmentation outputs, in session order."""
+    dates = _session_dates(root, subject)
+    sessions = []
+    for ses_dir in sorted((root / subject).glob("ses-*")):
+        anat = ses_dir / "anat"
+        ses = SessionData(ses_dir.name, anat, f"{subject}_{ses_dir.name}", dates.get(ses_dir.name))
+        dseg = ses.file("dseg.nii.gz")
+        if dseg is None:
+            continue
+        ses.volumes_ml = _volumes_ml(dseg)
+        stats = ses.file("desc-lesions_stats.tsv")
+        ses.lesions = _tsv(stats) if stats else []
+        sessions.append(ses)
+    return sessions
+
+
+def years_since_first(sessions: list[SessionData]) -> list[float | None]:
+    """Return each session's time after the first, in years (None without dates)."""
+    if not sessions or any(s.when is None for s in sessions):
+        return [None] * len(sessions)
+    first = sessions[0].when
+    return [(s.when - first).total_seconds() / (365.25 * 86400) for s in sessions]  # type: ignore[operator]
+
+
+def annual_rate_percent(years: list[float | None], values: list[float]) -> float | None:
+    """Return the least-squares slope of ``values`` over ``years`` in % of the first per year.
+
+    Examples:
+        >>> round(annual_rate_percent([0.0, 1.0, 2.0], [100.0, 99.0, 98.0]), 3)
+        -1.0
+        >>> annual_rate_percent([None, None], [1.0, 2.0]) is None
+        True
+    """
+    if len(values) < 2 or any(y is None for y in years) or not values[0]:
+        return None
+    t = np.array(years, float)
+    if np.ptp(t) <= 0:
+        return None
+    slope = float(np.polyfit(t, np.array(values, float), 1)[0])
+    return 100.0 * slope / values[0]
+
+
+def _mapped_instances(
+    ref: SessionData, later: SessionData, ref_img: nib.Nifti1Image
+) -> np.ndarray | None:
+    """Return ``later``'s lesion instances on the reference grid, or None without a transform."""
+    from smoulder.registration.transforms import load_transform, resample
+
+    xfm = later.file(
+        f"from-{later.label.replace('-', '')}_to-{ref.label.replace('-', '')}_mode-image_xfm.nii.gz"
+    )
+    inst = later.file("desc-lesions_dseg.nii.gz")
+    if xfm is None or inst is None:
+        return None
+    moved = resample(_nii(inst), ref_img, load_transform(xfm), interpolation="nearest")
+    return np.asarray(moved.dataobj)
+
+
+def lesion_volumes_by_session(sessions: list[SessionData]) -> dict[int, list[float | None]]:
+    """Return ``{reference lesion id: [volume µl per session]}`` (None: session not mapped)."""
+    ref = sessions[0]
+    ref_path = ref.file("desc-lesions_dseg.nii.gz")
+    if ref_path is None:
+        return {}
+    ref_img = _nii(ref_path)
+    ref_inst = np.asarray(ref_img.dataobj).astype(np.int64)
+    voxel_ul = float(abs(np.linalg.det(ref_img.affine[:3, :3])))
+    n = int(ref_inst.max())
+    out: dict[int, list[float | None]] = {
+        i: [float(c) * voxel_ul]
+        for i, c in enumerate(np.bincount(ref_inst.ravel(), minlength=n + 1))
+        if i > 0
+    }
+    for later in sessions[1:]:
+        mapped = _mapped_instances(ref, later, ref_img)
+        if mapped is None:
+            for values in out.values():
+                values.append(None)
+            continue
+        counts = np.bincount(ref_inst[mapped > 0], minlength=n + 1)
+        for i, values in out.items():
+            values.append(float(counts[i]) * voxel_ul)
+    return out
+
+
+# ------------------------------------------------------------------------------------ pictures
+
+
+def _load(path: Path | None) -> tuple[np.ndarray, np.ndarray] | None:
+    return None if path is None else render.canonical(_nii(path))
+
+
+def _susceptibility(ses: SessionData) -> tuple[Path | None, str, render.Window | None]:
+    """Return the susceptibility picture source, its name and fixed window (if any)."""
+    chi = ses.file("space-FLAIR_Chimap.nii.gz")
+    if chi is not None:
+        w = render.Window(-QSM_WINDOW_PPM, QSM_WINDOW_PPM, f"QSM ±{QSM_WINDOW_PPM:g} ppm")
+        return chi, "QSM", w
+    mag = ses.file("echo-1_part-mag_space-FLAIR_desc-preproc_MEGRE.nii.gz")
+    return mag, "GRE magnitude (echo 1; no QSM yet)", None
+
+
+def lesion_pictures(ses: SessionData, max_lesions: int | None = None) -> dict[int, dict[str, Any]]:
+    """Return, per lesion of ``ses``, its crops: ``{id: {modality: {gray, contour, window}}}``."""
+    inst = _load(ses.file("desc-lesions_dseg.nii.gz"))
+    if inst is None:
+        return {}
+    labels, affine = inst
+    labels = labels.astype(np.int64)
+    t1 = ses.file("space-FLAIR_desc-preproc_T1w.nii.gz") or ses.file(
+        "space-FLAIR_desc-preproc_UNIT1.nii.gz"
+    )
+    t1_name = "T1w" if t1 and "T1w" in t1.name else "UNIT1"
+    chi_path, chi_name, chi_window = _susceptibility(ses)
+    sources = [
+        ("FLAIR", ses.file("desc-preproc_FLAIR.nii.gz"), None),
+        (t1_name, t1, None),
+        (chi_name, chi_path, chi_window),
+    ]
+    brain = labels >= 0
+    volumes = {}
+    for name, path, window in sources:
+        loaded = _load(path)
+        if loaded is None:
+            continue
+        data = loaded[0]
+        if data.shape != labels.shape:
+            continue
+        volumes[name] = (
+            data,
+            window or render.percentile_window(data, data > 0 if brain.any() else None),
+        )
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    half = [max(3, int(round(CROP_HALF_MM / s))) for s in spacing]
+    scale = max(1, CROP_PX // (2 * max(half) + 1))
+    centres = {i: c for i, c in enumerate(_centres(labels), start=0) if i > 0 and c is not None}
+    out: dict[int, dict[str, Any]] = {}
+    for lid, centre in list(centres.items())[:max_lesions]:
+        mask_planes = render.planes((labels == lid).astype(np.float32), centre, half)
+        other_planes = render.planes(
+            ((labels > 0) & (labels != lid)).astype(np.float32), centre, half
+        )
+        cards: dict[str, Any] = {}
+        for name, (data, window) in volumes.items():
+            grays = [render.to_gray(p, window) for p in render.planes(data, centre, half)]
+            plain = [render.compose(g, []) for g in grays]
+            lined = [
+                render.compose(
+                    g,
+                    [
+                        (render.contour(o > 0.5), render.YELLOW),
+                        (render.contour(m > 0.5), render.RED),
+                    ],
+                )
+                for g, m, o in zip(grays, mask_planes, other_planes, strict=True)
+            ]
+            cards[name] = {
+                "gray": render.png_uri(_strip(plain), scale),
+                "contour": render.png_uri(_strip(lined), scale),
+                "window": f"{window.label}: {window.low:.4g} to {window.high:.4g}",
+            }
+        out[lid] = cards
+    return out
+
+
+def _centres(labels: np.ndarray) -> list[tuple[int, int, int] | None]:
+    """Return the voxel of each label nearest its centroid that belongs to it (index = label)."""
+    from scipy import ndimage as ndi
+
+    n = int(labels.max())
+    out: list[tuple[int, int, int] | None] = [None] * (n + 1)
+    for i, box in enumerate(ndi.find_objects(labels), start=1):
+        if box is None:
+            continue
+        idx = np.argwhere(labels[box] == i) + [b.start for b in box]
+        mean = idx.mean(0)
+        out[i] = tuple(int(v) for v in idx[np.argmin(((idx - mean) ** 2).sum(1))])  # type: ignore[assignment]
+    return out
+
+
+def _strip(pictures: list[np.ndarray]) -> np.ndarray:
+    """Return pictures side by side (padded to the tallest), 2 px apart."""
+    h = max(p.shape[0] for p in pictures)
+    padded = [np.pad(p, ((0, h - p.shape[0]), (0, 2), (0, 0))) for p in pictures]
+    return np.concatenate(padded, axis=1)
+
+
+def segmentation_mosaic(ses: SessionData, n: int = 8) -> str | None:
+    """Return a FLAIR mosaic with lesion (red), GM (yellow) and WM (cyan) contours."""
+    flair = _load(ses.file("desc-preproc_FLAIR.nii.gz"))
+    dseg = _load(ses.file("dseg.nii.gz"))
+    if flair is None or dseg is None or flair[0].shape != dseg[0].shape:
+        return None
+    data, labels = flair[0], dseg[0].astype(np.int64)
+    window = render.percentile_window(data, labels > 0)
+    tiles = []
+    for z in render.mosaic_slices(labels > 0, n):
+        gray = render.to_gray(render.display(data[:, :, z]), window)
+        lab = render.display(labels[:, :, z])
+        tiles.append(
+            render.compose(
+                gray,
+                [
+                    (render.contour(np.isin(lab, (2, 3))), render.YELLOW),
+                    (render.contour(lab == 4), render.CYAN),
+                    (render.contour(lab == 5), render.RED),
+                ],
+            )
+        )
+    return render.png_uri(render.tile(tiles, 4), 2)
+
+
+def edge_mosaic(
+    reference: np.ndarray, moving: np.ndarray, brain: np.ndarray | None = None, n: int = 4
+) -> str:
+    """Return slices of ``reference`` with the edges of ``moving`` (same grid) in magenta,
+    edges taken inside the (dilated) ``brain`` mask when given."""
+    from scipy import ndimage as ndi
+
+    region = (
+        ndi.binary_dilation(brain, iterations=3)
+        if brain is not None and brain.any()
+        else reference > np.percentile(reference, 60)
+    )
+    window = render.percentile_window(reference, region)
+    smooth = ndi.gaussian_filter(moving, 0.7)
+    tiles = []
+    for z in render.mosaic_slices(region, n):
+        gray = render.to_gray(render.display(reference[:, :, z]), window)
+        plane = render.display(np.where(region[:, :, z], smooth[:, :, z], 0.0))
+        tiles.append(render.compose(gray, [(render.edges(plane), render.MAGENTA)]))
+    return render.png_uri(render.tile(tiles, n), 2)
+
+
+def registration_checks(sessions: list[SessionData]) -> list[tuple[str, str]]:
+    """Return ``(caption, picture)`` pairs: each modality on its session's FLAIR, and each
+    later session's FLAIR (mapped through the longitudinal transform) on the first's."""
+    from smoulder.registration.transforms import load_transform, resample
+
+    out = []
+    for ses in sessions:
+        flair_path = ses.file("desc-preproc_FLAIR.nii.gz")
+        if flair_path is None:
+            continue
+        flair = render.canonical(_nii(flair_path))[0]
+        mask_path = ses.file("desc-brain_mask.nii.gz")
+        brain = render.canonical(_nii(mask_path))[0] > 0 if mask_path else None
+        for name in ("T1w", "UNIT1"):
+            path = ses.file(f"space-FLAIR_desc-preproc_{name}.nii.gz")
+            if path is not None:
+                out.append(
+                    (
+                        f"{ses.label}: {name} edges on FLAIR",
+                        edge_mosaic(flair, render.canonical(_nii(path))[0], brain),
+                    )
+                )
+        gre = ses.file("echo-1_part-mag_space-FLAIR_desc-preproc_MEGRE.nii.gz")
+        if gre is not None:
+            out.append(
+                (
+                    f"{ses.label}: GRE edges on FLAIR",
+                    edge_mosaic(flair, render.canonical(_nii(gre))[0], brain),
+                )
+            )
+    if not sessions:
+        return out
+    ref = sessions[0]
+    ref_path = ref.file("desc-preproc_FLAIR.nii.gz")
+    for later in sessions[1:]:
+        xfm = later.file(
+            f"from-{later.label.replace('-', '')}_to-{ref.label.replace('-', '')}_mode-image_xfm.nii.gz"
+        )
+        later_flair = later.file("desc-preproc_FLAIR.nii.gz")
+        if ref_path is None or xfm is None or later_flair is None:
+            continue
+        ref_img = _nii(ref_path)
+        ref_mask = ref.file("desc-brain_mask.nii.gz")
+        ref_brain = render.canonical(_nii(ref_mask))[0] > 0 if ref_mask else None
+        moved = resample(_nii(later_flair), ref_img, load_transform(xfm))
+        out.append(
+            (
+                f"{later.label} FLAIR edges on {ref.label} FLAIR (longitudinal transform)",
+                edge_mosaic(render.canonical(ref_img)[0], render.canonical(moved)[0], ref_brain),
+            )
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------- the page
+
+
+def _static(name: str) -> str:
+    return resources.files("smoulder.report").joinpath("static", name).read_text(encoding="utf-8")
+
+
+def _json_for_script(obj: Any) -> str:
+    """Return JSON safe inside ``<script type="application/json">`` (no ``</`` breakout)."""
+    return json.dumps(obj).replace("</", "<\\/").replace("<!--", "<\\!--")
+
+
+def _latest_provenance(root: Path) -> dict[str, Any]:
+    runs = sorted((root / "logs").glob("provenance-*.json"), key=lambda p: p.stat().st_mtime)
+    return json.loads(runs[-1].read_text()) if runs else {}
+
+
+def _versions(root: Path, sessions: list[SessionData]) -> list[tuple[str, str]]:
+    out = [("smoulder (this report)", __version__)]
+    desc = root / "dataset_description.json"
+    if desc.exists():
+        for gen in json.loads(desc.read_text()).get("GeneratedBy", []):
+            out.append((f"{gen.get('Name', '?')} (run)", str(gen.get("Version", "?"))))
+    for ses in sessions[:1]:
+        side = ses.file("dseg.json")
+        if side:
+            meta = json.loads(side.read_text())
+            for key in ("ModelVersion", "Model"):
+                if key in meta:
+                    out.append((f"segmentation {key}", str(meta[key])))
+    return out
+
+
+def _e(value: Any) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def build_subject_report(root: str | Path, subject: str, *, max_lesions: int | None = None) -> Path:
+    """Write ``ROOT/sub-<label>.html`` from the derivatives in ``root``; return its path."""
+    root = Path(root)
+    sessions = collect_sessions(root, subject)
+    years = years_since_first(sessions)
+    inputs = root / subject / f"{subject}_inputs.tsv"
+    input_rows = _tsv(inputs) if inputs.exists() else []
+    prov = _latest_provenance(root)
+    warnings = [f for f in prov.get("failures", []) if subject in f]
+    status_rows = [r for r in prov.get("summary", []) if r.get("subject") == subject]
+
+    parts: list[str] = []
+    parts.append(f"<h1>{_e(subject)}</h1>")
+    parts.append('<section id="summary"><h2>Summary</h2>')
+    parts.append("<table><tr><th>session</th><th>found</th><th>analyses</th><th>errors</th></tr>")
+    for row in input_rows:
+        parts.append(
+            f"<tr><td>{_e(row.get('session_id'))}</td><td>{_e(row.get('found'))}</td>"
+            f"<td>{_e(row.get('analyses'))}</td><td>{_e(row.get('errors'))}</td></tr>"
+        )
+    parts.append("</table><table><tr><th>session</th><th>steps</th><th>status</th></tr>")
+    for row in status_rows:
+        parts.append(
+            f"<tr><td>{_e(row.get('session'))}</td><td>{_e(row.get('steps'))}</td><td>{_e(row.get('status'))}</td></tr>"
+        )
+    parts.append("</table><h3>Versions</h3><ul>")
+    parts.extend(f"<li>{_e(k)}: {_e(v)}</li>" for k, v in _versions(root, sessions))
+    parts.append("</ul><h3>Warnings and crashes</h3>")
+    parts.append(
+        "<ul class='warnings'>" + "".join(f"<li>{_e(w)}</li>" for w in warnings) + "</ul>"
+        if warnings
+        else "<p>None in the latest run.</p>"
+    )
+    parts.append("</section>")
+
+    parts.append('<section id="registration"><h2>Registration checks</h2>')
+    for caption, uri in registration_checks(sessions):
+        parts.append(
+            f'<figure><img src="{uri}" alt="{_e(caption)}"><figcaption>{_e(caption)}</figcaption></figure>'
+        )
+    parts.append(
+        "<p class='note'>Edges (magenta) of each image drawn on the reference FLAIR. "
+        "The halfway space is not published yet: later sessions are shown on the first.</p></section>"
+    )
+
+    parts.append('<section id="segmentation"><h2>Segmentation</h2>')
+    for ses in sessions:
+        mosaic = segmentation_mosaic(ses)
+        if mosaic:
+            parts.append(
+                f'<figure><img src="{mosaic}" alt="segmentation {_e(ses.label)}"><figcaption>{_e(ses.label)}: '
+                "lesions red, GM yellow, WM cyan contours on FLAIR</figcaption></figure>"
+            )
+    parts.append("</section>")
+
+    parts.append('<section id="atrophy"><h2>Atrophy and cord</h2>')
+    parts.append(
+        "<table><tr><th>measure</th>"
+        + "".join(f"<th>{_e(s.label)}</th>" for s in sessions)
+        + "<th>rate %/year</th><th>trend</th></tr>"
+    )
+    for key in ("brain", "GM", "WM", "lesion"):
+        values = [s.volumes_ml.get(key, 0.0) for s in sessions]
+        rate = annual_rate_percent(years, values)
+        svg = render.trajectory_svg([y or float(i) for i, y in enumerate(years)], values, unit="ml")
+        parts.append(
+            f"<tr><td>{_e(key)} volume (ml)</td>"
+            + "".join(f"<td>{v:.1f}</td>" for v in values)
+            + f"<td>{'n/a' if rate is None else f'{rate:+.2f}'}</td><td>{svg}</td></tr>"
+        )
+    parts.append(
+        "</table><p class='note'>Volumes from each session's class map (lesion-filled "
+        "segmentation). Spinal cord area: not measured by this version.</p></section>"
+    )
+
+    ref = sessions[0] if sessions else None
+    by_session = lesion_volumes_by_session(sessions) if sessions else {}
+    pictures = lesion_pictures(ref, max_lesions) if ref else {}
+    table = {int(r["index"]): r for r in (ref.lesions if ref else [])}
+    saved = read_review(review_path(root / subject, subject))
+    lesions: list[dict[str, Any]] = []
+    for lid in sorted(pictures):
+        row = table.get(lid, {})
+        prob = row.get("mean_probability")
+        lesions.append(
+            {
+                "id": lid,
+                "location": row.get("location", "n/a"),
+                "probability": float(prob) if prob not in (None, "", "n/a") else None,
+                "volume_ul": float(row.get("volume_ul", "nan") or "nan"),
+                "volumes": by_session.get(lid, []),
+                "images": pictures[lid],
+            }
+        )
+    times = [y if y is not None else float(i) for i, y in enumerate(years)]
+    parts.append(
+        f'<section id="lesions"><h2>Lesions ({len(lesions)}, reference {_e(ref.label if ref else "n/a")})</h2>'
+    )
+    parts.append(
+        '<div class="toolbar"><label>Rater <input id="rater" autocomplete="off" placeholder="your ID"></label> '
+        '<label>Show <select id="filter"><option value="all">all</option><option value="unrated">unrated</option>'
+        '<option value="rim">rim candidates</option><option value="sel">SEL</option></select></label> '
+        '<label>Sort <select id="sort"><option value="id">ID</option><option value="probability">probability</option>'
+        '<option value="volume">volume</option></select></label> '
+        '<label><input type="checkbox" id="contours" checked> contours (c)</label> '
+        '<button id="export">Export TSV</button> <label class="import">Import TSV <input type="file" id="import" accept=".tsv,text/tab-separated-values"></label> '
+        '<span id="status" role="status"></span></div>'
+        "<p class='note'>Keys: j/k next/previous, y/n lesion, 1/2/3 rim definite/probable/none, "
+        "s SEL yes, x SEL no, e note, c contours. Windows are stated on each image.</p>"
+    )
+    parts.append('<div id="cards">')
+    for les in lesions:
+        lid = int(les["id"])
+        vols = ", ".join(
+            f"{_e(s.label)}: {'n/a' if v is None else f'{v:.0f} µl'}"
+            for s, v in zip(sessions, list(les["volumes"]), strict=False)
+        )
+        svg = render.trajectory_svg(times[: len(les["volumes"])], les["volumes"], unit="µl")
+        imgs = "".join(
+            f'<figure class="crop"><img data-lesion="{lid}" data-modality="{_e(name)}" alt="{_e(name)} lesion {lid}">'
+            f"<figcaption>{_e(name)} — {_e(info['window'])}</figcaption></figure>"
+            for name, info in les["images"].items()
+        )
+        prob = "n/a" if les["probability"] is None else f"{les['probability']:.2f}"
+        parts.append(
+            f'<article class="card" tabindex="0" data-lesion-id="{lid}" data-probability="{prob}" '
+            f'data-volume="{les["volume_ul"]:.1f}">'
+            f"<header><b>Lesion {lid}</b> · {_e(les['location'])} · {les['volume_ul']:.0f} µl · "
+            f"probability {prob} · rim probability: not measured · SEL: not measured</header>"
+            f'<div class="crops">{imgs}</div><div class="meta">Volume per session: {vols} {svg}</div>'
+            '<div class="review">'
+            f'<fieldset><legend>Lesion</legend><label><input type="radio" name="lesion-{lid}" value="yes">yes</label>'
+            f'<label><input type="radio" name="lesion-{lid}" value="no">no</label></fieldset>'
+            f'<fieldset><legend>Rim</legend><label><input type="radio" name="rim-{lid}" value="definite">definite</label>'
+            f'<label><input type="radio" name="rim-{lid}" value="probable">probable</label>'
+            f'<label><input type="radio" name="rim-{lid}" value="none">none</label></fieldset>'
+            f'<fieldset><legend>SEL</legend><label><input type="radio" name="sel-{lid}" value="yes">yes</label>'
+            f'<label><input type="radio" name="sel-{lid}" value="no">no</label></fieldset>'
+            f'<label class="notelabel">Note <input class="note" name="note-{lid}" maxlength="2000"></label>'
+            "</div></article>"
+        )
+    parts.append("</div></section>")
+    images = {str(le["id"]): le["images"] for le in lesions}
+    data = {"subject": subject, "review": saved, "version": __version__}
+    page = (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>{_e(subject)} — smoulder report</title>"
+        "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; img-src data:; "
+        "style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'\">"
+        f"<style>{_static('report.css')}</style></head><body>"
+        + "".join(parts)
+        + f'<script type="application/json" id="report-data">{_json_for_script(data)}</script>'
+        + f'<script type="application/json" id="lesion-images">{_json_for_script(images)}</script>'
+        + f"<script>{_static('report.js')}</script></body></html>"
+    )
+    return save_text(page, root / f"{subject}.html")
+
+
+def subject_summary(root: Path, subject: str) -> dict[str, Any]:
+    """Return the index page's numbers for one subject."""
+    sessions = collect_sessions(root, subject)
+    years = years_since_first(sessions)
+    n_lesions = len(sessions[0].lesions) if sessions else 0
+    reviewed = {
+        r["lesion_id"] for r in read_review(review_path(root / subject, subject)) if r["lesion"]
+    }
+    brain = [s.volumes_ml.get("brain", 0.0) for s in sessions]
+    rate = annual_rate_percent(years, brain)
+    return {
+        "subject": subject,
+        "sessions": len(sessions),
+        "lesions": n_lesions,
+        "lesion_ml": sessions[-1].volumes_ml.get("lesion") if sessions else None,
+        "brain_rate": None if rate is None or math.isnan(rate) else rate,
+        "reviewed": len(reviewed),
+    }
+
+
+def build_index(root: str | Path, subjects: list[str]) -> Path:
+    """Write ``ROOT/index.html``: one row per subject, its key numbers and review status."""
+    root = Path(root)
+    rows = []
+    for subject in subjects:
+        s = subject_summary(root, subject)
+        status = (
+            "not started"
+            if s["reviewed"] == 0
+            else ("done" if s["reviewed"] >= s["lesions"] else "in progress")
+        )
+        rate = "n/a" if s["brain_rate"] is None else f"{s['brain_rate']:+.2f}"
+        lesion_ml = "n/a" if s["lesion_ml"] is None else f"{s['lesion_ml']:.2f}"
+        rows.append(
+            f"<tr data-subject='{_e(subject)}'><td><a href='{_e(subject)}.html'>{_e(subject)}</a></td>"
+            f"<td>{s['sessions']}</td><td>{s['lesions']}</td><td>{lesion_ml}</td><td>{rate}</td>"
+            f"<td>{s['reviewed']}/{s['lesions']} ({status})</td></tr>"
+        )
+    page = (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>smoulder cohort</title>"
+        f"<style>{_static('report.css')}</style></head><body><h1>smoulder cohort</h1>"
+        "<table><tr><th>subject</th><th>sessions</th><th>lesions (reference session)</th>"
+        "<th>lesion volume, last session (ml)</th><th>brain volume change (%/year)</th>"
+        "<th>reviewed lesions</th></tr>" + "".join(rows) + "</table></body></html>"
+    )
+    return save_text(page, root / "index.html")
