@@ -107,7 +107,7 @@ def em_refine(
     *,
     iterations: int = 8,
     flair_index: int = 0,
-    mrf_weight: float = 2.0,
+    mrf_weight: float = 3.0,
     bias_sigma_vox: float = 15.0,
     tied: bool = True,
     prior_power: float = 0.25,
