@@ -33,6 +33,8 @@ class SessionPlan:
     session: str | None
     images: dict[str, Path] = field(default_factory=dict)
     skipped: str | None = None
+    #: every echo's magnitude and phase of the GRE, when both are usable (for QSM)
+    megre_echoes: tuple[list[Path], list[Path]] | None = None
 
     @property
     def label(self) -> str:
@@ -66,6 +68,11 @@ def plan_sessions(
                     continue
                 value = getattr(s, attribute)
                 plan.images[modality] = Path(value[0] if isinstance(value, list) else value)
+            if {"megre_mag", "megre_phase"} <= usable and "MEGRE" in plan.images:
+                plan.megre_echoes = (
+                    [Path(p) for p in s.megre_mag],
+                    [Path(p) for p in s.megre_phase],
+                )
         plans.append(plan)
     return plans
 
@@ -121,6 +128,8 @@ def init_participant_wf(
                 omp_nthreads=omp_nthreads,
                 volume_gb=volume_gb,
                 segmentation=cfg["segmentation"] if cfg["segmentation"]["enabled"] else None,
+                qsm=cfg["qsm"] if cfg["qsm"]["enabled"] else None,
+                megre_echoes=plan.megre_echoes,
                 name=f"ses_{plan.session}_wf" if plan.session else "session_wf",
             )
             subject_wf.add_nodes([session_wfs[plan.session]])

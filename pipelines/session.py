@@ -25,6 +25,7 @@ from nipype.pipeline import engine as pe
 
 from smoulder.derivatives import DerivativesWriter
 from smoulder.pipelines.interfaces import (
+    QSM,
     Conform,
     CoRegister,
     FillLesions,
@@ -102,6 +103,8 @@ def init_session_wf(
     omp_nthreads: int = 1,
     volume_gb: float = 0.0,
     segmentation: Mapping[str, Any] | None = None,
+    qsm: Mapping[str, Any] | None = None,
+    megre_echoes: tuple[list[Path], list[Path]] | None = None,
     name: str = "session_wf",
 ) -> pe.Workflow:
     """Return the workflow of one session.
@@ -124,6 +127,9 @@ def init_session_wf(
         volume_gb: size of one float32 reference volume, for the memory estimates.
         segmentation: ``model`` (bundle folder, ``None``: shipped), ``min_lesion_ul`` and
             ``refine``; the segmentation step is absent when this is ``None``.
+        qsm: ``method`` (``tv`` or ``tkd``); QSM runs when this is given, the session has
+            ``megre_echoes`` and a co-registered MEGRE, and segmentation runs (its brain mask).
+        megre_echoes: ``(magnitudes, phases)`` of every echo of the session's GRE.
         name: workflow name.
 
     Outputs (``outputnode``):
@@ -229,7 +235,75 @@ def init_session_wf(
             reference_file=reference_file, sources=[images[m] for m in images],
             settings=segmentation,
         )  # fmt: skip
+        if qsm is not None and megre_echoes is not None and "MEGRE" in coregs:
+            _add_qsm(
+                wf, conform_ref, coregs["MEGRE"], wf.get_node("segment"), subject=subject,
+                session=session, output_dir=output_dir, bids_dir=bids_dir, device=device,
+                omp_nthreads=omp_nthreads, volume_gb=volume_gb, reference_file=reference_file,
+                echoes=megre_echoes, settings=qsm,
+            )  # fmt: skip
     return wf
+
+
+def _add_qsm(
+    wf: pe.Workflow,
+    conform_ref: pe.Node,
+    coreg: pe.Node,
+    seg: pe.Node,
+    *,
+    subject: str,
+    session: str | None,
+    output_dir: Path,
+    bids_dir: Path,
+    device: str,
+    omp_nthreads: int,
+    volume_gb: float,
+    reference_file: Path,
+    echoes: tuple[list[Path], list[Path]],
+    settings: Mapping[str, Any],
+) -> None:
+    """Add QSM of the session's GRE (native grid) and its copy on the FLAIR grid."""
+    use_gpu = device == "cuda"
+    mags, phases = ([str(Path(p).absolute()) for p in group] for group in echoes)
+    node = pe.Node(
+        QSM(
+            magnitude_files=mags,
+            phase_files=phases,
+            method=str(settings.get("method", "tv")),
+            device=device,
+            use_gpu=use_gpu,
+            num_threads=omp_nthreads,
+        ),
+        name="qsm",
+        n_procs=1 if use_gpu else omp_nthreads,
+        mem_gb=step_memory_gb("segment", volume_gb * len(mags)),
+    )
+    sources = [*mags, *phases]
+    ses = {"sub": subject, "ses": session}
+    ds_chi = derivatives_node(
+        "ds_chimap",
+        output_dir=output_dir,
+        raw_dir=bids_dir,
+        entities=ses,
+        suffix="Chimap",
+        sources=sources,
+    )
+    ds_chi_flair = derivatives_node(
+        "ds_chimap_flair",
+        output_dir=output_dir,
+        raw_dir=bids_dir,
+        entities={**ses, "space": REFERENCE},
+        suffix="Chimap",
+        sources=sources,
+        spatial_reference=reference_file,
+    )
+    wf.connect([
+        (conform_ref, node, [("out_file", "flair_file")]),
+        (coreg, node, [("out_xfm", "xfm")]),
+        (seg, node, [("brain_mask", "brain_mask")]),
+        (node, ds_chi, [("chimap", "in_file"), ("parameters", "metadata")]),
+        (node, ds_chi_flair, [("chimap_flair", "in_file"), ("parameters", "metadata")]),
+    ])  # fmt: skip
 
 
 def _add_segmentation(

@@ -99,7 +99,7 @@ def test_gpu_steps_are_marked_for_multiproc(phantom_dir: Path, tmp_path: Path) -
     nodes = workflow_nodes(build(phantom_dir, tmp_path, device="cuda", engine="torch"))
     gpu = sorted(name.split(".")[-1] for name, n in nodes.items() if n.is_gpu_node())
     assert gpu == sorted(
-        ["coreg_megre", "coreg_t1w", "coreg_unit1", "segment"] * 2 + ["halfway_01_02"]
+        ["coreg_megre", "coreg_t1w", "coreg_unit1", "qsm", "segment"] * 2 + ["halfway_01_02"]
     )
     # one GPU slot each: MultiProc counts a GPU node's n_procs against n_gpu_procs
     assert all(n.n_procs == 1 for n in nodes.values() if n.is_gpu_node())
@@ -377,6 +377,7 @@ def test_corrupt_session_is_reported_and_the_others_finish(runs: Runs) -> None:
         "sub_02_wf.ses_02_wf.coreg_megre",
         "sub_02_wf.ses_02_wf.segment",
         "sub_02_wf.ses_02_wf.fill_lesions",
+        "sub_02_wf.ses_02_wf.qsm",
         "sub_02_wf.longitudinal_wf.halfway_01_02",
         "sub_02_wf.longitudinal_wf.jacobian_01_02",
     }
@@ -401,7 +402,7 @@ def test_rerun_resumes_without_redoing_finished_steps(runs: Runs) -> None:
     assert _steps(after, "cached") == _steps(before, "ran")
     # Nipype did not execute them again: their result files are untouched
     finished = [_result_file(node) for node in _steps(before, "ran")]
-    assert len(finished) == 25  # 16 of sub-01, 7 of sub-02 ses-01, 2 conforms of ses-02
+    assert len(finished) == 28  # 18 of sub-01, 8 of sub-02 ses-01, 2 conforms of ses-02
     assert all(after.result_mtimes[k] == before.result_mtimes[k] for k in finished)
     summary = json.loads(sorted(runs.out.glob("smoulder/logs/provenance-*.json"))[1].read_text())
     assert {(r["subject"], r["session"]): r["status"] for r in summary["summary"]} == {
@@ -421,7 +422,7 @@ def test_changed_setting_reruns_exactly_the_affected_steps(runs: Runs) -> None:
         "sub_01_wf.longitudinal_wf.halfway_01_02",
         "sub_01_wf.longitudinal_wf.jacobian_01_02",
     }
-    assert len(_steps(run, "cached")) == 14
+    assert len(_steps(run, "cached")) == 16
     assert not _steps(run, "failed") and not _steps(run, "not run")
     ran = [n for n in run.nodes.values() if n["status"] == "ran" and n["kind"] == "step"]
     assert all(n["mem_peak_gb"] is not None and n["mem_peak_gb"] > 0 for n in ran)
@@ -458,6 +459,10 @@ def test_outputs_are_bids_derivatives(runs: Runs) -> None:
             (stats,) = layout.get(suffix="stats", desc="lesions", subject=subject,
                                   session=session, extension=".tsv")  # fmt: skip
             assert "volume_ul" in stats.get_metadata()
+            # susceptibility: on the GRE's own grid and on the FLAIR's
+            (chi,) = layout.get(suffix="Chimap", space=Query.NONE, **query)
+            assert chi.get_metadata()["Units"] == "ppm" and chi.get_metadata()["Method"] == "tv"
+            assert layout.get(suffix="Chimap", space="FLAIR", **query)
         later = {"subject": subject, "session": "02", "extension": ".nii.gz"}
         fields = layout.get(suffix="xfm", mode="image", **later)
         assert sorted((f.entities["from"], f.entities["to"]) for f in fields) == [

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-TOOLS = ("phantom", "validate", "demo", "register", "segment", "train", "report", "review")
+TOOLS = ("phantom", "validate", "demo", "register", "segment", "train", "report", "review", "qsm")
 LOG = logging.getLogger("smoulder.run")
 
 USAGE = """\
@@ -25,6 +25,7 @@ smoulder BIDS_DIR OUTPUT_DIR {participant,group} [options]
        smoulder register FIXED MOVING -o OUT_DIR [options]
        smoulder segment FLAIR [--t1 T1] -o OUT_DIR [options]
        smoulder train segmentation RUN_DIR [options]
+       smoulder qsm --magnitude M1 M2 ... --phase P1 P2 ... -o OUT_DIR [options]
        smoulder report OUTPUT_DIR [--participant-label ...]
        smoulder review OUTPUT_DIR [--host 127.0.0.1] [--port 8765]
        smoulder demo [OUTPUT_DIR]"""
@@ -39,6 +40,7 @@ tools:
   register  register two images, or move two sessions half way (ITK/ANTs transforms)
   segment   brain mask, tissue classes and numbered lesions of one FLAIR (+T1w)
   train     train the segmentation network on synthetic images (resumable)
+  qsm       QSM (ppm), field maps, filtered phase and SWI from multi-echo GRE
   report    rebuild the per-subject QA reports and the cohort index from the outputs
   review    serve the reports on this machine; raters' decisions go to a TSV per subject
   demo      generate a small phantom and run the pipeline on it
@@ -239,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
                 from smoulder.segmentation import command as seg
 
                 return seg.run_segment(seg.segment_parser().parse_args(rest))
+            if tool == "qsm":
+                from smoulder.qsm import command as qsm
+
+                return qsm.run(qsm.parser().parse_args(rest))
             if tool in ("report", "review"):
                 from smoulder.report import command as rep
 

@@ -195,6 +195,11 @@ def validate(cfg: Config) -> None:
                 f"registration.{part}.resolution_mm: expected null or a voxel size in mm "
                 f"(0, 20], found {value!r}"
             )
+    qsm = cfg["qsm"]
+    if not isinstance(qsm["enabled"], bool):
+        raise ConfigError(f"qsm.enabled: expected true or false, found {qsm['enabled']!r}")
+    if qsm["method"] not in ("tv", "tkd"):
+        raise ConfigError(f"qsm.method: expected tv or tkd, found {qsm['method']!r}")
     seg = cfg["segmentation"]
     if not isinstance(seg["enabled"], bool):
         raise ConfigError(f"segmentation.enabled: expected true or false, found {seg['enabled']!r}")

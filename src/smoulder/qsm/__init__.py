@@ -1,0 +1,1 @@
+"""Susceptibility: QSM from multi-echo GRE (magnitude + phase), filtered phase and SWI."""

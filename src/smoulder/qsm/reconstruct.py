@@ -1,0 +1,356 @@
+"""QSM of one multi-echo GRE: reading and checking the echoes, then :mod:`smoulder.qsm.core`.
+
+``reconstruct`` runs: Laplacian unwrapping per echo → magnitude²-weighted fit of phase over
+TE (field in ppm) → V-SHARP → dipole inversion (``tv``: total variation by ADMM, or ``tkd``)
+→ referencing to the mean χ of the mask. Everything stays on the GRE's own grid and
+orientation; B0's direction in voxel coordinates comes from the affine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage as ndi
+
+from smoulder.errors import InputError
+from smoulder.qsm import core
+
+if TYPE_CHECKING:
+    import torch
+
+#: Defaults of the iterative inversion (chosen on the phantom, see benchmarks/qsm.py).
+TV_LAMBDA, TV_RHO, TV_ITERATIONS, TV_EDGE_SHARE = 5e-4, 2e-2, 40, 0.3
+TKD_THRESHOLD = 0.19
+VSHARP_RADII_MM = (12.0, 9.0, 6.0, 4.0, 2.0)
+
+
+@dataclass
+class Echoes:
+    """Magnitude and phase (rad) of every echo of one GRE, with what QSM needs to know."""
+
+    magnitude: np.ndarray  # (E, X, Y, Z)
+    phase: np.ndarray  # (E, X, Y, Z), radians
+    echo_times_ms: list[float]
+    b0_tesla: float
+    affine: np.ndarray
+    sources: list[str] = field(default_factory=list)
+
+    @property
+    def voxel_mm(self) -> tuple[float, float, float]:
+        """Voxel size along each array axis."""
+        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+
+
+def phase_to_radians(data: np.ndarray, where: str) -> np.ndarray:
+    """Return phase ``data`` in radians, detecting the stored range, or raise naming it.
+
+    Recognised: radians ([-π, π] or [0, 2π]) and scanner integers ([-4096, 4095] or
+    [0, 4095], Siemens; any symmetric power-of-two range).
+
+    Examples:
+        >>> [round(float(v), 3) for v in phase_to_radians(np.array([-4096.0, 0.0, 4095.0]), "p")]
+        [-3.142, 0.0, 3.141]
+        >>> [round(float(v), 2) for v in phase_to_radians(np.array([0.0, 6.2]), "p")]
+        [0.0, 6.2]
+        >>> phase_to_radians(np.array([0.0, 57.0]), "p")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        smoulder.errors.InputError: p: expected phase in radians or ..., found values from 0 to 57
+    """
+    lo, hi = float(np.min(data)), float(np.max(data))
+    tol = 1e-3
+    if lo >= -math.pi - tol and hi <= math.pi + tol:
+        return data.astype(np.float32)
+    if lo >= -tol and hi <= 2 * math.pi + tol:
+        return data.astype(np.float32)
+    span = hi - lo
+    for bits in range(8, 17):
+        full = 2.0**bits
+        if span > 0.5 * full and hi <= full and lo >= -full:
+            if lo < -tol:  # symmetric: [-full/2 .. full/2) or [-full .. full)
+                scale = math.pi / (full if lo < -full / 2 - tol else full / 2)
+                return (data * scale).astype(np.float32)
+            return (data * (2 * math.pi / full)).astype(np.float32)
+    raise InputError(
+        where,
+        expected="phase in radians or in a scanner's integer range (e.g. -4096..4095)",
+        found=f"values from {lo:g} to {hi:g}",
+    )
+
+
+def _sidecar(path: Path) -> dict[str, Any]:
+    side = Path(str(path).removesuffix(".gz").removesuffix(".nii") + ".json")
+    if not side.exists():
+        raise InputError(
+            str(side),
+            expected="the image's JSON sidecar (EchoTime, MagneticFieldStrength)",
+            found="no file",
+        )
+    return json.loads(side.read_text())
+
+
+def load_echoes(magnitudes: list[Path], phases: list[Path]) -> Echoes:
+    """Return the echoes of one GRE, checked: same count, same grid, TE and B0 present."""
+    if len(magnitudes) != len(phases) or not magnitudes:
+        raise InputError(
+            ", ".join(map(str, phases)) or "phase",
+            expected=f"one phase image per magnitude image ({len(magnitudes)})",
+            found=f"{len(phases)}",
+        )
+    mags, phs, tes, b0s = [], [], [], []
+    affine = None
+    shape = None
+    for m_path, p_path in zip(magnitudes, phases, strict=True):
+        m_img, p_img = nib.load(m_path), nib.load(p_path)
+        m = np.asarray(m_img.dataobj, np.float32)  # type: ignore[attr-defined]
+        p = np.asarray(p_img.dataobj, np.float32)  # type: ignore[attr-defined]
+        if m.ndim != 3 or p.ndim != 3:
+            raise InputError(
+                str(m_path if m.ndim != 3 else p_path),
+                expected="a 3D echo",
+                found=f"shape {m.shape if m.ndim != 3 else p.shape}",
+            )
+        if m.shape != p.shape or not np.allclose(m_img.affine, p_img.affine, atol=1e-3):  # type: ignore[attr-defined]
+            raise InputError(
+                str(p_path),
+                expected=f"the grid of {m_path.name} ({m.shape})",
+                found=f"{p.shape} or another affine",
+            )
+        if shape is None:
+            shape, affine = m.shape, m_img.affine  # type: ignore[attr-defined]
+        elif m.shape != shape or not np.allclose(m_img.affine, affine, atol=1e-3):  # type: ignore[attr-defined, arg-type]
+            raise InputError(
+                str(m_path),
+                expected=f"the grid of the first echo ({shape})",
+                found=f"{m.shape} or another affine",
+            )
+        side = {**_sidecar(m_path), **_sidecar(p_path)}
+        if "EchoTime" not in side:
+            raise InputError(str(p_path), expected="EchoTime (s) in the sidecar", found="none")
+        if "MagneticFieldStrength" not in side:
+            raise InputError(
+                str(p_path), expected="MagneticFieldStrength (T) in the sidecar", found="none"
+            )
+        mags.append(m)
+        phs.append(phase_to_radians(p, str(p_path)))
+        tes.append(float(side["EchoTime"]) * 1000.0)
+        b0s.append(float(side["MagneticFieldStrength"]))
+    order = np.argsort(tes)
+    return Echoes(
+        magnitude=np.stack([mags[i] for i in order]),
+        phase=np.stack([phs[i] for i in order]),
+        echo_times_ms=[tes[i] for i in order],
+        b0_tesla=b0s[0],
+        affine=np.asarray(affine),
+        sources=[str(p) for p in magnitudes] + [str(p) for p in phases],
+    )
+
+
+def magnitude_mask(magnitude: np.ndarray) -> np.ndarray:
+    """Return a head mask from the first echo's magnitude: Otsu threshold, largest piece, holes
+    filled. Refine it with the session's brain mask for QSM (the scalp is not brain)."""
+    from skimage.filters import threshold_otsu
+
+    mag = magnitude[0] if magnitude.ndim == 4 else magnitude
+    mask = mag > threshold_otsu(mag)
+    labels, n = ndi.label(mask)
+    if n == 0:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return ndi.binary_fill_holes(labels == sizes.argmax())
+
+
+def unwrap_echoes(
+    phase: torch.Tensor,
+    magnitude: torch.Tensor,
+    echo_times_ms: list[float],
+    voxel_mm: tuple[float, float, float],
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """Return the phases of all echoes unwrapped in space and time (E, X, Y, Z), radians.
+
+    Spatial unwrapping is done once, on the magnitude-weighted mean phase difference of
+    consecutive echoes (its gradients are TE/ΔTE times smaller than those of a late echo, and
+    the receiver phase offset cancels); each echo is then unwrapped in time against the line
+    that difference predicts. One echo: Laplacian unwrapping of that echo.
+    """
+    import torch
+
+    if phase.shape[0] == 1:
+        return core.laplacian_unwrap(phase[0], voxel_mm, mask)[None]
+    te = torch.as_tensor(echo_times_ms, dtype=phase.dtype, device=phase.device)
+    z = magnitude * torch.exp(1j * phase)
+    step = float((te[1:] - te[:-1]).mean())
+    pairs = z[1:] * torch.conj(z[:-1])
+    dphi = torch.angle(pairs.sum(0))
+    du = core.laplacian_unwrap(dphi, voxel_mm, mask)
+    m = mask.bool()
+    du = du + torch.angle(torch.exp(1j * (dphi - du))[m].sum())  # congruent with dphi
+    du = du - 2 * math.pi * torch.round(du[m].mean() / (2 * math.pi))  # brain mean field ~ 0
+    rate = du / step  # rad/ms
+    offset = torch.angle(z[0] * torch.exp(-1j * rate * te[0]))
+    model = offset[None] + rate[None] * te.reshape(-1, 1, 1, 1)
+    return phase + 2 * math.pi * torch.round((model - phase) / (2 * math.pi))
+
+
+@dataclass
+class QsmResult:
+    """Outputs of :func:`reconstruct` (GRE grid)."""
+
+    chi_ppm: np.ndarray
+    total_field_ppm: np.ndarray
+    local_field_ppm: np.ndarray
+    mask: np.ndarray
+    method: str
+    parameters: dict[str, Any]
+    timings: dict[str, float]
+
+
+def reconstruct(
+    echoes: Echoes,
+    mask: np.ndarray,
+    *,
+    method: str = "tv",
+    device: str = "cpu",
+    tv_lambda: float = TV_LAMBDA,
+    tv_rho: float = TV_RHO,
+    tv_iterations: int = TV_ITERATIONS,
+    edge_share: float = TV_EDGE_SHARE,
+    tkd_threshold: float = TKD_THRESHOLD,
+    vsharp_radii_mm: tuple[float, ...] = VSHARP_RADII_MM,
+) -> QsmResult:
+    """Return χ (ppm) and the fields of ``echoes`` inside ``mask`` (see the module docstring)."""
+    import torch
+
+    if method not in ("tv", "tkd"):
+        raise ValueError(f"method: expected 'tv' or 'tkd', found {method!r}")
+    if mask.shape != echoes.magnitude.shape[1:] or not mask.any():
+        raise InputError(
+            "mask",
+            expected=f"a non-empty mask on the GRE grid {echoes.magnitude.shape[1:]}",
+            found=f"{mask.shape}, {int(mask.sum())} voxels",
+        )
+    # work inside the mask's box plus the largest V-SHARP radius: a whole-head field of view
+    # is often twice the brain's volume
+    vox = echoes.voxel_mm
+    margin = [int(math.ceil(max(vsharp_radii_mm) / v)) + 2 for v in vox]
+    box = tuple(
+        slice(max(0, b.start - m), min(n, b.stop + m))
+        for b, m, n in zip(
+            ndi.find_objects(mask.astype(np.uint8))[0], margin, mask.shape, strict=True
+        )
+    )
+    full_shape = mask.shape
+    echoes = Echoes(
+        magnitude=np.ascontiguousarray(echoes.magnitude[(slice(None), *box)]),
+        phase=np.ascontiguousarray(echoes.phase[(slice(None), *box)]),
+        echo_times_ms=echoes.echo_times_ms,
+        b0_tesla=echoes.b0_tesla,
+        affine=echoes.affine,
+        sources=echoes.sources,
+    )
+    mask = np.ascontiguousarray(mask[box])
+    timings: dict[str, float] = {}
+    tic = time.perf_counter()
+    dev = torch.device(device)
+    m = torch.from_numpy(np.ascontiguousarray(mask)).to(dev)
+    head = torch.from_numpy(np.ascontiguousarray(ndi.binary_dilation(mask, iterations=2))).to(dev)
+    mags = torch.from_numpy(echoes.magnitude).to(dev)
+    unwrapped = unwrap_echoes(
+        torch.from_numpy(echoes.phase).to(dev), mags, echoes.echo_times_ms, vox, head
+    )
+    timings["unwrap_s"] = time.perf_counter() - tic
+    tic = time.perf_counter()
+    slope, _ = core.fit_field(unwrapped, mags, echoes.echo_times_ms)
+    total = slope / core.rad_per_ms_per_ppm(echoes.b0_tesla) * m
+    del unwrapped, mags
+    local, kept = core.vsharp(total, m, vox, radii_mm=vsharp_radii_mm)
+    timings["background_s"] = time.perf_counter() - tic
+    tic = time.perf_counter()
+    b0 = core.b0_in_voxels(echoes.affine)
+    kernel = core.dipole_kernel(local.shape, vox, tuple(float(v) for v in b0), device=dev)
+    if method == "tkd":
+        chi = core.tkd(local, kernel, tkd_threshold)
+        params: dict[str, Any] = {"threshold": tkd_threshold}
+    else:
+        weights = None
+        if edge_share > 0:  # keep the magnitude's edges (rims darken the late echoes)
+            mean_mag = torch.from_numpy(echoes.magnitude.mean(0)).to(dev)
+            weights = core.edge_weights(mean_mag, kept, edge_share=edge_share)
+        chi = core.tv_admm(
+            local, kernel, vox, lam=tv_lambda, rho=tv_rho, iterations=tv_iterations, weights=weights
+        )
+        params = {
+            "lambda": tv_lambda,
+            "rho": tv_rho,
+            "iterations": tv_iterations,
+            "edge_share": edge_share,
+        }
+    chi = (chi - chi[kept].mean()) * kept
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    timings["inversion_s"] = time.perf_counter() - tic
+    params.update(
+        {
+            "vsharp_radii_mm": list(vsharp_radii_mm),
+            "b0_direction_voxels": [round(float(v), 6) for v in b0],
+        }
+    )
+
+    def full(x: torch.Tensor) -> np.ndarray:
+        out: np.ndarray = np.zeros(
+            full_shape, dtype=np.bool_ if x.dtype == torch.bool else np.float32
+        )
+        out[box] = x.cpu().numpy()
+        return out
+
+    return QsmResult(
+        chi_ppm=full(chi),
+        total_field_ppm=full(total),
+        local_field_ppm=full(local),
+        mask=full(kept),
+        method=method,
+        parameters=params,
+        timings=timings,
+    )
+
+
+def filtered_phase(echoes: Echoes, echo: int = -1, *, kernel_fraction: float = 0.125) -> np.ndarray:
+    """Return homodyne high-pass filtered phase (rad) of one echo (default the last).
+
+    The complex image is divided by its own low-pass copy (a Hann window over the central
+    ``kernel_fraction`` of k-space), which removes the smooth background phase.
+    """
+    z = echoes.magnitude[echo] * np.exp(1j * echoes.phase[echo])
+    k = np.fft.fftshift(np.fft.fftn(z))
+    window = np.ones(z.shape)
+    for axis, n in enumerate(z.shape):
+        w = max(3, int(round(n * kernel_fraction)))
+        h = np.zeros(n)
+        start = n // 2 - w // 2
+        h[start : start + w] = np.hanning(w)
+        shape = [1, 1, 1]
+        shape[axis] = n
+        window = window * h.reshape(shape)
+    low = np.fft.ifftn(np.fft.ifftshift(k * window))
+    return np.angle(z * np.conj(low)).astype(np.float32)
+
+
+def swi(
+    echoes: Echoes, hp_phase: np.ndarray, *, power: int = 4, minip_mm: float = 8.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(SWI, minIP)``: magnitude times the negative-phase mask to ``power``, and its
+    minimum intensity projection over a slab of ``minip_mm`` along the third axis."""
+    mask = np.where(hp_phase < 0, 1.0 + hp_phase / np.pi, 1.0)
+    image = (echoes.magnitude[-1] * mask**power).astype(np.float32)
+    n = max(1, int(round(minip_mm / echoes.voxel_mm[2])))
+    minip = ndi.minimum_filter1d(image, n, axis=2).astype(np.float32)
+    return image, minip
