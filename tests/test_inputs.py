@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from smoulder.errors import InputError
-from smoulder.images import check_phase_radians, load_checked, load_image, save_nifti
+from smoulder.images import load_checked, load_image, phase_to_radians, save_nifti
 from smoulder.inputs import (
     ANALYSES,
     SessionInputs,
@@ -202,6 +202,11 @@ def _phase_scanner_units(anat: Path) -> None:
     write_image(anat / f"{_prefix(anat)}echo-1_part-phase_MEGRE.nii.gz", phase)
 
 
+def _phase_degrees(anat: Path) -> None:
+    phase = np.random.default_rng(1).uniform(-180, 180, SHAPE).astype(np.float32)
+    write_image(anat / f"{_prefix(anat)}echo-1_part-phase_MEGRE.nii.gz", phase)
+
+
 def _missing_echo_time(anat: Path) -> None:
     for part in ("mag", "phase"):
         path = sidecar(anat / f"{_prefix(anat)}echo-2_part-{part}_MEGRE.nii.gz")
@@ -242,7 +247,7 @@ BAD_FILES = [
     ("singular-affine", _singular_affine, "T1w.nii.gz", "singular affine", "t1w"),
     ("zero-voxel-size", _zero_voxel, "UNIT1.nii.gz", "voxel sizes (1, 1, 0)", "unit1"),
     ("no-sform-qform", _no_orientation, "FLAIR.nii.gz", "qform_code = 0", "flair"),
-    ("phase-0-4095", _phase_scanner_units, "echo-1_part-phase_MEGRE", "0 to 4095", "megre_phase"),
+    ("phase-degrees", _phase_degrees, "echo-1_part-phase_MEGRE", "pi / 180", "megre_phase"),
     ("no-echo-time", _missing_echo_time, "echo-2_part-mag_MEGRE", "no EchoTime", "megre_mag"),
     ("echo-time-ms", _echo_time_ms, "echo-2_part-mag_MEGRE", "EchoTime 10", "megre_mag"),
     ("no-field", _missing_field_strength, "echo-1_part-mag", "MagneticFieldStrength", "megre_mag"),
@@ -272,12 +277,12 @@ def test_bad_file_gives_one_line_error(
     assert set(checked.usable) | set(checked.unusable) == set(checked.found)
 
 
-def test_phase_hint_says_how_to_convert(make_bids: Builder) -> None:
+def test_scanner_unit_phase_is_accepted(make_bids: Builder) -> None:
+    """12-bit scanner units are converted by QSM (smoulder.images.phase_to_radians)."""
     root = make_bids()
     _phase_scanner_units(root / "sub-01" / "ses-01" / "anat")
     checked = validate_session(one_session(root))
-    assert "radians = data / 4095 * 2 * pi - pi" in checked.errors[0]
-    assert "qsm_reconstruction" not in checked.analyses
+    assert not checked.errors and "qsm_reconstruction" in checked.analyses
 
 
 def test_echo_count_mismatch_names_both_parts(make_bids: Builder) -> None:
@@ -497,7 +502,8 @@ def test_load_image_allow_nan(tmp_path: Path) -> None:
         load_image(path)
 
 
-def test_check_phase_radians_tolerance() -> None:
-    check_phase_radians(np.array([-np.pi - 5e-4, 0.0, np.pi + 5e-4]), "p.nii.gz")
-    with pytest.raises(InputError, match=r"p.nii.gz: .*-4096 to 4095.*data / 4096 \* pi"):
-        check_phase_radians(np.array([-4096.0, 4095.0]), "p.nii.gz")
+def test_phase_to_radians_tolerance_and_refusal() -> None:
+    kept = np.array([-np.pi - 5e-4, 0.0, np.pi + 5e-4])
+    np.testing.assert_allclose(phase_to_radians(kept, "p.nii.gz"), kept, rtol=1e-6)
+    with pytest.raises(InputError, match=r"p.nii.gz: .*-4000.5 to 4095.*data / 4096 \* pi"):
+        phase_to_radians(np.array([-4000.5, 4095.0]), "p.nii.gz")  # not integers

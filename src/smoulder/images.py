@@ -263,26 +263,42 @@ def load_checked(path: str | Path, *, ndim: int | None = 3) -> tuple[np.ndarray,
     return np.asarray(img.dataobj, dtype=np.float32), np.asarray(img.affine, dtype=float)
 
 
-def check_phase_radians(data: np.ndarray, path: str | Path) -> None:
-    """Return nothing if ``data`` (a phase image) lies within [−π, π]; raise otherwise.
+def phase_to_radians(data: np.ndarray, path: str | Path) -> np.ndarray:
+    """Return a phase image in radians (float32), converting the stored ranges it recognises.
 
-    A tolerance of 1e-3 rad beyond ±π is allowed. NaN voxels are ignored.
+    Kept as they are: radians within [−π, π] (1e-3 rad of tolerance) or [0, 2π] (the same
+    angles). Converted: scanner integers −4096..4095 (× π/4096) and 0..4095 (× 2π/4096 − π).
+    NaN voxels are ignored.
 
     Raises:
-        InputError: the values span beyond [−π, π], with a hint on how to convert
-            (scanner integer units, degrees or [0, 2π]).
+        InputError: any other range, with a hint on how to convert (degrees, other scales).
+
+    Examples:
+        >>> [round(float(v), 3) for v in phase_to_radians(np.array([-4096.0, 0.0, 4095.0]), "p")]
+        [-3.142, 0.0, 3.141]
+        >>> [round(float(v), 3) for v in phase_to_radians(np.array([0.0, 2048.0, 4095.0]), "p")]
+        [-3.142, 0.0, 3.14]
+        >>> phase_to_radians(np.array([-180.0, 179.0]), "p")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        smoulder.errors.InputError: p: expected phase in radians ... multiply by pi / 180
     """
-    values = np.asarray(data)
+    values = np.asarray(data, dtype=np.float32)
     finite = values[np.isfinite(values)]
     if finite.size == 0:
-        return
+        return values
     lo, hi = float(finite.min()), float(finite.max())
     limit = np.pi + _PHASE_TOLERANCE
-    if lo >= -limit and hi <= limit:
-        return
+    if (lo >= -limit and hi <= limit) or (lo >= -_PHASE_TOLERANCE and hi <= 2 * limit):
+        return values
+    # 12-bit scanner units: integers over most of the range (degrees span at most 360)
+    if hi - lo > 1000 and hi <= 4095.5 and lo >= -4096.5 and np.allclose(finite, np.round(finite)):
+        if lo < -0.5:
+            return values * np.float32(np.pi / 4096)
+        return values * np.float32(2 * np.pi / 4096) - np.float32(np.pi)
     raise InputError(
         path,
-        expected="phase in radians within [-pi, pi]",
+        expected="phase in radians within [-pi, pi] or 12-bit scanner units (-4096..4095, 0..4095)",
         found=f"values from {lo:.6g} to {hi:.6g}",
         hint=_phase_hint(lo, hi),
     )
@@ -295,7 +311,7 @@ def _phase_hint(lo: float, hi: float) -> str:
     if lo >= -180.5 and hi <= 180.5 and hi - lo > 2 * np.pi:
         return "phase looks like degrees: multiply by pi / 180"
     if lo >= 0 and hi <= 4096:
-        return "phase looks like scanner units 0..4095: radians = data / 4095 * 2 * pi - pi"
+        return "phase looks like scanner units 0..4095: radians = data / 4096 * 2 * pi - pi"
     if lo >= -4096 and hi <= 4096:
         return "phase looks like scanner units -4096..4095: radians = data / 4096 * pi"
     return "rescale to radians: (data - min) / (max - min) * 2 * pi - pi"

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from smoulder.errors import InputError
-from smoulder.images import check_phase_radians, load_image
+from smoulder.images import load_image, phase_to_radians
 
 ANALYSES = ("lesion_segmentation", "prl", "qsm_reconstruction", "atrophy", "cord_csa")
 """Every analysis a session can allow, in the order :attr:`SessionInputs.analyses` lists them."""
@@ -354,7 +354,8 @@ def validate_session(s: SessionInputs, *, read_data: bool = True) -> SessionInpu
     """Return a copy of ``s`` whose ``errors`` list every problem found in its images.
 
     Every image is loaded with :func:`~smoulder.images.load_image` (3D expected, MEGRE one
-    file per echo); phase images must be in radians; MEGRE needs an ``EchoTime`` (seconds) for
+    file per echo); phase images must be in radians or 12-bit scanner units (QSM converts
+    them); MEGRE needs an ``EchoTime`` (seconds) for
     every echo, ``MagneticFieldStrength``, the same echoes for magnitude and phase, and one
     voxel grid for all echoes and parts. A bad file is recorded and the others still checked.
     Modalities with errors are listed in ``unusable`` and drop out of ``analyses``.
@@ -371,7 +372,7 @@ def validate_session(s: SessionInputs, *, read_data: bool = True) -> SessionInpu
             img = load_image(path, ndim=3, read_data=read_data)
             grids[path] = (tuple(img.shape), np.asarray(img.affine, dtype=float))
             if read_data and key == "megre_phase":
-                check_phase_radians(np.asanyarray(img.dataobj), path)
+                phase_to_radians(np.asanyarray(img.dataobj), path)  # convertible or named
             if read_data and key == "chimap":
                 _check_chimap_units(np.asanyarray(img.dataobj), path, out)
         except InputError as exc:

@@ -20,6 +20,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from smoulder.errors import InputError
+from smoulder.images import phase_to_radians
 from smoulder.qsm import core
 
 if TYPE_CHECKING:
@@ -46,43 +47,6 @@ class Echoes:
     def voxel_mm(self) -> tuple[float, float, float]:
         """Voxel size along each array axis."""
         return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
-
-
-def phase_to_radians(data: np.ndarray, where: str) -> np.ndarray:
-    """Return phase ``data`` in radians, detecting the stored range, or raise naming it.
-
-    Recognised: radians ([-π, π] or [0, 2π]) and scanner integers ([-4096, 4095] or
-    [0, 4095], Siemens; any symmetric power-of-two range).
-
-    Examples:
-        >>> [round(float(v), 3) for v in phase_to_radians(np.array([-4096.0, 0.0, 4095.0]), "p")]
-        [-3.142, 0.0, 3.141]
-        >>> [round(float(v), 2) for v in phase_to_radians(np.array([0.0, 6.2]), "p")]
-        [0.0, 6.2]
-        >>> phase_to_radians(np.array([0.0, 57.0]), "p")  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        smoulder.errors.InputError: p: expected phase in radians or ..., found values from 0 to 57
-    """
-    lo, hi = float(np.min(data)), float(np.max(data))
-    tol = 1e-3
-    if lo >= -math.pi - tol and hi <= math.pi + tol:
-        return data.astype(np.float32)
-    if lo >= -tol and hi <= 2 * math.pi + tol:
-        return data.astype(np.float32)
-    span = hi - lo
-    for bits in range(8, 17):
-        full = 2.0**bits
-        if span > 0.5 * full and hi <= full and lo >= -full:
-            if lo < -tol:  # symmetric: [-full/2 .. full/2) or [-full .. full)
-                scale = math.pi / (full if lo < -full / 2 - tol else full / 2)
-                return (data * scale).astype(np.float32)
-            return (data * (2 * math.pi / full)).astype(np.float32)
-    raise InputError(
-        where,
-        expected="phase in radians or in a scanner's integer range (e.g. -4096..4095)",
-        found=f"values from {lo:g} to {hi:g}",
-    )
 
 
 def _sidecar(path: Path) -> dict[str, Any]:
@@ -139,7 +103,7 @@ def load_echoes(magnitudes: list[Path], phases: list[Path]) -> Echoes:
                 str(p_path), expected="MagneticFieldStrength (T) in the sidecar", found="none"
             )
         mags.append(m)
-        phs.append(phase_to_radians(p, str(p_path)))
+        phs.append(phase_to_radians(p, p_path))
         tes.append(float(side["EchoTime"]) * 1000.0)
         b0s.append(float(side["MagneticFieldStrength"]))
     order = np.argsort(tes)

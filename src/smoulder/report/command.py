@@ -28,16 +28,17 @@ def derivatives_root(output_dir: Path) -> Path:
 
 def build_reports(output_dir: Path, participants: list[str] | None = None) -> list[Path]:
     """Build ``sub-*.html`` and ``index.html``; return the pages written."""
-    from smoulder.report.subject import build_index, build_subject_report
+    from smoulder.report.subject import build_index, build_subject_report, collect_sessions
 
     root = derivatives_root(output_dir)
     subjects = sorted(p.name for p in root.glob("sub-*") if p.is_dir())
     if participants:
         wanted = {s if s.startswith("sub-") else f"sub-{s}" for s in participants}
         subjects = [s for s in subjects if s in wanted]
-    pages = [build_subject_report(root, s) for s in subjects]
+    known = {s: collect_sessions(root, s) for s in subjects}  # read once, for page and index
+    pages = [build_subject_report(root, s, sessions=known[s]) for s in subjects]
     all_subjects = sorted(p.name for p in root.glob("sub-*") if p.is_dir())
-    pages.append(build_index(root, all_subjects))
+    pages.append(build_index(root, all_subjects, known))
     return pages
 
 

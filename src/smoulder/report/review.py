@@ -11,14 +11,13 @@ from __future__ import annotations
 import csv
 import fcntl
 import io
-import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
 from smoulder.errors import InputError
+from smoulder.images import atomic_path
 
 #: Columns of the review table, in order, with what each may hold ("" = not rated).
 COLUMNS: dict[str, tuple[str, ...] | None] = {
@@ -155,12 +154,6 @@ def merge_review(path: str | Path, rows: Iterable[Mapping[str, object]]) -> list
         for row in new:
             saved[(row["lesion_id"], row["rater"])] = row
         merged = list(saved.values())
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(format_review(merged))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp:
+            tmp.write_text(format_review(merged), encoding="utf-8")
     return sorted(merged, key=lambda r: (int(r["lesion_id"]), r["rater"]))

@@ -230,7 +230,6 @@ def lesion_pictures(ses: SessionData, max_lesions: int | None = None) -> dict[in
         (t1_name, t1, None),
         (chi_name, chi_path, chi_window),
     ]
-    brain = labels >= 0
     volumes = {}
     for name, path, window in sources:
         loaded = _load(path)
@@ -239,10 +238,7 @@ def lesion_pictures(ses: SessionData, max_lesions: int | None = None) -> dict[in
         data = loaded[0]
         if data.shape != labels.shape:
             continue
-        volumes[name] = (
-            data,
-            window or render.percentile_window(data, data > 0 if brain.any() else None),
-        )
+        volumes[name] = (data, window or render.percentile_window(data))
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
     half = [max(3, int(round(CROP_HALF_MM / s))) for s in spacing]
     scale = max(1, CROP_PX // (2 * max(half) + 1))
@@ -379,21 +375,24 @@ def registration_checks(sessions: list[SessionData]) -> list[tuple[str, str]]:
         return out
     ref = sessions[0]
     ref_path = ref.file("desc-preproc_FLAIR.nii.gz")
+    if ref_path is None or len(sessions) < 2:
+        return out
+    ref_img = _nii(ref_path)
+    ref_data = render.canonical(ref_img)[0]
+    ref_mask = ref.file("desc-brain_mask.nii.gz")
+    ref_brain = render.canonical(_nii(ref_mask))[0] > 0 if ref_mask else None
     for later in sessions[1:]:
         xfm = later.file(
             f"from-{later.label.replace('-', '')}_to-{ref.label.replace('-', '')}_mode-image_xfm.nii.gz"
         )
         later_flair = later.file("desc-preproc_FLAIR.nii.gz")
-        if ref_path is None or xfm is None or later_flair is None:
+        if xfm is None or later_flair is None:
             continue
-        ref_img = _nii(ref_path)
-        ref_mask = ref.file("desc-brain_mask.nii.gz")
-        ref_brain = render.canonical(_nii(ref_mask))[0] > 0 if ref_mask else None
         moved = resample(_nii(later_flair), ref_img, load_transform(xfm))
         out.append(
             (
                 f"{later.label} FLAIR edges on {ref.label} FLAIR (longitudinal transform)",
-                edge_mosaic(render.canonical(ref_img)[0], render.canonical(moved)[0], ref_brain),
+                edge_mosaic(ref_data, render.canonical(moved)[0], ref_brain),
             )
         )
     return out
@@ -436,10 +435,21 @@ def _e(value: Any) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 
-def build_subject_report(root: str | Path, subject: str, *, max_lesions: int | None = None) -> Path:
-    """Write ``ROOT/sub-<label>.html`` from the derivatives in ``root``; return its path."""
+def build_subject_report(
+    root: str | Path,
+    subject: str,
+    *,
+    max_lesions: int | None = None,
+    sessions: list[SessionData] | None = None,
+) -> Path:
+    """Write ``ROOT/sub-<label>.html`` from the derivatives in ``root``; return its path.
+
+    ``sessions`` (from :func:`collect_sessions`) saves reading them again when the caller has
+    them; ``max_lesions`` caps the cards (all by default).
+    """
     root = Path(root)
-    sessions = collect_sessions(root, subject)
+    if sessions is None:
+        sessions = collect_sessions(root, subject)
     years = years_since_first(sessions)
     inputs = root / subject / f"{subject}_inputs.tsv"
     input_rows = _tsv(inputs) if inputs.exists() else []
@@ -594,9 +604,12 @@ def build_subject_report(root: str | Path, subject: str, *, max_lesions: int | N
     return save_text(page, root / f"{subject}.html")
 
 
-def subject_summary(root: Path, subject: str) -> dict[str, Any]:
+def subject_summary(
+    root: Path, subject: str, sessions: list[SessionData] | None = None
+) -> dict[str, Any]:
     """Return the index page's numbers for one subject."""
-    sessions = collect_sessions(root, subject)
+    if sessions is None:
+        sessions = collect_sessions(root, subject)
     years = years_since_first(sessions)
     n_lesions = len(sessions[0].lesions) if sessions else 0
     reviewed = {
@@ -614,12 +627,17 @@ def subject_summary(root: Path, subject: str) -> dict[str, Any]:
     }
 
 
-def build_index(root: str | Path, subjects: list[str]) -> Path:
-    """Write ``ROOT/index.html``: one row per subject, its key numbers and review status."""
+def build_index(
+    root: str | Path, subjects: list[str], known: dict[str, list[SessionData]] | None = None
+) -> Path:
+    """Write ``ROOT/index.html``: one row per subject, its key numbers and review status.
+
+    ``known`` maps subjects to sessions already collected; the others are read here.
+    """
     root = Path(root)
     rows = []
     for subject in subjects:
-        s = subject_summary(root, subject)
+        s = subject_summary(root, subject, (known or {}).get(subject))
         status = (
             "not started"
             if s["reviewed"] == 0
