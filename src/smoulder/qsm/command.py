@@ -20,6 +20,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default="", help="prepended to every output name")
     p.add_argument("--mask", type=Path, help="brain mask on the GRE grid (default: from magnitude)")
     p.add_argument("--method", choices=["tv", "tkd"], default="tv")
+    p.add_argument(
+        "--unwrap",
+        choices=["laplacian", "quality"],
+        default="laplacian",
+        help="spatial unwrapping: least squares (default) or reliability-guided region growing",
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     return p
 
@@ -54,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
             )
     else:
         mask = magnitude_mask(echoes.magnitude)
-    result = reconstruct(echoes, mask, method=args.method, device=device)
+    result = reconstruct(echoes, mask, method=args.method, device=device, unwrap=args.unwrap)
     args.out.mkdir(parents=True, exist_ok=True)
     hp = filtered_phase(echoes)
     swi_img, minip = swi(echoes, hp)

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +32,9 @@ if TYPE_CHECKING:
 #: Defaults of the iterative inversion (chosen on the phantom, see benchmarks/qsm.py).
 TV_LAMBDA, TV_RHO, TV_ITERATIONS, TV_EDGE_SHARE = 5e-4, 2e-2, 40, 0.3
 TKD_THRESHOLD = 0.19
+UNWRAP_TOLERANCE = 1e-3
+#: Margin (voxels) kept around the V-SHARP mask for the dipole inversion.
+INVERSION_MARGIN = 8
 VSHARP_RADII_MM = (12.0, 9.0, 6.0, 4.0, 2.0)
 
 
@@ -71,29 +77,29 @@ def load_echoes(magnitudes: list[Path], phases: list[Path]) -> Echoes:
     mags, phs, tes, b0s = [], [], [], []
     affine = None
     shape = None
+    images = []
     for m_path, p_path in zip(magnitudes, phases, strict=True):
         m_img, p_img = nib.load(m_path), nib.load(p_path)
-        m = np.asarray(m_img.dataobj, np.float32)  # type: ignore[attr-defined]
-        p = np.asarray(p_img.dataobj, np.float32)  # type: ignore[attr-defined]
-        if m.ndim != 3 or p.ndim != 3:
+        m_shape, p_shape = m_img.shape, p_img.shape  # type: ignore[attr-defined]
+        if len(m_shape) != 3 or len(p_shape) != 3:
             raise InputError(
-                str(m_path if m.ndim != 3 else p_path),
+                str(m_path if len(m_shape) != 3 else p_path),
                 expected="a 3D echo",
-                found=f"shape {m.shape if m.ndim != 3 else p.shape}",
+                found=f"shape {m_shape if len(m_shape) != 3 else p_shape}",
             )
-        if m.shape != p.shape or not np.allclose(m_img.affine, p_img.affine, atol=1e-3):  # type: ignore[attr-defined]
+        if m_shape != p_shape or not np.allclose(m_img.affine, p_img.affine, atol=1e-3):  # type: ignore[attr-defined]
             raise InputError(
                 str(p_path),
-                expected=f"the grid of {m_path.name} ({m.shape})",
-                found=f"{p.shape} or another affine",
+                expected=f"the grid of {m_path.name} ({m_shape})",
+                found=f"{p_shape} or another affine",
             )
         if shape is None:
-            shape, affine = m.shape, m_img.affine  # type: ignore[attr-defined]
-        elif m.shape != shape or not np.allclose(m_img.affine, affine, atol=1e-3):  # type: ignore[attr-defined, arg-type]
+            shape, affine = m_shape, m_img.affine  # type: ignore[attr-defined]
+        elif m_shape != shape or not np.allclose(m_img.affine, affine, atol=1e-3):  # type: ignore[attr-defined, arg-type]
             raise InputError(
                 str(m_path),
                 expected=f"the grid of the first echo ({shape})",
-                found=f"{m.shape} or another affine",
+                found=f"{m_shape} or another affine",
             )
         side = {**_sidecar(m_path), **_sidecar(p_path)}
         if "EchoTime" not in side:
@@ -102,10 +108,15 @@ def load_echoes(magnitudes: list[Path], phases: list[Path]) -> Echoes:
             raise InputError(
                 str(p_path), expected="MagneticFieldStrength (T) in the sidecar", found="none"
             )
-        mags.append(m)
-        phs.append(phase_to_radians(p, p_path))
+        images += [m_img, p_img]
         tes.append(float(side["EchoTime"]) * 1000.0)
         b0s.append(float(side["MagneticFieldStrength"]))
+    # decompression and conversion release the GIL: read the files side by side
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        arrays = list(pool.map(lambda img: np.asarray(img.dataobj, np.float32), images))
+    for i, p_path in enumerate(phases):
+        mags.append(arrays[2 * i])
+        phs.append(phase_to_radians(arrays[2 * i + 1], p_path))
     order = np.argsort(tes)
     return Echoes(
         magnitude=np.stack([mags[i] for i in order]),
@@ -132,12 +143,35 @@ def magnitude_mask(magnitude: np.ndarray) -> np.ndarray:
     return ndi.binary_fill_holes(labels == sizes.argmax())
 
 
+def quality_unwrap(phase: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Return ``phase`` (rad) unwrapped by reliability-guided region growing, inside ``mask``.
+
+    Voxel pairs are joined in order of decreasing reliability (the smoothness of each voxel's
+    second differences), so noisy regions are reached last and their errors stay local
+    (Herráez et al., Applied Optics 2002; scikit-image's ``unwrap_phase``). Outside the mask
+    the result is 0.
+
+    Examples:
+        >>> x = np.linspace(0, 1, 24)[:, None, None] * np.ones((24, 24, 24))
+        >>> truth = 18.0 * x**2
+        >>> out = quality_unwrap(np.angle(np.exp(1j * truth)), np.ones(truth.shape, bool))
+        >>> bool(np.abs((out - truth) - (out - truth).mean()).max() < 1e-4)
+        True
+    """
+    from skimage.restoration import unwrap_phase
+
+    wrapped = np.ma.masked_array(np.asarray(phase, np.float64), mask=~np.asarray(mask, bool))
+    out = unwrap_phase(wrapped)
+    return np.asarray(np.ma.filled(out, 0.0), np.float32)
+
+
 def unwrap_echoes(
     phase: torch.Tensor,
     magnitude: torch.Tensor,
     echo_times_ms: list[float],
     voxel_mm: tuple[float, float, float],
     mask: torch.Tensor,
+    method: str = "laplacian",
 ) -> torch.Tensor:
     """Return the phases of all echoes unwrapped in space and time (E, X, Y, Z), radians.
 
@@ -148,21 +182,77 @@ def unwrap_echoes(
     """
     import torch
 
+    def spatial(p: torch.Tensor) -> torch.Tensor:
+        if method == "quality":
+            out = quality_unwrap(p.cpu().numpy(), mask.bool().cpu().numpy())
+            return torch.from_numpy(out).to(p.device)
+        return core.laplacian_unwrap(p, voxel_mm, mask, tolerance=UNWRAP_TOLERANCE)
+
     if phase.shape[0] == 1:
-        return core.laplacian_unwrap(phase[0], voxel_mm, mask)[None]
+        return spatial(phase[0])[None]
     te = torch.as_tensor(echo_times_ms, dtype=phase.dtype, device=phase.device)
-    z = magnitude * torch.exp(1j * phase)
+    z = torch.polar(magnitude, phase)
     step = float((te[1:] - te[:-1]).mean())
     pairs = z[1:] * torch.conj(z[:-1])
     dphi = torch.angle(pairs.sum(0))
-    du = core.laplacian_unwrap(dphi, voxel_mm, mask)
+    # the solve only has to land within ±π of the truth: the result is made congruent with
+    # the measured difference below, so a loose tolerance loses nothing
+    du = spatial(dphi)
     m = mask.bool()
-    du = du + torch.angle(torch.exp(1j * (dphi - du))[m].sum())  # congruent with dphi
+    du = du + torch.angle(
+        torch.polar(torch.ones_like(du), dphi - du)[m].sum()
+    )  # align with dphi on average
+    du = dphi + 2 * math.pi * torch.round((du - dphi) / (2 * math.pi))  # then exactly congruent
     du = du - 2 * math.pi * torch.round(du[m].mean() / (2 * math.pi))  # brain mean field ~ 0
     rate = du / step  # rad/ms
-    offset = torch.angle(z[0] * torch.exp(-1j * rate * te[0]))
+    offset = torch.angle(z[0] * torch.polar(torch.ones_like(rate), -rate * te[0]))
     model = offset[None] + rate[None] * te.reshape(-1, 1, 1, 1)
     return phase + 2 * math.pi * torch.round((model - phase) / (2 * math.pi))
+
+
+def fft_box(mask: np.ndarray, margin: Sequence[int]) -> tuple[slice, ...]:
+    """Return the box of ``mask`` grown by ``margin`` voxels, each edge a fast FFT size.
+
+    The box may reach past the array's end; :func:`crop_pad` fills that part with zeros.
+
+    Examples:
+        >>> m = np.zeros((300, 300, 300), bool); m[10:99, 10:110, 10:120] = True
+        >>> [(s.start, s.stop) for s in fft_box(m, [2, 2, 2])]
+        [(8, 104), (8, 116), (8, 128)]
+    """
+    found = ndi.find_objects(np.asarray(mask).astype(np.uint8))[0]
+    box = []
+    for b, m, n in zip(found, margin, mask.shape, strict=True):
+        start, stop = max(0, b.start - m), min(n, b.stop + m)
+        box.append(slice(start, start + core.fast_size(stop - start)))
+    return tuple(box)
+
+
+def crop_pad(array: np.ndarray, box: tuple[slice, ...]) -> np.ndarray:
+    """Return ``array[..., box]`` (box on the last three axes), zero-filled past the end."""
+    lead = array.ndim - 3
+    inside = tuple(
+        slice(b.start, min(b.stop, n)) for b, n in zip(box, array.shape[lead:], strict=True)
+    )
+    part = array[(slice(None),) * lead + inside]
+    pad = [(0, 0)] * lead + [
+        (0, (b.stop - b.start) - (i.stop - i.start)) for b, i in zip(box, inside, strict=True)
+    ]
+    return np.ascontiguousarray(np.pad(part, pad))
+
+
+def crop_pad_t(x: torch.Tensor, box: tuple[slice, ...]) -> torch.Tensor:
+    """:func:`crop_pad` for a 3D tensor."""
+    import torch
+
+    inside = tuple(slice(b.start, min(b.stop, n)) for b, n in zip(box, x.shape, strict=True))
+    part = x[inside]
+    pad: list[int] = []
+    for b, i in reversed(list(zip(box, inside, strict=True))):
+        pad += [0, (b.stop - b.start) - (i.stop - i.start)]
+    if part.dtype == torch.bool:
+        return torch.nn.functional.pad(part.to(torch.uint8), pad).bool()
+    return torch.nn.functional.pad(part, pad)
 
 
 @dataclass
@@ -190,12 +280,15 @@ def reconstruct(
     edge_share: float = TV_EDGE_SHARE,
     tkd_threshold: float = TKD_THRESHOLD,
     vsharp_radii_mm: tuple[float, ...] = VSHARP_RADII_MM,
+    unwrap: str = "laplacian",
 ) -> QsmResult:
     """Return χ (ppm) and the fields of ``echoes`` inside ``mask`` (see the module docstring)."""
     import torch
 
     if method not in ("tv", "tkd"):
         raise ValueError(f"method: expected 'tv' or 'tkd', found {method!r}")
+    if unwrap not in ("laplacian", "quality"):
+        raise ValueError(f"unwrap: expected 'laplacian' or 'quality', found {unwrap!r}")
     if mask.shape != echoes.magnitude.shape[1:] or not mask.any():
         raise InputError(
             "mask",
@@ -206,22 +299,17 @@ def reconstruct(
     # is often twice the brain's volume
     vox = echoes.voxel_mm
     margin = [int(math.ceil(max(vsharp_radii_mm) / v)) + 2 for v in vox]
-    box = tuple(
-        slice(max(0, b.start - m), min(n, b.stop + m))
-        for b, m, n in zip(
-            ndi.find_objects(mask.astype(np.uint8))[0], margin, mask.shape, strict=True
-        )
-    )
+    box = fft_box(mask, margin)
     full_shape = mask.shape
     echoes = Echoes(
-        magnitude=np.ascontiguousarray(echoes.magnitude[(slice(None), *box)]),
-        phase=np.ascontiguousarray(echoes.phase[(slice(None), *box)]),
+        magnitude=crop_pad(echoes.magnitude, box),
+        phase=crop_pad(echoes.phase, box),
         echo_times_ms=echoes.echo_times_ms,
         b0_tesla=echoes.b0_tesla,
         affine=echoes.affine,
         sources=echoes.sources,
     )
-    mask = np.ascontiguousarray(mask[box])
+    mask = crop_pad(mask, box)
     timings: dict[str, float] = {}
     tic = time.perf_counter()
     dev = torch.device(device)
@@ -229,7 +317,7 @@ def reconstruct(
     head = torch.from_numpy(np.ascontiguousarray(ndi.binary_dilation(mask, iterations=2))).to(dev)
     mags = torch.from_numpy(echoes.magnitude).to(dev)
     unwrapped = unwrap_echoes(
-        torch.from_numpy(echoes.phase).to(dev), mags, echoes.echo_times_ms, vox, head
+        torch.from_numpy(echoes.phase).to(dev), mags, echoes.echo_times_ms, vox, head, unwrap
     )
     timings["unwrap_s"] = time.perf_counter() - tic
     tic = time.perf_counter()
@@ -240,17 +328,28 @@ def reconstruct(
     timings["background_s"] = time.perf_counter() - tic
     tic = time.perf_counter()
     b0 = core.b0_in_voxels(echoes.affine)
-    kernel = core.dipole_kernel(local.shape, vox, tuple(float(v) for v in b0), device=dev)
+    # the inversion needs only the V-SHARP mask and a margin of zero field around it
+    inner = fft_box(kept.cpu().numpy(), [INVERSION_MARGIN] * 3)
+    inner_t = tuple(slice(s.start, min(s.stop, n)) for s, n in zip(inner, kept.shape, strict=True))
+    local_in = crop_pad_t(local, inner)
+    kept_in = crop_pad_t(kept, inner)
+    kernel = core.dipole_kernel(local_in.shape, vox, tuple(float(v) for v in b0), device=dev)
     if method == "tkd":
-        chi = core.tkd(local, kernel, tkd_threshold)
+        chi_in = core.tkd(local_in, kernel, tkd_threshold)
         params: dict[str, Any] = {"threshold": tkd_threshold}
     else:
         weights = None
         if edge_share > 0:  # keep the magnitude's edges (rims darken the late echoes)
-            mean_mag = torch.from_numpy(echoes.magnitude.mean(0)).to(dev)
-            weights = core.edge_weights(mean_mag, kept, edge_share=edge_share)
-        chi = core.tv_admm(
-            local, kernel, vox, lam=tv_lambda, rho=tv_rho, iterations=tv_iterations, weights=weights
+            mean_mag = crop_pad_t(torch.from_numpy(echoes.magnitude.mean(0)).to(dev), inner)
+            weights = core.edge_weights(mean_mag, kept_in, edge_share=edge_share)
+        chi_in = core.tv_admm(
+            local_in,
+            kernel,
+            vox,
+            lam=tv_lambda,
+            rho=tv_rho,
+            iterations=tv_iterations,
+            weights=weights,
         )
         params = {
             "lambda": tv_lambda,
@@ -258,6 +357,8 @@ def reconstruct(
             "iterations": tv_iterations,
             "edge_share": edge_share,
         }
+    chi = torch.zeros_like(local)
+    chi[inner_t] = chi_in[tuple(slice(0, s.stop - s.start) for s in inner_t)]
     chi = (chi - chi[kept].mean()) * kept
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -265,6 +366,7 @@ def reconstruct(
     params.update(
         {
             "vsharp_radii_mm": list(vsharp_radii_mm),
+            "unwrapping": unwrap,
             "b0_direction_voxels": [round(float(v), 6) for v in b0],
         }
     )
@@ -273,7 +375,9 @@ def reconstruct(
         out: np.ndarray = np.zeros(
             full_shape, dtype=np.bool_ if x.dtype == torch.bool else np.float32
         )
-        out[box] = x.cpu().numpy()
+        inside = tuple(slice(b.start, min(b.stop, n)) for b, n in zip(box, full_shape, strict=True))
+        part = x.cpu().numpy()[tuple(slice(0, s.stop - s.start) for s in inside)]
+        out[inside] = part
         return out
 
     return QsmResult(

@@ -163,6 +163,19 @@ def train_parser() -> argparse.ArgumentParser:
         help="weight of the lesion class in the cross-entropy",
     )
     p.add_argument("--init", type=Path, help="bundle or checkpoint to start from (fine-tuning)")
+    p.add_argument(
+        "--real-case",
+        type=Path,
+        action="append",
+        default=[],
+        help="folder of a real case (FLAIR, T1, expert lesion mask) to fine-tune on; repeatable",
+    )
+    p.add_argument(
+        "--real-fraction",
+        type=float,
+        default=d.real_fraction,
+        help="share of the samples cut from the real cases",
+    )
     p.add_argument("--label-maps", type=Path, help="folder of training_seg_*.nii.gz")
     p.add_argument("--lesion-masks", type=Path, help="folder of real lesion masks")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -204,6 +217,8 @@ def run_train(argv: list[str]) -> int:
         seed=args.seed,
         lesion_weight=args.lesion_weight,
         init=str(args.init or ""),
+        real_cases=tuple(str(p.resolve()) for p in args.real_case),
+        real_fraction=args.real_fraction,
         synth=replace(
             d.synth,
             patch=args.patch,

@@ -6,15 +6,19 @@ Every ``validate_every`` iterations the network is scored on a fixed set of synt
 (seeded apart from training); the best state is written as a MONAI bundle in ``OUT/bundle``.
 
 Samples are synthesised in a separate worker process while the network trains
-(:mod:`smoulder.segmentation.synth`). The sample stream is seeded by the seed and by the
-iteration the run (re)started from: a run resumed at the same iterations is reproduced exactly.
+(:mod:`smoulder.segmentation.synth`). Fine-tuning may mix in patches of real cases with expert
+lesion masks (``real_cases``, :mod:`smoulder.segmentation.real`) at ``real_fraction`` of the
+samples; such a run keeps its final state as its bundle (no real case is held back to choose
+a "best" one), and the bundle names the cases, so evaluations stay leave-one-out. The sample
+stream is seeded by the seed and by the iteration the run (re)started from: a run resumed at
+the same iterations is reproduced exactly.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,7 @@ import numpy as np
 import torch
 
 from smoulder.segmentation.network import InferenceSettings, NetworkDef, save_bundle
+from smoulder.segmentation.real import RealCase, prepare_case, real_patch
 from smoulder.segmentation.synth import (
     CLASSES,
     SynthSettings,
@@ -49,21 +54,37 @@ class TrainSettings:
     synth: SynthSettings = field(default_factory=SynthSettings)
     network: NetworkDef = field(default_factory=NetworkDef)
     init: str = ""  # a bundle or checkpoint whose weights start the run (fine-tuning)
+    real_cases: tuple[str, ...] = ()  # folders of real cases (smoulder.segmentation.real)
+    real_fraction: float = 0.5  # share of the samples cut from real cases, when there are any
 
 
 class _Stream(torch.utils.data.IterableDataset):
-    """Endless synthetic samples (one worker process)."""
+    """Endless synthetic samples, mixed with real patches when given (one worker process)."""
 
-    def __init__(self, label_dir: Path, lesion_dir: Path, seed: int, synth: SynthSettings):
+    def __init__(
+        self,
+        label_dir: Path,
+        lesion_dir: Path,
+        seed: int,
+        synth: SynthSettings,
+        real: Sequence[Path] = (),
+        real_fraction: float = 0.0,
+    ):
         self.label_dir, self.lesion_dir, self.seed, self.synth = label_dir, lesion_dir, seed, synth
+        self.real, self.real_fraction = list(real), real_fraction
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         torch.set_num_threads(1)
         maps = load_label_maps(self.label_dir)
         shapes = load_lesion_shapes(self.lesion_dir)
+        cases = [RealCase.load(p) for p in self.real]
         rng = np.random.default_rng(self.seed)
         while True:
-            x, y = synth_sample(rng, maps, shapes, self.synth)
+            if cases and rng.random() < self.real_fraction:
+                case = cases[rng.integers(len(cases))]
+                x, y = real_patch(rng, case, self.synth.patch, p_t1=self.synth.p_t1)
+            else:
+                x, y = synth_sample(rng, maps, shapes, self.synth)
             yield torch.from_numpy(x), torch.from_numpy(y)
 
 
@@ -183,8 +204,19 @@ def _train(
         start, history, best = ckpt["iteration"], ckpt["history"], ckpt["best"]
         say(f"resuming at iteration {start} (best validation score {best:.3f})")
     val_x, val_y = _validation_set(label_dir, lesion_dir, settings)
+    real = [
+        prepare_case(Path(folder), settings.init or None, out / "real")
+        for folder in settings.real_cases
+    ]
     loader = torch.utils.data.DataLoader(
-        _Stream(label_dir, lesion_dir, settings.seed * 100_003 + start, settings.synth),
+        _Stream(
+            label_dir,
+            lesion_dir,
+            settings.seed * 100_003 + start,
+            settings.synth,
+            real,
+            settings.real_fraction,
+        ),
         batch_size=settings.batch,
         num_workers=1,
         prefetch_factor=4,
@@ -219,8 +251,9 @@ def _train(
                     {k: round(v, 4) if isinstance(v, float) else v for k, v in entry.items()}
                 )
             )
-            if scores["score"] > best:
-                best = scores["score"]
+            final = it == settings.iterations
+            if scores["score"] > best or (settings.real_cases and final):
+                best = max(best, scores["score"])
                 save_bundle(
                     out / "bundle",
                     net.state_dict(),
