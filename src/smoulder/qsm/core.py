@@ -123,7 +123,11 @@ def dipole_kernel(
     kb = kx * float(b[0]) + ky * float(b[1]) + kz * float(b[2])
     d = 1.0 / 3.0 - kb**2 / torch.where(k2 > 0, k2, torch.ones_like(k2))
     d[0, 0, 0] = 0.0
-    return d
+    # an oblique B0 makes the cross terms differ between a Nyquist frequency and its mirror
+    # (both are the same sample): average the two, so D(k) = D(−k) exactly and real FFTs give
+    # the real part of the full complex convolution
+    axes = (0, 1, 2)
+    return 0.5 * (d + torch.roll(torch.flip(d, axes), (1, 1, 1), axes))
 
 
 def forward_field(chi: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
