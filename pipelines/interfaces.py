@@ -339,6 +339,7 @@ class _QSMInputSpec(BaseInterfaceInputSpec):
         exists=True, mandatory=True, desc="GRE → FLAIR transform (FLAIR points to GRE points)"
     )
     method = traits.Enum("tv", "tkd", usedefault=True, desc="dipole inversion")
+    csf_probseg = File(exists=True, desc="CSF probability (FLAIR grid): reference χ to the CSF")
     device = traits.Enum("cpu", "cuda", usedefault=True, desc="where the reconstruction runs")
     use_gpu = traits.Bool(False, usedefault=True, desc="a GPU step (counted in n_gpu_procs)")
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc="CPU threads")
@@ -363,6 +364,7 @@ class QSM(SimpleInterface):
         import nibabel as nib
         import numpy as np
         import torch
+        from scipy import ndimage as ndi
 
         from smoulder.qsm.reconstruct import load_echoes, magnitude_mask, reconstruct
         from smoulder.registration.transforms import AffineTransform, resample
@@ -375,8 +377,20 @@ class QSM(SimpleInterface):
         brain = resample(
             nib.load(self.inputs.brain_mask), gre, to_gre.inverse(), interpolation="nearest"
         )
-        mask = (np.asarray(brain.dataobj) > 0) & magnitude_mask(echoes.magnitude)
-        result = reconstruct(echoes, mask, method=self.inputs.method, device=self.inputs.device)
+        # the brain mask is parenchyma: fill the ventricles (enclosed CSF) back in for QSM
+        inside = ndi.binary_fill_holes(np.asarray(brain.dataobj) > 0)
+        mask = inside & magnitude_mask(echoes.magnitude)
+        reference = None
+        if isdefined(self.inputs.csf_probseg):  # ventricular CSF: sure CSF inside the brain
+            csf = resample(nib.load(self.inputs.csf_probseg), gre, to_gre.inverse())
+            reference = np.asarray(csf.dataobj) >= 0.9
+        result = reconstruct(
+            echoes,
+            mask,
+            method=self.inputs.method,
+            device=self.inputs.device,
+            reference_mask=reference,
+        )
         cwd = Path(runtime.cwd)
         outputs = {
             "chimap": result.chi_ppm,
@@ -394,10 +408,10 @@ class QSM(SimpleInterface):
         self._results["parameters"] = {
             "Units": "ppm",
             "Method": result.method,
-            **{k: v for k, v in result.parameters.items()},
+            **{k: v for k, v in result.parameters.items() if k != "reference"},
             "EchoTimes": [t / 1000 for t in echoes.echo_times_ms],
             "MagneticFieldStrength": echoes.b0_tesla,
-            "Reference": "mean susceptibility of the QSM mask",
+            "Reference": result.parameters["reference"],
         }
         return runtime
 

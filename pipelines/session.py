@@ -304,6 +304,8 @@ def _add_qsm(
         (node, ds_chi, [("chimap", "in_file"), ("parameters", "metadata")]),
         (node, ds_chi_flair, [("chimap_flair", "in_file"), ("parameters", "metadata")]),
     ])  # fmt: skip
+    if settings.get("reference", "csf") == "csf":
+        wf.connect(seg, "probseg_csf", node, "csf_probseg")
 
 
 def _add_segmentation(

@@ -462,6 +462,7 @@ def test_outputs_are_bids_derivatives(runs: Runs) -> None:
             # susceptibility: on the GRE's own grid and on the FLAIR's
             (chi,) = layout.get(suffix="Chimap", space=Query.NONE, **query)
             assert chi.get_metadata()["Units"] == "ppm" and chi.get_metadata()["Method"] == "tv"
+            assert chi.get_metadata()["Reference"].startswith("mean susceptibility of the")
             assert layout.get(suffix="Chimap", space="FLAIR", **query)
         later = {"subject": subject, "session": "02", "extension": ".nii.gz"}
         fields = layout.get(suffix="xfm", mode="image", **later)

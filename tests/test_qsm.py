@@ -221,3 +221,19 @@ def test_oblique_kernel_is_even_so_real_ffts_equal_the_complex_convolution() -> 
     full = torch.fft.ifftn(kernel * torch.fft.fftn(chi))
     assert float(full.imag.abs().max()) < 1e-12
     assert torch.allclose(core.forward_field(chi, kernel), full.real, atol=1e-12)
+
+
+def test_chi_is_referenced_to_the_given_mask(tmp_path: Path) -> None:
+    mags, phases, mask, chi = _write_echoes(tmp_path)
+    echoes = load_echoes(mags, phases)
+    ref = mask.copy()
+    ref[12:] = False  # half of the head
+    result = reconstruct(echoes, mask, method="tkd", reference_mask=ref)
+    inside = ref & result.mask
+    assert inside.sum() >= 100
+    assert abs(float(result.chi_ppm[inside].mean())) < 1e-5
+    assert "reference mask" in result.parameters["reference"]
+    small = reconstruct(echoes, mask, method="tkd", reference_mask=ref & (np.arange(24) < 6))
+    assert "fewer than" in small.parameters["reference"]  # too few voxels: the mask's mean
+    with pytest.raises(InputError, match="GRE grid"):
+        reconstruct(echoes, mask, reference_mask=ref[:-1])

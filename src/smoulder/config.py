@@ -200,6 +200,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"qsm.enabled: expected true or false, found {qsm['enabled']!r}")
     if qsm["method"] not in ("tv", "tkd"):
         raise ConfigError(f"qsm.method: expected tv or tkd, found {qsm['method']!r}")
+    if qsm.get("reference", "csf") not in ("csf", "mask"):
+        raise ConfigError(f"qsm.reference: expected csf or mask, found {qsm['reference']!r}")
     seg = cfg["segmentation"]
     if not isinstance(seg["enabled"], bool):
         raise ConfigError(f"segmentation.enabled: expected true or false, found {seg['enabled']!r}")

@@ -21,6 +21,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", type=Path, help="brain mask on the GRE grid (default: from magnitude)")
     p.add_argument("--method", choices=["tv", "tkd"], default="tv")
     p.add_argument(
+        "--reference-mask",
+        type=Path,
+        help="reference χ to the mean inside this mask on the GRE grid (e.g. ventricular CSF); "
+        "default: the mean of the QSM mask",
+    )
+    p.add_argument(
         "--unwrap",
         choices=["laplacian", "quality"],
         default="laplacian",
@@ -60,7 +66,23 @@ def run(args: argparse.Namespace) -> int:
             )
     else:
         mask = magnitude_mask(echoes.magnitude)
-    result = reconstruct(echoes, mask, method=args.method, device=device, unwrap=args.unwrap)
+    reference = None
+    if args.reference_mask:
+        reference = np.asarray(nib.load(args.reference_mask).dataobj) > 0  # type: ignore[attr-defined]
+        if reference.shape != echoes.magnitude.shape[1:]:
+            raise InputError(
+                str(args.reference_mask),
+                expected=f"a mask on the GRE grid {echoes.magnitude.shape[1:]}",
+                found=f"{reference.shape}",
+            )
+    result = reconstruct(
+        echoes,
+        mask,
+        method=args.method,
+        device=device,
+        unwrap=args.unwrap,
+        reference_mask=reference,
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     hp = filtered_phase(echoes)
     swi_img, minip = swi(echoes, hp)
@@ -76,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
                 "Units": "ppm",
                 "Method": result.method,
                 "Parameters": result.parameters,
-                "Reference": "mean susceptibility of the mask",
+                "Reference": result.parameters["reference"],
                 "Device": device,
             },
         ),

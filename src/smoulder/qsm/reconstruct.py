@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 TV_LAMBDA, TV_RHO, TV_ITERATIONS, TV_EDGE_SHARE = 5e-4, 2e-2, 40, 0.3
 TKD_THRESHOLD = 0.19
 UNWRAP_TOLERANCE = 1e-3
+#: Fewest voxels of a reference mask (e.g. CSF) inside the QSM mask for it to be used.
+MIN_REFERENCE_VOXELS = 100
 #: Margin (voxels) kept around the V-SHARP mask for the dipole inversion.
 INVERSION_MARGIN = 8
 VSHARP_RADII_MM = (12.0, 9.0, 6.0, 4.0, 2.0)
@@ -281,8 +283,14 @@ def reconstruct(
     tkd_threshold: float = TKD_THRESHOLD,
     vsharp_radii_mm: tuple[float, ...] = VSHARP_RADII_MM,
     unwrap: str = "laplacian",
+    reference_mask: np.ndarray | None = None,
 ) -> QsmResult:
-    """Return χ (ppm) and the fields of ``echoes`` inside ``mask`` (see the module docstring)."""
+    """Return χ (ppm) and the fields of ``echoes`` inside ``mask`` (see the module docstring).
+
+    χ is referenced to its mean inside ``reference_mask`` (e.g. the ventricles' CSF, on the
+    GRE grid) where at least :data:`MIN_REFERENCE_VOXELS` of it lie in the QSM mask, else to
+    the QSM mask's mean; ``parameters["reference"]`` says which was used.
+    """
     import torch
 
     if method not in ("tv", "tkd"):
@@ -301,6 +309,13 @@ def reconstruct(
     margin = [int(math.ceil(max(vsharp_radii_mm) / v)) + 2 for v in vox]
     box = fft_box(mask, margin)
     full_shape = mask.shape
+    if reference_mask is not None and reference_mask.shape != full_shape:
+        raise InputError(
+            "reference mask",
+            expected=f"a mask on the GRE grid {full_shape}",
+            found=f"{reference_mask.shape}",
+        )
+    ref_box = None if reference_mask is None else crop_pad(np.asarray(reference_mask, bool), box)
     echoes = Echoes(
         magnitude=crop_pad(echoes.magnitude, box),
         phase=crop_pad(echoes.phase, box),
@@ -359,7 +374,18 @@ def reconstruct(
         }
     chi = torch.zeros_like(local)
     chi[inner_t] = chi_in[tuple(slice(0, s.stop - s.start) for s in inner_t)]
-    chi = (chi - chi[kept].mean()) * kept
+    reference = "mean susceptibility of the QSM mask"
+    ref = kept
+    if ref_box is not None:
+        candidate = torch.from_numpy(ref_box).to(dev) & kept
+        count = int(candidate.sum())
+        if count >= MIN_REFERENCE_VOXELS:
+            ref = candidate
+            reference = f"mean susceptibility of the reference mask ({count} voxels)"
+        else:
+            reference += f" (the reference mask had {count} voxels in it, fewer than "
+            reference += f"{MIN_REFERENCE_VOXELS})"
+    chi = (chi - chi[ref].mean()) * kept
     if dev.type == "cuda":
         torch.cuda.synchronize()
     timings["inversion_s"] = time.perf_counter() - tic
@@ -367,6 +393,7 @@ def reconstruct(
         {
             "vsharp_radii_mm": list(vsharp_radii_mm),
             "unwrapping": unwrap,
+            "reference": reference,
             "b0_direction_voxels": [round(float(v), 6) for v in b0],
         }
     )
