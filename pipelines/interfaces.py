@@ -416,6 +416,51 @@ class QSM(SimpleInterface):
         return runtime
 
 
+class _MapChimapInputSpec(BaseInterfaceInputSpec):
+    chimap = File(exists=True, mandatory=True, desc="a ready susceptibility map (ppm)")
+    flair_file = File(exists=True, mandatory=True, desc="the session reference (FLAIR grid)")
+    xfm = File(exists=True, desc="GRE → FLAIR transform; without it, world space (same session)")
+
+
+class _MapChimapOutputSpec(TraitedSpec):
+    chimap_flair = File(exists=True, desc="the map resampled onto the FLAIR grid")
+    parameters = traits.Dict(desc="sidecar fields of the mapped copy")
+
+
+class MapChimap(SimpleInterface):
+    """Use a ready ``_Chimap`` as is: only resample it onto the session's FLAIR.
+
+    Through the GRE → FLAIR transform when the session has a GRE magnitude (the map shares the
+    GRE's world frame), else in world space: images of one session share scanner coordinates.
+    """
+
+    input_spec = _MapChimapInputSpec
+    output_spec = _MapChimapOutputSpec
+
+    def _run_interface(self, runtime: Any) -> Any:
+        import json
+
+        import nibabel as nib
+
+        from smoulder.registration.transforms import AffineTransform, resample
+
+        through = isdefined(self.inputs.xfm)
+        transform = AffineTransform.load(self.inputs.xfm) if through else AffineTransform.identity()
+        chi = nib.load(self.inputs.chimap)
+        out = Path(runtime.cwd) / "chimap_flair.nii.gz"
+        nib.save(resample(chi, nib.load(self.inputs.flair_file), transform), out)
+        self._results["chimap_flair"] = str(out)
+        side = Path(str(self.inputs.chimap).removesuffix(".gz").removesuffix(".nii") + ".json")
+        given = json.loads(side.read_text()) if side.is_file() else {}
+        self._results["parameters"] = {
+            **{k: v for k, v in given.items() if k in ("Units", "Method", "Reference")},
+            "Units": given.get("Units", "ppm"),
+            "Description": "the input Chimap, used as is, resampled (linear) onto the FLAIR "
+            + ("through the GRE magnitude's transform" if through else "in world space"),
+        }
+        return runtime
+
+
 class _FillLesionsInputSpec(BaseInterfaceInputSpec):
     t1_file = File(exists=True, mandatory=True, desc="T1-weighted image on the FLAIR grid")
     lesions = File(exists=True, mandatory=True, desc="lesion instances on the same grid")

@@ -35,6 +35,7 @@ class SessionPlan:
     skipped: str | None = None
     #: every echo's magnitude and phase of the GRE, when both are usable (for QSM)
     megre_echoes: tuple[list[Path], list[Path]] | None = None
+    chimap: Path | None = None
 
     @property
     def label(self) -> str:
@@ -68,6 +69,8 @@ def plan_sessions(
                     continue
                 value = getattr(s, attribute)
                 plan.images[modality] = Path(value[0] if isinstance(value, list) else value)
+            if "chimap" in usable and s.chimap is not None:
+                plan.chimap = Path(s.chimap)
             if {"megre_mag", "megre_phase"} <= usable and "MEGRE" in plan.images:
                 plan.megre_echoes = (
                     [Path(p) for p in s.megre_mag],
@@ -130,6 +133,7 @@ def init_participant_wf(
                 segmentation=cfg["segmentation"] if cfg["segmentation"]["enabled"] else None,
                 qsm=cfg["qsm"] if cfg["qsm"]["enabled"] else None,
                 megre_echoes=plan.megre_echoes,
+                chimap=plan.chimap,
                 name=f"ses_{plan.session}_wf" if plan.session else "session_wf",
             )
             subject_wf.add_nodes([session_wfs[plan.session]])

@@ -29,6 +29,7 @@ from smoulder.pipelines.interfaces import (
     Conform,
     CoRegister,
     FillLesions,
+    MapChimap,
     Segment,
     derivatives_node,
 )
@@ -105,6 +106,7 @@ def init_session_wf(
     segmentation: Mapping[str, Any] | None = None,
     qsm: Mapping[str, Any] | None = None,
     megre_echoes: tuple[list[Path], list[Path]] | None = None,
+    chimap: str | Path | None = None,
     name: str = "session_wf",
 ) -> pe.Workflow:
     """Return the workflow of one session.
@@ -130,6 +132,8 @@ def init_session_wf(
         qsm: ``method`` (``tv`` or ``tkd``); QSM runs when this is given, the session has
             ``megre_echoes`` and a co-registered MEGRE, and segmentation runs (its brain mask).
         megre_echoes: ``(magnitudes, phases)`` of every echo of the session's GRE.
+        chimap: a ready susceptibility map of the session: used as is (resampled onto the
+            FLAIR) instead of reconstructing QSM, when ``qsm`` is given.
         name: workflow name.
 
     Outputs (``outputnode``):
@@ -235,7 +239,13 @@ def init_session_wf(
             reference_file=reference_file, sources=[images[m] for m in images],
             settings=segmentation,
         )  # fmt: skip
-        if qsm is not None and megre_echoes is not None and "MEGRE" in coregs:
+        if qsm is not None and chimap is not None:
+            _add_ready_chimap(
+                wf, conform_ref, coregs.get("MEGRE"), Path(chimap).absolute(), subject=subject,
+                session=session, output_dir=output_dir, bids_dir=bids_dir,
+                reference_file=reference_file,
+            )  # fmt: skip
+        elif qsm is not None and megre_echoes is not None and "MEGRE" in coregs:
             _add_qsm(
                 wf, conform_ref, coregs["MEGRE"], wf.get_node("segment"), subject=subject,
                 session=session, output_dir=output_dir, bids_dir=bids_dir, device=device,
@@ -243,6 +253,37 @@ def init_session_wf(
                 echoes=megre_echoes, settings=qsm,
             )  # fmt: skip
     return wf
+
+
+def _add_ready_chimap(
+    wf: pe.Workflow,
+    conform_ref: pe.Node,
+    coreg: pe.Node | None,
+    chimap: Path,
+    *,
+    subject: str,
+    session: str | None,
+    output_dir: Path,
+    bids_dir: Path,
+    reference_file: Path,
+) -> None:
+    """Add the session's ready ``_Chimap``, used as is, on the FLAIR grid."""
+    node = pe.Node(MapChimap(chimap=str(chimap)), name="map_chimap")
+    ds = derivatives_node(
+        "ds_chimap_flair",
+        output_dir=output_dir,
+        raw_dir=bids_dir,
+        entities={"sub": subject, "ses": session, "space": REFERENCE},
+        suffix="Chimap",
+        sources=[str(chimap)],
+        spatial_reference=reference_file,
+    )
+    wf.connect([
+        (conform_ref, node, [("out_file", "flair_file")]),
+        (node, ds, [("chimap_flair", "in_file"), ("parameters", "metadata")]),
+    ])  # fmt: skip
+    if coreg is not None:
+        wf.connect(coreg, "out_xfm", node, "xfm")
 
 
 def _add_qsm(

@@ -95,6 +95,37 @@ def test_graph_has_only_real_steps(phantom_dir: Path, tmp_path: Path) -> None:
     assert nodes["sub_01_wf.ses_01_wf.coreg_t1w"].n_procs == 2
 
 
+def test_a_ready_chimap_is_used_as_is(phantom_dir: Path, tmp_path: Path) -> None:
+    """A session with a ``_Chimap`` maps it onto the FLAIR instead of reconstructing QSM."""
+    bids = tmp_path / "bids"
+    shutil.copytree(phantom_dir, bids, ignore=shutil.ignore_patterns("derivatives"))
+    anat = bids / "sub-01" / "ses-01" / "anat"
+    gre = nib.load(anat / "sub-01_ses-01_echo-1_part-mag_MEGRE.nii.gz")
+    truth = np.full(gre.shape, 0.05, np.float32)
+    nib.save(nib.Nifti1Image(truth, gre.affine), anat / "sub-01_ses-01_Chimap.nii.gz")
+    (anat / "sub-01_ses-01_Chimap.json").write_text(json.dumps({"Units": "ppm"}))
+    nodes = workflow_nodes(build(bids, tmp_path, device="cpu", engine="greedy"))
+    steps = {n.split(".", 1)[1] for n in nodes if ".ds_" not in n and "ses_" in n}
+    assert "ses_01_wf.map_chimap" in steps and "ses_01_wf.qsm" not in steps
+    assert "ses_02_wf.qsm" in steps and "ses_02_wf.map_chimap" not in steps
+    # the interface itself, on the files: a constant map stays that constant on the FLAIR
+    from smoulder.pipelines.interfaces import MapChimap
+
+    node = MapChimap(
+        chimap=str(anat / "sub-01_ses-01_Chimap.nii.gz"),
+        flair_file=str(anat / "sub-01_ses-01_FLAIR.nii.gz"),
+    )
+    cwd = tmp_path / "map"
+    cwd.mkdir()
+    result = node.run(cwd=str(cwd))
+    out = np.asarray(nib.load(result.outputs.chimap_flair).dataobj)
+    flair = nib.load(anat / "sub-01_ses-01_FLAIR.nii.gz")
+    assert out.shape == flair.shape[:3]
+    centre = tuple(n // 2 for n in out.shape)
+    assert out[centre] == pytest.approx(0.05, abs=1e-6)
+    assert "world space" in result.outputs.parameters["Description"]
+
+
 def test_gpu_steps_are_marked_for_multiproc(phantom_dir: Path, tmp_path: Path) -> None:
     nodes = workflow_nodes(build(phantom_dir, tmp_path, device="cuda", engine="torch"))
     gpu = sorted(name.split(".")[-1] for name, n in nodes.items() if n.is_gpu_node())
