@@ -237,3 +237,13 @@ def test_chi_is_referenced_to_the_given_mask(tmp_path: Path) -> None:
     assert "fewer than" in small.parameters["reference"]  # too few voxels: the mask's mean
     with pytest.raises(InputError, match="GRE grid"):
         reconstruct(echoes, mask, reference_mask=ref[:-1])
+
+
+@pytest.mark.parametrize("unwrap", ["laplacian", "quality"])
+def test_single_echo_phase_gives_a_map(tmp_path: Path, unwrap: str) -> None:
+    """One echo (an SWI acquisition's phase) is unwrapped in space and divided by its TE."""
+    mags, phases, mask, chi = _write_echoes(tmp_path, n=1)
+    echoes = load_echoes(mags, phases)
+    result = reconstruct(echoes, mask, method="tv", unwrap=unwrap)
+    inside, kept = chi > 0, result.mask
+    assert result.chi_ppm[inside & kept].mean() > result.chi_ppm[~inside & kept].mean() + 0.05
