@@ -261,7 +261,8 @@ def write_markdown(path: Path, records: list[dict[str, Any]]) -> str:
         "GPU. The pipeline holds conform, co-registration, segmentation (brain, tissue, "
         "lesions) with lesion filling, halfway registration with Jacobian maps and QSM from "
         "the multi-echo GRE so far (issues 3-5, 7); the QA report is written after the "
-        "workflow and is not a step here; later issues add their steps and are measured against this baseline.\n"
+        "workflow and is not a step here; later issues add their steps and are measured "
+        "against this baseline.\n"
     )
     path.write_text(text)
     return text

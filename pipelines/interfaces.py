@@ -453,7 +453,7 @@ class MapChimap(SimpleInterface):
         side = Path(str(self.inputs.chimap).removesuffix(".gz").removesuffix(".nii") + ".json")
         given = json.loads(side.read_text()) if side.is_file() else {}
         self._results["parameters"] = {
-            **{k: v for k, v in given.items() if k in ("Units", "Method", "Reference")},
+            **{k: given[k] for k in ("Method", "Reference") if k in given},
             "Units": given.get("Units", "ppm"),
             "Description": "the input Chimap, used as is, resampled (linear) onto the FLAIR "
             + ("through the GRE magnitude's transform" if through else "in world space"),

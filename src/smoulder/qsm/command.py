@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def parser() -> argparse.ArgumentParser:
@@ -42,7 +46,6 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from smoulder.errors import InputError
     from smoulder.images import save_json
     from smoulder.qsm.reconstruct import (
         filtered_phase,
@@ -56,25 +59,9 @@ def run(args: argparse.Namespace) -> int:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     echoes = load_echoes(list(args.magnitude), list(args.phase))
-    if args.mask:
-        mask = np.asarray(nib.load(args.mask).dataobj) > 0  # type: ignore[attr-defined]
-        if mask.shape != echoes.magnitude.shape[1:]:
-            raise InputError(
-                str(args.mask),
-                expected=f"a mask on the GRE grid {echoes.magnitude.shape[1:]}",
-                found=f"{mask.shape}",
-            )
-    else:
-        mask = magnitude_mask(echoes.magnitude)
-    reference = None
-    if args.reference_mask:
-        reference = np.asarray(nib.load(args.reference_mask).dataobj) > 0  # type: ignore[attr-defined]
-        if reference.shape != echoes.magnitude.shape[1:]:
-            raise InputError(
-                str(args.reference_mask),
-                expected=f"a mask on the GRE grid {echoes.magnitude.shape[1:]}",
-                found=f"{reference.shape}",
-            )
+    grid = echoes.magnitude.shape[1:]
+    mask = _mask(args.mask, grid) if args.mask else magnitude_mask(echoes.magnitude)
+    reference = _mask(args.reference_mask, grid) if args.reference_mask else None
     result = reconstruct(
         echoes,
         mask,
@@ -140,3 +127,18 @@ def run(args: argparse.Namespace) -> int:
         f"QSM ({result.method}, {device}) in {sum(t.values()):.1f} s: {json.dumps({k: round(v, 2) for k, v in t.items()})}; {len(outputs)} maps in {args.out}"
     )
     return 0
+
+
+def _mask(path: Path, grid: tuple[int, ...]) -> np.ndarray:
+    """Return the mask in ``path`` as booleans, checked to lie on the GRE grid ``grid``."""
+    import nibabel as nib
+    import numpy as np
+
+    from smoulder.errors import InputError
+
+    mask = np.asarray(nib.load(path).dataobj) > 0  # type: ignore[attr-defined]
+    if mask.shape != grid:
+        raise InputError(
+            str(path), expected=f"a mask on the GRE grid {grid}", found=f"{mask.shape}"
+        )
+    return mask

@@ -310,27 +310,11 @@ def _ball_mean_kernel(shape, voxel_mm, radius_mm: float, device, dtype) -> torch
     return torch.fft.rfftn(ball).real
 
 
-def _sphere_kernel(shape, voxel_mm, radius_mm: float, device, dtype) -> torch.Tensor:
-    """Return the k-space response (``rfftn`` half) of ``δ − sphere mean`` of ``radius_mm``."""
-    return 1.0 - _ball_mean_kernel(shape, voxel_mm, radius_mm, device, dtype)
+def _erode(mask: torch.Tensor, mask_k: torch.Tensor, mean_k: torch.Tensor) -> torch.Tensor:
+    """Return ``mask`` eroded by a ball: a voxel stays if its ball lies wholly inside.
 
-
-def _erode(
-    mask: torch.Tensor,
-    radius_mm: float,
-    voxel_mm: Sequence[float],
-    mask_k: torch.Tensor | None = None,
-    mean_k: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Return ``mask`` eroded by a ball of ``radius_mm``: a voxel stays if its ball is inside.
-
-    ``mask_k`` (the mask's ``rfftn``) and ``mean_k`` (:func:`_ball_mean_kernel`) may be given
-    when already computed.
+    ``mask_k`` is the mask's ``rfftn``, ``mean_k`` the ball's (:func:`_ball_mean_kernel`).
     """
-    if mean_k is None:
-        mean_k = _ball_mean_kernel(mask.shape, voxel_mm, radius_mm, mask.device, torch.float32)
-    if mask_k is None:
-        mask_k = torch.fft.rfftn(mask.float())
     mean = torch.fft.irfftn(mean_k * mask_k, s=mask.shape)
     return mask & (mean > 0.999)
 
@@ -365,7 +349,7 @@ def vsharp(
         s = 1.0 - mean_k
         if big is None:
             big = s
-        inside = _erode(mask, r, voxel_mm, mask_k, mean_k) & ~filled
+        inside = _erode(mask, mask_k, mean_k) & ~filled
         hp = torch.where(inside, torch.fft.irfftn(s * f_k, s=f.shape), hp)
         filled = filled | inside
     assert big is not None
@@ -385,18 +369,6 @@ def tkd(field: torch.Tensor, kernel: torch.Tensor, threshold: float = 0.19) -> t
     inv = 1.0 / safe
     inv[0, 0, 0] = 0.0
     return _convolve(field, _half(inv))
-
-
-def _grad_power(shape, voxel_mm, device) -> torch.Tensor:
-    """Return ``Σ|E_i|²``, the k-space response of ``∇ᴴ∇`` (forward differences per mm)."""
-    out = torch.zeros((), device=device)
-    for axis, (n, h) in enumerate(zip(shape, voxel_mm, strict=True)):
-        k = torch.arange(n, device=device, dtype=torch.float32)
-        e2 = (2.0 - 2.0 * torch.cos(2 * math.pi * k / n)) / float(h) ** 2
-        view = [1, 1, 1]
-        view[axis] = n
-        out = out + e2.reshape(view)
-    return out
 
 
 def tv_admm(
@@ -422,7 +394,9 @@ def tv_admm(
     """
     shape = field.shape
     k_half = _half(kernel)
-    denom = k_half**2 + rho * _half(_grad_power(shape, voxel_mm, field.device))
+    # ∇ᴴ∇ of forward differences is minus the 7-point Laplacian
+    lap = _laplacian_kernel(shape, voxel_mm, field.device, torch.float32)
+    denom = k_half**2 - rho * _half(lap)
     # k = 0 is in neither operator's range (χ is relative): its rounding noise must not blow up
     inv_denom = torch.where(denom > 1e-12, 1.0 / torch.where(denom > 1e-12, denom, 1.0), 0.0)
     dtf = k_half * torch.fft.rfftn(field) * inv_denom
