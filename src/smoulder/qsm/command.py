@@ -36,6 +36,13 @@ def parser() -> argparse.ArgumentParser:
         default="laplacian",
         help="spatial unwrapping: least squares (default) or reliability-guided region growing",
     )
+    p.add_argument(
+        "--data-weight",
+        choices=["reliability", "uniform"],
+        default="reliability",
+        help="TV's data term: weighted by the field's reliability (1/noise, from the magnitudes "
+        "and echo times; default) or uniform",
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     return p
 
@@ -69,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         device=device,
         unwrap=args.unwrap,
         reference_mask=reference,
+        data_weight=args.data_weight,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     hp = filtered_phase(echoes)

@@ -380,27 +380,45 @@ def tv_admm(
     rho: float = 2e-2,
     iterations: int = 60,
     weights: Sequence[torch.Tensor] | None = None,
+    data_weight: torch.Tensor | None = None,
+    mu: float = 0.3,
 ) -> torch.Tensor:
-    """Return χ (ppm) minimising ``½‖Dχ − f‖² + λ‖∇χ‖₁`` (anisotropic TV) by ADMM.
+    """Return χ (ppm) minimising ``½‖W(Dχ − f)‖² + λ‖∇χ‖₁`` (anisotropic TV) by ADMM.
 
-    Every χ-update is the closed-form k-space solve ``(|D|² + ρ|E|²)χ = D f + ρ Eᴴ(z − u)``;
-    the z-update is soft thresholding. ``lam`` and ``rho`` are per mm of gradient.
+    ``data_weight`` is ``W`` (e.g. :func:`field_reliability`: 0 outside the mask, where the
+    field is unknown, and small where the phase is noise); without it ``W = 1`` everywhere.
     ``weights`` (one map per axis, 0–1) scale ``lam`` voxel by voxel: a small weight where the
     anatomy has an edge (:func:`edge_weights`) keeps that edge sharp, as MEDI does.
+    ``lam`` and ``rho`` (the gradient split's penalty) are per mm of gradient.
 
-    Per iteration: one real FFT pair and a handful of passes over the volume. With the scaled
-    dual ``u``, the soft-threshold step is ``u ← clamp(∇χ + u, ±λ/ρ)``, ``z = ∇χ + u_old − u``,
-    so ``z − u = v − 2u`` and neither ``z`` nor the shrinkage needs its own array.
+    Without ``W`` every χ-update is the closed-form k-space solve
+    ``(|D|² + ρ|E|²)χ = D f + ρ Eᴴ(g − u)``: one real FFT pair per iteration. With ``W`` the
+    field is split too (``y = Dχ``, penalty ``mu``): the χ-update becomes
+    ``(μ|D|² + ρ|E|²)χ = μ D(y − s) + ρ Eᴴ(g − u)`` and the y-update is voxel-wise,
+    ``y = (W²f + μ(Dχ + s)) / (W² + μ)``; two FFT pairs per iteration.
+    The gradient's shrinkage is fused: with scaled dual ``u``,
+    ``u ← clamp(∇χ + u, ±λ/ρ)``, ``g = ∇χ + u_old − u``, so ``g − u = v − 2u`` and neither
+    ``g`` nor the soft threshold needs its own array.
     """
     shape = field.shape
     k_half = _half(kernel)
     # ∇ᴴ∇ of forward differences is minus the 7-point Laplacian
     lap = _laplacian_kernel(shape, voxel_mm, field.device, torch.float32)
-    denom = k_half**2 - rho * _half(lap)
+    split = data_weight is not None
+    scale = mu if split else 1.0
+    denom = scale * k_half**2 - rho * _half(lap)
     # k = 0 is in neither operator's range (χ is relative): its rounding noise must not blow up
     inv_denom = torch.where(denom > 1e-12, 1.0 / torch.where(denom > 1e-12, denom, 1.0), 0.0)
-    dtf = k_half * torch.fft.rfftn(field) * inv_denom
     rho_inv = rho * inv_denom
+    if split:
+        assert data_weight is not None
+        w2 = data_weight**2
+        w2f = w2 * field
+        y_minus_s = field.clone()
+        s = torch.zeros_like(field)
+        data_k = mu * k_half * inv_denom
+    else:
+        dtf = k_half * torch.fft.rfftn(field) * inv_denom
     h = [float(v) for v in voxel_mm]
     shrink = lam / rho
     limits = [  # thresholds on the differences times h (not divided by h: one pass saved)
@@ -410,18 +428,56 @@ def tv_admm(
         for i in range(3)
     ]
     u = [torch.zeros_like(field) for _ in range(3)]  # scaled duals, in units of differences·h
-    w = [torch.zeros_like(field) for _ in range(3)]  # z − u, same units
+    w = [torch.zeros_like(field) for _ in range(3)]  # g − u, same units
     chi = torch.zeros_like(field)
     for _ in range(iterations):
         back = torch.zeros_like(field)
-        for i in range(3):  # ∇ᴴ(z − u) with ∇ᴴ of the forward difference: (roll(+1) − x)/h
+        for i in range(3):  # ∇ᴴ(g − u) with ∇ᴴ of the forward difference: (roll(+1) − x)/h
             back.add_(torch.roll(w[i], 1, i).sub_(w[i]), alpha=1.0 / h[i] ** 2)
-        chi = torch.fft.irfftn(dtf + rho_inv * torch.fft.rfftn(back), s=shape)
+        if split:
+            chi_k = data_k * torch.fft.rfftn(y_minus_s) + rho_inv * torch.fft.rfftn(back)
+            chi = torch.fft.irfftn(chi_k, s=shape)
+            v = torch.fft.irfftn(k_half * chi_k, s=shape).add_(s)  # Dχ + s
+            y = (w2f + mu * v) / (w2 + mu)
+            s = v.sub_(y)
+            y_minus_s = y.sub_(s)
+        else:
+            chi = torch.fft.irfftn(dtf + rho_inv * torch.fft.rfftn(back), s=shape)
         for i in range(3):
             v = torch.roll(chi, -1, i).sub_(chi).add_(u[i])  # (∇χ)·h + u
             torch.maximum(torch.minimum(v, limits[i]), -limits[i], out=u[i])
             torch.add(v, u[i], alpha=-2.0, out=w[i])
     return chi
+
+
+def field_reliability(
+    magnitudes: torch.Tensor, echo_times_ms: Sequence[float], mask: torch.Tensor
+) -> torch.Tensor:
+    """Return the field map's reliability: 1 / its noise's standard deviation, up to a scale.
+
+    With phase noise ``σ/mᵢ`` at echo ``i``, the magnitude²-weighted slope of :func:`fit_field`
+    has variance ``σ² / Σ mᵢ²(tᵢ − t̄)²`` (``t̄`` the weighted mean TE); one echo gives
+    ``σ² / (m t)²``. The square root of the denominator, set to 0 outside ``mask`` and scaled
+    to mean 1 inside it, weights :func:`tv_admm`'s data term.
+
+    Examples:
+        >>> mags = torch.ones(3, 2, 2, 2); mags[:, 0] = 0.1
+        >>> w = field_reliability(mags, [5.0, 10.0, 15.0], torch.ones(2, 2, 2, dtype=torch.bool))
+        >>> round(float(w[1, 0, 0] / w[0, 0, 0]), 3), round(float(w.mean()), 3)
+        (10.0, 1.0)
+    """
+    t = torch.as_tensor(list(echo_times_ms), dtype=magnitudes.dtype, device=magnitudes.device)
+    t = t.reshape(-1, 1, 1, 1)
+    m2 = magnitudes**2
+    if magnitudes.shape[0] == 1:
+        spread = m2[0] * t[0] ** 2
+    else:
+        t_mean = (m2 * t).sum(0) / (m2.sum(0) + 1e-12)
+        spread = (m2 * (t - t_mean) ** 2).sum(0)
+    out = torch.sqrt(spread) * mask
+    inside = out[mask.bool()]
+    mean = float(inside.mean()) if inside.numel() else 0.0
+    return out / mean if mean > 0 else mask.to(out.dtype)
 
 
 def edge_weights(

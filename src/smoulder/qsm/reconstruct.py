@@ -1,8 +1,9 @@
 """QSM of one multi-echo GRE: reading and checking the echoes, then :mod:`smoulder.qsm.core`.
 
 ``reconstruct`` runs: Laplacian unwrapping per echo → magnitude²-weighted fit of phase over
-TE (field in ppm) → V-SHARP → dipole inversion (``tv``: total variation by ADMM, or ``tkd``)
-→ referencing to the mean χ of the mask. Everything stays on the GRE's own grid and
+TE (field in ppm) → V-SHARP → dipole inversion (``tv``: total variation by ADMM, its data
+term weighted by the field's reliability, or ``tkd``) → referencing to the mean χ of the mask
+or of a reference mask. Everything stays on the GRE's own grid and
 orientation; B0's direction in voxel coordinates comes from the affine.
 """
 
@@ -30,7 +31,10 @@ if TYPE_CHECKING:
     import torch
 
 #: Defaults of the iterative inversion (chosen on the phantom, see benchmarks/qsm.py).
-TV_LAMBDA, TV_RHO, TV_ITERATIONS, TV_EDGE_SHARE = 5e-4, 2e-2, 40, 0.3
+TV_LAMBDA, TV_RHO, TV_MU, TV_ITERATIONS, TV_EDGE_SHARE = 5e-4, 2e-2, 0.3, 30, 0.3
+#: How TV weights its data term: "reliability" (1/noise of the field fit, 0 outside the mask)
+#: or "uniform" (every voxel of the box alike, the field taken as 0 outside the mask).
+DATA_WEIGHTS = ("reliability", "uniform")
 TKD_THRESHOLD = 0.19
 UNWRAP_TOLERANCE = 1e-3
 #: Fewest voxels of a reference mask (e.g. CSF) inside the QSM mask for it to be used.
@@ -278,7 +282,9 @@ def reconstruct(
     device: str = "cpu",
     tv_lambda: float = TV_LAMBDA,
     tv_rho: float = TV_RHO,
+    tv_mu: float = TV_MU,
     tv_iterations: int = TV_ITERATIONS,
+    data_weight: str = "reliability",
     edge_share: float = TV_EDGE_SHARE,
     tkd_threshold: float = TKD_THRESHOLD,
     vsharp_radii_mm: tuple[float, ...] = VSHARP_RADII_MM,
@@ -295,6 +301,8 @@ def reconstruct(
 
     if method not in ("tv", "tkd"):
         raise ValueError(f"method: expected 'tv' or 'tkd', found {method!r}")
+    if data_weight not in DATA_WEIGHTS:
+        raise ValueError(f"data_weight: expected one of {DATA_WEIGHTS}, found {data_weight!r}")
     if unwrap not in ("laplacian", "quality"):
         raise ValueError(f"unwrap: expected 'laplacian' or 'quality', found {unwrap!r}")
     if mask.shape != echoes.magnitude.shape[1:] or not mask.any():
@@ -338,8 +346,12 @@ def reconstruct(
     tic = time.perf_counter()
     slope, _ = core.fit_field(unwrapped, mags, echoes.echo_times_ms)
     total = slope / core.rad_per_ms_per_ppm(echoes.b0_tesla) * m
-    del unwrapped, mags
+    del unwrapped
     local, kept = core.vsharp(total, m, vox, radii_mm=vsharp_radii_mm)
+    reliability = None
+    if method == "tv" and data_weight == "reliability":
+        reliability = core.field_reliability(mags, echoes.echo_times_ms, kept)
+    del mags
     timings["background_s"] = time.perf_counter() - tic
     tic = time.perf_counter()
     b0 = core.b0_in_voxels(echoes.affine)
@@ -357,21 +369,28 @@ def reconstruct(
         if edge_share > 0:  # keep the magnitude's edges (rims darken the late echoes)
             mean_mag = crop_pad_t(torch.from_numpy(echoes.magnitude.mean(0)).to(dev), inner)
             weights = core.edge_weights(mean_mag, kept_in, edge_share=edge_share)
+        # 0 outside V-SHARP's mask, where the field is unknown (not 0)
+        data_w = None if reliability is None else crop_pad_t(reliability, inner)
         chi_in = core.tv_admm(
             local_in,
             kernel,
             vox,
             lam=tv_lambda,
             rho=tv_rho,
+            mu=tv_mu,
             iterations=tv_iterations,
             weights=weights,
+            data_weight=data_w,
         )
         params = {
             "lambda": tv_lambda,
             "rho": tv_rho,
             "iterations": tv_iterations,
             "edge_share": edge_share,
+            "data_weight": data_weight,
         }
+        if data_w is not None:
+            params["mu"] = tv_mu
     chi = torch.zeros_like(local)
     chi[inner_t] = chi_in[tuple(slice(0, s.stop - s.start) for s in inner_t)]
     reference = "mean susceptibility of the QSM mask"
