@@ -41,11 +41,20 @@ Methods
     outputs are cached per case in ``--cache/samseg/<case>`` (with the wall time and memory of
     the run that made them, reported again on reuse and marked "cached" in the note).
     Not in ``--quick``.
+``deepbet`` — brain extraction only (Fisch et al., Computers in Biology and Medicine 2024; PyPI
+    ``deepbet``, which ships its weights), in its own virtual environment
+    (``benchmarks/peers/deepbet_env.sh``), on the T1w, CPU: ``run_bet([T1], mask_paths=[OUT],
+    threshold=0.5, n_dilate=0, no_gpu=True)``. Its mask is the brain with the CSF inside its
+    outline, so it is scored on the phantom as an intracranial mask: ``intracranial_dice``
+    against the truth's CSF, GM, WM, lesion and vein labels (``_desc-tissue_dseg`` 1–5, lesions
+    added), as are smoulder's ``dseg`` labels 1–5 and SAMSEG's CSF, GM, WM and lesion labels.
+    Skipped on the real cases (skull-stripped, no brain truth). Not in ``--quick``.
 
 Measured
 --------
 ``wall_s`` — smoulder: the ``segment`` call (reading the images included); SAMSEG: the whole
-``run_samseg`` process (interpreter and TensorFlow start-up included, ~5 s). ``peak_rss_mb`` —
+``run_samseg`` process (interpreter and TensorFlow start-up included, ~5 s); deepbet: its whole
+process likewise. ``peak_rss_mb`` —
 smoulder: the child's ``VmHWM`` right after ``segment`` (interpreter and libraries included);
 SAMSEG: ``ru_maxrss`` of the ``run_samseg`` process, started by a minimal launcher so that it
 inherits no large parent address space. Each method is pinned to ``--threads`` CPUs with that
@@ -57,7 +66,7 @@ lesion-wise ``precision``, ``recall``, ``f1`` (lesions = 26-connected components
 ≥ 1 voxel of overlap) and ``f1_lt10ul``, ``f1_10to100ul``, ``f1_gt100ul`` (true lesions binned
 by their volume for recall, predicted lesions by theirs for precision; null where neither mask
 has a lesion of that size); ``volume_error_ml`` = |predicted − true lesion volume|; phantom only:
-``gm_dice``, ``wm_dice``, ``brain_dice``.
+``gm_dice``, ``wm_dice``, ``brain_dice`` (parenchyma), ``intracranial_dice``.
 
 ``--quick`` (< 10 min on 2 cores): the two phantom cases at 2 mm, smoulder only. The phantom
 datasets are cached under ``--cache`` (default: a fixed folder in the system temp directory).
@@ -91,17 +100,26 @@ REAL_DATA = REPO.parent / "shared" / "data" / "open_ms" / "cross_sectional"
 PATIENTS = ("patient07", "patient19")
 PHANTOM_SUBJECTS = ("01", "02")
 QUICK_RES_MM = 2.0
-METHODS = ("samseg", "smoulder")
+METHODS = ("samseg", "deepbet", "smoulder")
 QUICK_METHODS = ("smoulder",)
 PEERS = Path(os.environ.get("SMOULDER_PEERS", Path.home() / ".cache" / "smoulder-peers"))
 RUN_SAMSEG = PEERS / "samseg-venv" / "bin" / "run_samseg"
+DEEPBET_PYTHON = PEERS / "deepbet-venv" / "bin" / "python"
+#: Runs deepbet's ``run_bet`` on one image on the CPU: ``python -c DEEPBET_RUN IN MASK``.
+DEEPBET_RUN = (
+    "import sys\n"
+    "from deepbet import run_bet\n"
+    "run_bet([sys.argv[1]], mask_paths=[sys.argv[2]], threshold=0.5, n_dilate=0, no_gpu=True)\n"
+)
 
 #: smoulder's ``dseg`` labels.
-SMOULDER_LESION, SMOULDER_GM, SMOULDER_WM = (5,), (2, 3), (4,)
+SMOULDER_LESION, SMOULDER_GM, SMOULDER_WM, SMOULDER_CSF = (5,), (2, 3), (4,), (1,)
 #: SAMSEG's lesion label (FreeSurfer LUT 99, "Lesion" in its lesion atlas).
 SAMSEG_LESION = (99,)
 #: the phantom truth's ``desc-tissue_dseg`` labels.
 TRUTH_GM, TRUTH_WM = 2, 3
+#: ... and its intracranial labels: CSF, GM, WM, lesion, vein (not the spinal cord).
+TRUTH_INTRACRANIAL = (1, 2, 3, 4, 5)
 
 #: Targets (issue): means over the cases of a group.
 TARGETS = {
@@ -130,6 +148,7 @@ RECORD_KEYS = (
     "gm_dice",
     "wm_dice",
     "brain_dice",
+    "intracranial_dice",
     "n_lesions_truth",
     "n_lesions_pred",
     "wall_s",
@@ -337,6 +356,55 @@ def run_samseg(case: Case, args: argparse.Namespace) -> dict:
     return {**run, "seg": done / "seg.mgz", "note": ""}
 
 
+def deepbet_version() -> str | None:
+    """Return the installed deepbet version (from its venv's metadata), or None."""
+    found = sorted(DEEPBET_PYTHON.parents[1].glob("lib/python*/site-packages/deepbet-*.dist-info"))
+    return found[-1].name.removeprefix("deepbet-").removesuffix(".dist-info") if found else None
+
+
+def run_deepbet(case: Case, args: argparse.Namespace) -> dict:
+    """Return deepbet's brain mask of ``case``'s T1w and the cost of the run (CPU only).
+
+    deepbet extracts the brain from a T1-weighted image; its mask is the brain with the CSF
+    inside its outline (ventricles, sulci), so it is scored as an intracranial mask.
+    """
+    if not DEEPBET_PYTHON.is_file():
+        raise Skipped(f"{DEEPBET_PYTHON} is absent: run benchmarks/peers/deepbet_env.sh")
+    if args.device != "cpu":
+        raise Skipped("deepbet is run on the CPU only here")
+    work = Path(tempfile.mkdtemp(prefix="deepbet-", dir=args.cache / "work"))
+    try:
+        mask_path = work / "mask.nii.gz"
+        cmd = [str(DEEPBET_PYTHON), "-c", DEEPBET_RUN, str(case.t1), str(mask_path)]
+        measure = work / "measure.json"
+        launcher = [sys.executable, "-I", "-S", "-c", LAUNCHER, str(measure)]
+        launcher.append(",".join(map(str, cpus(args.threads))))
+        with (work / "log.txt").open("w") as log:
+            subprocess.run(
+                launcher + cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=child_env(args.threads),
+                timeout=args.timeout,
+                check=False,
+            )
+        result = json.loads(measure.read_text()) if measure.is_file() else {"rc": None}
+        if result["rc"] != 0 or not mask_path.is_file():
+            tail = (work / "log.txt").read_text()[-300:]
+            raise RuntimeError(f"deepbet exited with {result['rc']}: {tail}")
+        img = nib.load(mask_path)
+        return {
+            "mask": nib.Nifti1Image(np.asarray(img.dataobj), img.affine),
+            "wall_s": round(result["wall_s"], 2),
+            "peak_rss_mb": round(result["maxrss_kb"] / 1024, 1),
+            "device": f"cpu ({args.threads} threads)",
+            "note": f"deepbet {deepbet_version()}, T1w only, brain extraction only",
+        }
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
 def segment_smoulder(case: dict, work: Path, device: str, threads: int) -> dict:
     """Child process: run smoulder's ``segment``, save its maps in ``work``, return the costs."""
     import torch
@@ -435,6 +503,7 @@ def evaluate(
     gm: tuple[int, ...],
     wm: tuple[int, ...],
     brain: np.ndarray | None,
+    csf: tuple[int, ...] = (),
 ) -> dict:
     """Return the metrics of one prediction, all on the truth grid.
 
@@ -443,6 +512,7 @@ def evaluate(
         labels: Predicted label image on the truth grid.
         lesion, gm, wm: Labels of ``labels`` that are lesion, grey and white matter.
         brain: Predicted brain mask on the truth grid, or None to take it as GM ∪ WM ∪ lesion.
+        csf: Labels of ``labels`` that are CSF (with the others: the intracranial mask).
     """
     from smoulder.segmentation.metrics import dice, lesion_detection, volume_error_ml
 
@@ -470,7 +540,17 @@ def evaluate(
         out["gm_dice"] = dice(pred_gm, tissue == TRUTH_GM)
         out["wm_dice"] = dice(pred_wm, tissue == TRUTH_WM)
         out["brain_dice"] = dice(pred_brain, np.asarray(nib.load(case.brain).dataobj) > 0)
+        out["intracranial_dice"] = dice(
+            np.isin(labels, (*lesion, *gm, *wm, *csf)), intracranial_truth(case)
+        )
     return out
+
+
+def intracranial_truth(case: Case) -> np.ndarray:
+    """Return the phantom's intracranial mask: parenchyma, CSF and veins (tissue dseg 1–5)."""
+    assert case.tissue is not None
+    tissue = np.asarray(nib.load(case.tissue).dataobj)
+    return np.isin(tissue, TRUTH_INTRACRANIAL) | (np.asarray(nib.load(case.lesions).dataobj) > 0)
 
 
 def samseg_classes() -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -481,15 +561,24 @@ def samseg_classes() -> tuple[tuple[int, ...], tuple[int, ...]]:
     return gm, FREESURFER_CLASSES["wm"]
 
 
+def samseg_csf() -> tuple[int, ...]:
+    """Return SAMSEG's CSF FreeSurfer labels (ventricles, choroid plexus, extracerebral CSF)."""
+    from smoulder.phantom.anatomy import FREESURFER_CLASSES
+
+    return FREESURFER_CLASSES["csf"]
+
+
 def run_method(method: str, case: Case, args: argparse.Namespace) -> dict:
     """Run ``method`` on ``case`` and return its record fields (metrics and costs)."""
+    from smoulder.segmentation.metrics import dice
+
     truth = nib.load(case.lesions)
     try:
         if method == "samseg":
             result = run_samseg(case, args)
             labels = on_grid(nib.load(result.pop("seg")), truth)
             gm, wm = samseg_classes()
-            result.update(evaluate(case, labels, SAMSEG_LESION, gm, wm, None))
+            result.update(evaluate(case, labels, SAMSEG_LESION, gm, wm, None, samseg_csf()))
             return result
         if method == "smoulder":
             result = run_smoulder(case, args)
@@ -497,7 +586,18 @@ def run_method(method: str, case: Case, args: argparse.Namespace) -> dict:
                 return result
             labels = on_grid(result.pop("dseg"), truth)
             brain = on_grid(result.pop("brain"), truth)
-            result.update(evaluate(case, labels, SMOULDER_LESION, SMOULDER_GM, SMOULDER_WM, brain))
+            result.update(
+                evaluate(
+                    case, labels, SMOULDER_LESION, SMOULDER_GM, SMOULDER_WM, brain, SMOULDER_CSF
+                )
+            )
+            return result
+        if method == "deepbet":
+            if case.tissue is None:
+                raise Skipped("no brain truth: deepbet is scored on the phantom only")
+            result = run_deepbet(case, args)
+            mask = on_grid(result.pop("mask"), truth) > 0
+            result["intracranial_dice"] = dice(mask, intracranial_truth(case))
             return result
         raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
     except Skipped as exc:
@@ -566,7 +666,8 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
             records.append(rec)
             print(
                 f"  {method:10s} {rec['status']:8s} dice {rec['dice']} f1 {rec['f1']} "
-                f"gm/wm/brain {rec['gm_dice']}/{rec['wm_dice']}/{rec['brain_dice']} "
+                f"gm/wm/brain/icv {rec['gm_dice']}/{rec['wm_dice']}/{rec['brain_dice']}/"
+                f"{rec['intracranial_dice']} "
                 f"wall {rec['wall_s']} s rss {rec['peak_rss_mb']} MiB "
                 f"({time.perf_counter() - t1:.0f} s) {rec['note'][:160]}",
                 flush=True,
@@ -666,7 +767,19 @@ def target_lines(records: list[dict]) -> list[str]:
         f"| memory: peak ≤ 4 GiB = {goal:g} MiB per 1-mm session (worst case) "
         f"| {cell(rss, ' MiB')} | {cell(worst('samseg', 'peak_rss_mb', None), ' MiB')} | {met} |"
     )
-    return ["| target | smoulder | SAMSEG | smoulder meets it |", "|---|---|---|---|", *rows]
+    table = ["| target | smoulder | SAMSEG | smoulder meets it |", "|---|---|---|---|", *rows]
+    ours_ic = mean_of(group("smoulder", "phantom-"), "intracranial_dice")
+    bet = group("deepbet", "phantom-")
+    if bet:  # not a target: the issue asks for deepbet to be evaluated against our own network
+        table += [
+            "",
+            "Brain extraction against deepbet (not a target; phantom, 1 mm, skull on): mean "
+            f"intracranial-mask Dice smoulder {cell(ours_ic)} (FLAIR + T1w), deepbet "
+            f"{cell(mean_of(bet, 'intracranial_dice'))} (T1w); worst wall time smoulder "
+            f"{cell(worst('smoulder', 'wall_s', None), ' s')} (whole segmentation), deepbet "
+            f"{cell(worst('deepbet', 'wall_s', None), ' s')} (brain mask only).",
+        ]
+    return table
 
 
 def write_outputs(args: argparse.Namespace, records: list[dict], notes: list[str]) -> None:
@@ -689,8 +802,12 @@ def write_outputs(args: argparse.Namespace, records: list[dict], notes: list[str
         "components, detected at ≥ 1 voxel of overlap; `f1_*ul` bins true lesions (recall) and "
         "predicted lesions (precision) by volume, empty where neither has a lesion of that size. "
         "`samseg`: SAMSEG with its lesion model (T1 + FLAIR, `--lesion --lesion-mask-pattern 0 "
-        "1`); its wall time is the whole process, smoulder's the `segment` call. `peak_rss_mb` is "
-        "each method's own process peak (MiB).",
+        "1`); its wall time is the whole process, smoulder's the `segment` call. `deepbet`: "
+        "brain extraction from the T1w only (PyPI `deepbet`, its own virtual environment, CPU), "
+        "a mask of the brain with the CSF inside its outline, so it is scored as an "
+        "intracranial mask: `intracranial_dice` against the truth's CSF, GM, WM, lesions and "
+        "veins (smoulder: its labels 1–5; SAMSEG: its CSF, GM, WM and lesion labels). "
+        "`peak_rss_mb` is each method's own process peak (MiB).",
         "",
         "## Targets",
         "",
