@@ -820,7 +820,7 @@ def write_outputs(args: argparse.Namespace, records: list[dict], notes: list[str
     ]
     for rec in records:
         if rec["status"] == "ok":
-            lines.append("| " + " | ".join(fmt(rec[c]) for c in cols) + " |")
+            lines.append("| " + " | ".join(fmt(rec.get(c)) for c in cols) + " |")
     cached = [r for r in records if r["status"] == "ok" and r["note"]]
     other = [r for r in records if r["status"] != "ok"]
     if cached:

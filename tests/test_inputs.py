@@ -507,3 +507,13 @@ def test_phase_to_radians_tolerance_and_refusal() -> None:
     np.testing.assert_allclose(phase_to_radians(kept, "p.nii.gz"), kept, rtol=1e-6)
     with pytest.raises(InputError, match=r"p.nii.gz: .*-4000.5 to 4095.*data / 4096 \* pi"):
         phase_to_radians(np.array([-4000.5, 4095.0]), "p.nii.gz")  # not integers
+
+
+def test_written_files_get_the_usual_mode_not_a_private_one(tmp_path: Path) -> None:
+    """Atomic writes go through a private temporary file; the result must not stay 0600."""
+    import os
+
+    from smoulder.images import _umask
+
+    path = save_nifti(np.zeros((2, 2, 2), np.float32), np.eye(4), tmp_path / "x.nii.gz")
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~_umask()

@@ -11,6 +11,8 @@
    largest connected piece of tissue becomes background; they give the class map
    (argmax), the brain mask (parenchyma: GM + WM + lesion probability ≥ 0.5) and the lesion
    instances (:func:`smoulder.segmentation.lesions.lesion_instances`).
+5. The infratentorial prior (MNI152, :mod:`smoulder.segmentation.atlas`) is registered affinely
+   to the parenchyma and read at the lesion voxels, for the lesions' location class.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class SegmentationResult:
     brain_mask: nib.Nifti1Image
     probseg: dict[str, nib.Nifti1Image]
     instances: nib.Nifti1Image
+    #: infratentorial probability (:mod:`smoulder.segmentation.atlas`) at lesion voxels, else 0
+    infratentorial: np.ndarray
     used_t1: bool
     device: str
     model_version: str
@@ -153,6 +157,7 @@ def segment(
     import torch
     from monai.inferers import sliding_window_inference
 
+    from smoulder.segmentation.atlas import infratentorial_probability
     from smoulder.segmentation.lesions import drop_outside_white_matter, lesion_instances
 
     start = time.perf_counter()
@@ -207,6 +212,10 @@ def segment(
     if dropped.any():
         dseg[dropped] = back[:LESION, dropped].argmax(0).astype(np.uint8)
     timings["finish_s"] = time.perf_counter() - tic
+    tic = time.perf_counter()
+    # where the lesions lie below the tentorium: the MNI prior, registered to this brain
+    below = infratentorial_probability(parenchyma, flair.affine, instances > 0, device=device)
+    timings["locations_s"] = time.perf_counter() - tic
 
     def image(data: np.ndarray, dtype: type) -> nib.Nifti1Image:
         img = nib.Nifti1Image(data.astype(dtype), flair.affine)
@@ -223,6 +232,7 @@ def segment(
         brain_mask=image(brain, np.uint8),
         probseg=probseg,
         instances=image(instances, np.int16),
+        infratentorial=below,
         used_t1=t1 is not None,
         device=device,
         model_version=bundle.version,

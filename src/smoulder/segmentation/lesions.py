@@ -36,7 +36,8 @@ TISSUE_LABELS: dict[str, int] = {name.lower(): index for index, name in enumerat
 #: Lesion locations of :func:`lesion_table`, with their meaning (the ``Levels`` of the TSV).
 LOCATIONS: dict[str, str] = {
     "infratentorial": "more than half of the lesion inside the infratentorial mask "
-    "(brainstem, cerebellum)",
+    "(brainstem, cerebellum, fourth ventricle; smoulder segment: the shipped MNI152 prior, "
+    "registered affinely to the brain, at probability >= 0.5)",
     "periventricular": "touching, or within periventricular_mm of, ventricular CSF",
     "juxtacortical": "touching, or within juxtacortical_mm of, cortical grey matter "
     "(cortical/juxtacortical in McDonald 2017)",
