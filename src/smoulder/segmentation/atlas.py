@@ -38,23 +38,27 @@ PARENCHYMA_LABELS = (2, 3, 7, 8, 10, 11, 12, 13, 16, 17, 18, 26, 28)
 PARENCHYMA_LABELS += (41, 42, 46, 47, 49, 50, 51, 52, 53, 54, 58, 60)
 #: The shipped prior: percent probability (uint8) on the MNI152 2009 2 mm grid.
 PRIOR = Path(__file__).resolve().parent / "data" / "infratentorial_mni152_2mm.nii.gz"
+#: The template's parenchyma (GM + WM probability, percent, uint8) it is registered with,
+#: written beside the prior so that a session need not load nilearn's templates.
+TEMPLATE = PRIOR.with_name("parenchyma_mni152_2mm.nii.gz")
 #: Grid (mm) on which sessions are registered to the template.
 REGISTRATION_MM = 2.0
 
 
-def template_parenchyma() -> nib.Nifti1Image:
-    """Return the MNI152 2009 template's GM + WM probability at 2 mm (shipped by nilearn)."""
-    return _template_parenchyma()
-
-
 @lru_cache(maxsize=1)
-def _template_parenchyma() -> nib.Nifti1Image:
+def template_parenchyma() -> nib.Nifti1Image:
+    """Return the MNI152 2009 template's GM + WM probability (0–1) at 2 mm (:data:`TEMPLATE`)."""
+    return _shipped(TEMPLATE, "the template parenchyma shipped with the prior")
+
+
+def _nilearn_parenchyma() -> nib.Nifti1Image:
+    """Return the template's GM + WM probability at 2 mm, in percent, from nilearn's maps."""
     from nilearn import datasets
 
     gm = datasets.load_mni152_gm_template(resolution=2)
     wm = datasets.load_mni152_wm_template(resolution=2)
     data = np.asarray(gm.get_fdata(), np.float32) + np.asarray(wm.get_fdata(), np.float32)
-    return nib.Nifti1Image(np.clip(data, 0, 1), gm.affine)
+    return nib.Nifti1Image(np.rint(100 * np.clip(data, 0, 1)).astype(np.uint8), gm.affine)
 
 
 def _fit(fixed: nib.Nifti1Image, moving: nib.Nifti1Image, device: str = "cpu") -> np.ndarray:
@@ -98,6 +102,9 @@ def _on_grid(
 def build_prior(label_maps: Sequence[Path], out: Path) -> Path:
     """Write the infratentorial prior built from FreeSurfer-style ``label_maps``; return ``out``.
 
+    The template parenchyma it was registered with goes beside it
+    (``parenchyma_mni152_2mm.nii.gz``).
+
     Raises:
         ValueError: no label maps given.
     """
@@ -105,7 +112,11 @@ def build_prior(label_maps: Sequence[Path], out: Path) -> Path:
 
     if not label_maps:
         raise ValueError("label_maps: expected at least one FreeSurfer-style label map, found none")
-    template = template_parenchyma()
+    percent = _nilearn_parenchyma()
+    save_nifti(
+        np.asarray(percent.dataobj), percent.affine, out.with_name(TEMPLATE.name), dtype=np.uint8
+    )
+    template = nib.Nifti1Image(np.asarray(percent.dataobj, np.float32) / 100.0, percent.affine)
     idx = np.indices(template.shape).reshape(3, -1)
     world = (template.affine @ np.r_[idx, np.ones((1, idx.shape[1]))])[:3].T
     total = np.zeros(template.shape, np.float64)
@@ -120,20 +131,23 @@ def build_prior(label_maps: Sequence[Path], out: Path) -> Path:
         moved = (to_map @ np.c_[world, np.ones(len(world))].T)[:3].T
         total += _sample(nib.Nifti1Image(below, img.affine), moved).reshape(template.shape)
         print(f"{Path(path).name}: registered", flush=True)
-    percent = np.rint(100 * total / len(label_maps)).astype(np.uint8)
-    return save_nifti(percent, template.affine, out, dtype=np.uint8)
+    prior = np.rint(100 * total / len(label_maps)).astype(np.uint8)
+    return save_nifti(prior, template.affine, out, dtype=np.uint8)
+
+
+def _shipped(path: Path, what: str) -> nib.Nifti1Image:
+    """Return a shipped percent map (uint8) as a 0–1 float image; a clear error if it is gone."""
+    from smoulder.errors import InputError
+
+    if not path.is_file():
+        raise InputError(str(path), expected=what, found="no such file")
+    img = nib.load(path)
+    return nib.Nifti1Image(np.asarray(img.dataobj, np.float32) / 100.0, img.affine)
 
 
 @lru_cache(maxsize=1)
 def _prior() -> nib.Nifti1Image:
-    from smoulder.errors import InputError
-
-    if not PRIOR.is_file():
-        raise InputError(
-            str(PRIOR), expected="the shipped infratentorial prior", found="no such file"
-        )
-    img = nib.load(PRIOR)
-    return nib.Nifti1Image(np.asarray(img.dataobj, np.float32) / 100.0, img.affine)
+    return _shipped(PRIOR, "the shipped infratentorial prior")
 
 
 def infratentorial_probability(
