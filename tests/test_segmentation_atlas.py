@@ -86,3 +86,13 @@ def test_a_lesion_is_infratentorial_when_most_of_it_is(share: float) -> None:
     below[2 : 2 + int(4 * share), 2:4, 2:4] = True
     rows = lesion_table(inst, np.eye(4), infratentorial_mask=below)
     assert (rows[0]["location"] == "infratentorial") == (share > 0.5)
+
+
+def test_a_brain_the_template_cannot_fit_gets_no_infratentorial_call() -> None:
+    """A 5 cm ball is no brain: the fit's scales are implausible, so nothing is called."""
+    g = np.indices((80, 80, 80)).astype(float) - 40
+    ball = (np.sqrt((g**2).sum(0)) < 25).astype(np.float32)
+    affine = np.eye(4)
+    affine[:3, 3] = -40
+    with pytest.warns(UserWarning, match="did not fit"):
+        assert infratentorial_probability(ball, affine, ball > 0) is None

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -43,6 +44,9 @@ PRIOR = Path(__file__).resolve().parent / "data" / "infratentorial_mni152_2mm.ni
 TEMPLATE = PRIOR.with_name("parenchyma_mni152_2mm.nii.gz")
 #: Grid (mm) on which sessions are registered to the template.
 REGISTRATION_MM = 2.0
+#: Scales (singular values of the fitted affine) of a plausible session-to-template fit: a
+#: brain is rarely 30 % smaller or larger than MNI152 along an axis.
+PLAUSIBLE_SCALES = (0.7, 1.4)
 
 
 @lru_cache(maxsize=1)
@@ -156,7 +160,7 @@ def infratentorial_probability(
     where: np.ndarray,
     *,
     device: str = "cpu",
-) -> np.ndarray:
+) -> np.ndarray | None:
     """Return the infratentorial probability (0–1) at the voxels ``where`` of a session.
 
     Args:
@@ -166,13 +170,26 @@ def infratentorial_probability(
         device: where the registration runs.
 
     Returns:
-        float32 array on the grid: the prior at ``where``, 0 elsewhere.
+        float32 array on the grid: the prior at ``where``, 0 elsewhere; ``None`` (with a
+        warning) when the fit is implausible (a scale outside :data:`PLAUSIBLE_SCALES`, e.g. a
+        field of view that misses much of the brain): then no lesion can be called
+        infratentorial.
     """
     out = np.zeros(parenchyma.shape, np.float32)
     if not where.any():
         return out
     session = _on_grid(np.asarray(parenchyma, np.float32), affine, REGISTRATION_MM)
     to_template = _fit(session, template_parenchyma(), device)
+    scales = np.linalg.svd(to_template[:3, :3], compute_uv=False)
+    low, high = PLAUSIBLE_SCALES
+    if scales.min() < low or scales.max() > high:
+        warnings.warn(
+            "infratentorial prior: the template did not fit this brain (scales "
+            f"{', '.join(f'{v:.2f}' for v in scales)}, expected {low}-{high}); no lesion is "
+            "called infratentorial",
+            stacklevel=2,
+        )
+        return None
     idx = np.argwhere(where)
     world = (affine @ np.c_[idx, np.ones(len(idx))].T).T
     out[where] = _sample(_prior(), (to_template @ world.T)[:3].T)

@@ -89,7 +89,7 @@ def write_outputs(result: Any, out: Path, prefix: str, sources: list[str]) -> li
         result.instances.affine,
         np.asarray(result.probseg["lesion"].dataobj),
         np.asarray(result.dseg.dataobj),
-        infratentorial_mask=result.infratentorial >= 0.5,
+        infratentorial_mask=None if result.infratentorial is None else result.infratentorial >= 0.5,
     )
     written.append(write_lesion_stats(rows, out / f"{prefix}desc-lesions_stats.tsv"))
     return written

@@ -43,8 +43,9 @@ class SegmentationResult:
     brain_mask: nib.Nifti1Image
     probseg: dict[str, nib.Nifti1Image]
     instances: nib.Nifti1Image
-    #: infratentorial probability (:mod:`smoulder.segmentation.atlas`) at lesion voxels, else 0
-    infratentorial: np.ndarray
+    #: infratentorial probability (:mod:`smoulder.segmentation.atlas`) at lesion voxels, else 0;
+    #: None when the template could not be fitted to this brain
+    infratentorial: np.ndarray | None
     used_t1: bool
     device: str
     model_version: str
