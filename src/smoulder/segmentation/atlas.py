@@ -25,6 +25,7 @@ import warnings
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
@@ -35,7 +36,7 @@ from scipy import ndimage as ndi
 INFRATENTORIAL_LABELS = (7, 8, 46, 47, 16, 15)
 #: FreeSurfer labels of parenchyma (cortex, deep grey matter, white matter, cerebellum,
 #: brainstem, hippocampus, amygdala, ventral diencephalon).
-PARENCHYMA_LABELS = (2, 3, 7, 8, 10, 11, 12, 13, 16, 17, 18, 26, 28)
+PARENCHYMA_LABELS: tuple[int, ...] = (2, 3, 7, 8, 10, 11, 12, 13, 16, 17, 18, 26, 28)
 PARENCHYMA_LABELS += (41, 42, 46, 47, 49, 50, 51, 52, 53, 54, 58, 60)
 #: The shipped prior: percent probability (uint8) on the MNI152 2009 2 mm grid.
 PRIOR = Path(__file__).resolve().parent / "data" / "infratentorial_mni152_2mm.nii.gz"
@@ -63,6 +64,11 @@ def _nilearn_parenchyma() -> nib.Nifti1Image:
     wm = datasets.load_mni152_wm_template(resolution=2)
     data = np.asarray(gm.get_fdata(), np.float32) + np.asarray(wm.get_fdata(), np.float32)
     return nib.Nifti1Image(np.rint(100 * np.clip(data, 0, 1)).astype(np.uint8), gm.affine)
+
+
+def _load(path: str | Path) -> nib.Nifti1Image:
+    """Return the NIfTI image at ``path``."""
+    return cast(nib.Nifti1Image, nib.load(path))
 
 
 def _fit(fixed: nib.Nifti1Image, moving: nib.Nifti1Image, device: str = "cpu") -> np.ndarray:
@@ -125,7 +131,7 @@ def build_prior(label_maps: Sequence[Path], out: Path) -> Path:
     world = (template.affine @ np.r_[idx, np.ones((1, idx.shape[1]))])[:3].T
     total = np.zeros(template.shape, np.float64)
     for path in label_maps:
-        img = nib.load(path)
+        img = _load(path)
         labels = np.asarray(img.dataobj).astype(np.int32)
         parenchyma = _on_grid(
             np.isin(labels, PARENCHYMA_LABELS).astype(np.float32), img.affine, REGISTRATION_MM
@@ -145,7 +151,7 @@ def _shipped(path: Path, what: str) -> nib.Nifti1Image:
 
     if not path.is_file():
         raise InputError(str(path), expected=what, found="no such file")
-    img = nib.load(path)
+    img = _load(path)
     return nib.Nifti1Image(np.asarray(img.dataobj, np.float32) / 100.0, img.affine)
 
 
