@@ -9,6 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from smoulder.segmentation.lesions import (
     LESION_COLUMNS,
@@ -259,6 +260,9 @@ LESIONS = {
     "infratentorial": ((slice(30, 35), slice(30, 35), slice(10, 14)), "infratentorial"),
     # in the cortex, 2 mm from the outer CSF: that CSF is no ventricle
     "cortical": ((slice(31, 34), slice(31, 34), slice(58, 61)), "juxtacortical"),
+    # deep, inside a one-voxel shell of "grey matter" (the partial-volume edge segmentations
+    # leave around lesions): that shell is no cortex
+    "deep_shelled": ((slice(20, 24), slice(40, 44), slice(40, 44)), "deep_white_matter"),
 }
 VENTRICLE = (slice(22, 42), slice(29, 35), slice(29, 35))
 PVS = (slice(32, 34), slice(45, 47), slice(32, 34))  # 8 µl of CSF inside white matter
@@ -277,6 +281,9 @@ def synthetic_brain() -> tuple[np.ndarray, np.ndarray, dict[str, tuple[int, int,
     mask = np.zeros(BRAIN_SHAPE, np.float32)
     for box, _ in LESIONS.values():
         mask[box] = 1.0
+    shelled = np.zeros(BRAIN_SHAPE, bool)
+    shelled[LESIONS["deep_shelled"][0]] = True
+    dseg[ndimage.binary_dilation(shelled, structure=np.ones((3, 3, 3)))] = labels["cortical_gm"]
     dseg[mask > 0] = labels["lesion"]
     inst = lesion_instances(mask, np.eye(4))
     voxels = {name: tuple(s.start + 1 for s in box) for name, (box, _) in LESIONS.items()}

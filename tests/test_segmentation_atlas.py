@@ -10,11 +10,13 @@ import pytest
 
 from smoulder.segmentation.atlas import (
     PRIOR,
-    _prior,
     _sample,
     build_prior,
+    infratentorial_prior,
     infratentorial_probability,
     template_parenchyma,
+    template_transform,
+    ventricle_mask,
 )
 from smoulder.segmentation.lesions import lesion_table
 
@@ -31,7 +33,7 @@ POINTS = {
 
 def test_the_shipped_prior_puts_cerebellum_and_brainstem_below_the_tentorium() -> None:
     assert PRIOR.is_file()
-    prior = _prior()
+    prior = infratentorial_prior()
     for name, (point, below) in POINTS.items():
         value = float(_sample(prior, np.array([point]))[0])
         assert (value >= 0.5) == below, (name, value)
@@ -96,3 +98,27 @@ def test_a_brain_the_template_cannot_fit_gets_no_infratentorial_call() -> None:
     affine[:3, 3] = -40
     with pytest.warns(UserWarning, match="did not fit"):
         assert infratentorial_probability(ball, affine, ball > 0) is None
+
+
+def test_ventricles_are_the_csf_inside_the_envelope() -> None:
+    """On the template moved in its header: CSF at the lateral ventricles is ventricular,
+    CSF in the Sylvian fissure or over the frontal lobes is not."""
+    template = template_parenchyma()
+    move = np.eye(4)
+    move[:3, 3] = [-8.0, 10.0, 5.0]
+    affine = move @ template.affine
+    data = np.asarray(template.dataobj, np.float32)
+    to_template = template_transform(data, affine)
+    assert to_template is not None
+    csf = np.ones(data.shape, bool)  # every voxel might be CSF: the envelope decides
+    ventricles = ventricle_mask(csf, affine, to_template)
+    for point, inside in (
+        ((-15.0, -20.0, 22.0), True),
+        ((15.0, -20.0, 22.0), True),
+        ((-20.0, -40.0, 15.0), True),
+        ((55.0, -20.0, 10.0), False),
+        ((0.0, 50.0, 40.0), False),
+    ):
+        vox = np.linalg.inv(template.affine) @ np.r_[point, 1.0]  # same voxel, moved world
+        assert ventricles[tuple(int(round(v)) for v in vox[:3])] == inside, point
+    assert 20 < ventricles.sum() * 8 / 1000 < 200  # ml inside the envelope

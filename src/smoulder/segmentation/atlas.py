@@ -34,6 +34,8 @@ from scipy import ndimage as ndi
 #: FreeSurfer labels below the tentorium: left/right cerebellar white matter and cortex,
 #: brainstem, fourth ventricle.
 INFRATENTORIAL_LABELS = (7, 8, 46, 47, 16, 15)
+#: FreeSurfer labels of the supratentorial ventricles: lateral (and inferior lateral), third.
+VENTRICLE_LABELS = (4, 5, 43, 44, 14)
 #: FreeSurfer labels of parenchyma (cortex, deep grey matter, white matter, cerebellum,
 #: brainstem, hippocampus, amygdala, ventral diencephalon).
 PARENCHYMA_LABELS: tuple[int, ...] = (2, 3, 7, 8, 10, 11, 12, 13, 16, 17, 18, 26, 28)
@@ -43,6 +45,11 @@ PRIOR = Path(__file__).resolve().parent / "data" / "infratentorial_mni152_2mm.ni
 #: The template's parenchyma (GM + WM probability, percent, uint8) it is registered with,
 #: written beside the prior so that a session need not load nilearn's templates.
 TEMPLATE = PRIOR.with_name("parenchyma_mni152_2mm.nii.gz")
+#: The ventricles' prior (percent, uint8), built with the infratentorial one.
+VENTRICLES = PRIOR.with_name("ventricles_mni152_2mm.nii.gz")
+#: Ventricular CSF is CSF where at least this share of the label maps had ventricle: a wide
+#: envelope (enlarged ventricles of atrophy stay inside it), cut to the session's own CSF.
+VENTRICLE_ENVELOPE = 0.05
 #: Grid (mm) on which sessions are registered to the template.
 REGISTRATION_MM = 2.0
 #: Scales (singular values of the fitted affine) of a plausible session-to-template fit: a
@@ -113,7 +120,8 @@ def build_prior(label_maps: Sequence[Path], out: Path) -> Path:
     """Write the infratentorial prior built from FreeSurfer-style ``label_maps``; return ``out``.
 
     The template parenchyma it was registered with goes beside it
-    (``parenchyma_mni152_2mm.nii.gz``).
+    (``parenchyma_mni152_2mm.nii.gz``), and so does the ventricles' prior
+    (``ventricles_mni152_2mm.nii.gz``, :data:`VENTRICLE_LABELS`) made the same way.
 
     Raises:
         ValueError: no label maps given.
@@ -130,6 +138,7 @@ def build_prior(label_maps: Sequence[Path], out: Path) -> Path:
     idx = np.indices(template.shape).reshape(3, -1)
     world = (template.affine @ np.r_[idx, np.ones((1, idx.shape[1]))])[:3].T
     total = np.zeros(template.shape, np.float64)
+    ventricles = np.zeros(template.shape, np.float64)
     for path in label_maps:
         img = _load(path)
         labels = np.asarray(img.dataobj).astype(np.int32)
@@ -140,7 +149,11 @@ def build_prior(label_maps: Sequence[Path], out: Path) -> Path:
         to_map = _fit(template, parenchyma)
         moved = (to_map @ np.c_[world, np.ones(len(world))].T)[:3].T
         total += _sample(nib.Nifti1Image(below, img.affine), moved).reshape(template.shape)
+        inside = np.isin(labels, VENTRICLE_LABELS).astype(np.float32)
+        ventricles += _sample(nib.Nifti1Image(inside, img.affine), moved).reshape(template.shape)
         print(f"{Path(path).name}: registered", flush=True)
+    vent = np.rint(100 * ventricles / len(label_maps)).astype(np.uint8)
+    save_nifti(vent, template.affine, out.with_name(VENTRICLES.name), dtype=np.uint8)
     prior = np.rint(100 * total / len(label_maps)).astype(np.uint8)
     return save_nifti(prior, template.affine, out, dtype=np.uint8)
 
@@ -156,8 +169,60 @@ def _shipped(path: Path, what: str) -> nib.Nifti1Image:
 
 
 @lru_cache(maxsize=1)
-def _prior() -> nib.Nifti1Image:
+def infratentorial_prior() -> nib.Nifti1Image:
+    """Return the shipped infratentorial prior (0–1, MNI152 2 mm)."""
     return _shipped(PRIOR, "the shipped infratentorial prior")
+
+
+@lru_cache(maxsize=1)
+def _ventricle_prior() -> nib.Nifti1Image:
+    return _shipped(VENTRICLES, "the shipped ventricles' prior")
+
+
+def template_transform(
+    parenchyma: np.ndarray, affine: np.ndarray, *, device: str = "cpu"
+) -> np.ndarray | None:
+    """Return the affine (world mm, session point → MNI152 point) of a session's brain.
+
+    Args:
+        parenchyma: the session's parenchyma probability (GM + WM + lesion) on its grid.
+        affine: that grid's voxel-to-world matrix.
+        device: where the registration runs.
+
+    Returns:
+        4×4 matrix, or ``None`` (with a warning) when the fit is implausible: a scale outside
+        :data:`PLAUSIBLE_SCALES`, e.g. a field of view that misses much of the brain.
+    """
+    session = _on_grid(np.asarray(parenchyma, np.float32), affine, REGISTRATION_MM)
+    to_template = _fit(session, template_parenchyma(), device)
+    scales = np.linalg.svd(to_template[:3, :3], compute_uv=False)
+    low, high = PLAUSIBLE_SCALES
+    if scales.min() < low or scales.max() > high:
+        warnings.warn(
+            "MNI152 priors: the template did not fit this brain (scales "
+            f"{', '.join(f'{v:.2f}' for v in scales)}, expected {low}-{high}); no lesion is "
+            "called infratentorial and ventricles come from the CSF alone",
+            stacklevel=2,
+        )
+        return None
+    return to_template
+
+
+def read_prior(
+    prior: nib.Nifti1Image, to_template: np.ndarray, affine: np.ndarray, where: np.ndarray
+) -> np.ndarray:
+    """Return ``prior`` (0–1, MNI152) at the voxels ``where`` of a grid, 0 elsewhere."""
+    out = np.zeros(where.shape, np.float32)
+    if where.any():
+        idx = np.argwhere(where)
+        world = (affine @ np.c_[idx, np.ones(len(idx))].T).T
+        out[where] = _sample(prior, (to_template @ world.T)[:3].T)
+    return out
+
+
+def ventricle_mask(csf: np.ndarray, affine: np.ndarray, to_template: np.ndarray) -> np.ndarray:
+    """Return the session's ventricular CSF: ``csf`` inside the ventricles' envelope."""
+    return read_prior(_ventricle_prior(), to_template, affine, csf) >= VENTRICLE_ENVELOPE
 
 
 def infratentorial_probability(
@@ -177,29 +242,14 @@ def infratentorial_probability(
 
     Returns:
         float32 array on the grid: the prior at ``where``, 0 elsewhere; ``None`` (with a
-        warning) when the fit is implausible (a scale outside :data:`PLAUSIBLE_SCALES`, e.g. a
-        field of view that misses much of the brain): then no lesion can be called
-        infratentorial.
+        warning) when the template does not fit (:func:`template_transform`).
     """
-    out = np.zeros(parenchyma.shape, np.float32)
     if not where.any():
-        return out
-    session = _on_grid(np.asarray(parenchyma, np.float32), affine, REGISTRATION_MM)
-    to_template = _fit(session, template_parenchyma(), device)
-    scales = np.linalg.svd(to_template[:3, :3], compute_uv=False)
-    low, high = PLAUSIBLE_SCALES
-    if scales.min() < low or scales.max() > high:
-        warnings.warn(
-            "infratentorial prior: the template did not fit this brain (scales "
-            f"{', '.join(f'{v:.2f}' for v in scales)}, expected {low}-{high}); no lesion is "
-            "called infratentorial",
-            stacklevel=2,
-        )
+        return np.zeros(parenchyma.shape, np.float32)
+    to_template = template_transform(parenchyma, affine, device=device)
+    if to_template is None:
         return None
-    idx = np.argwhere(where)
-    world = (affine @ np.c_[idx, np.ones(len(idx))].T).T
-    out[where] = _sample(_prior(), (to_template @ world.T)[:3].T)
-    return out
+    return read_prior(infratentorial_prior(), to_template, affine, where)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -90,6 +90,7 @@ def write_outputs(result: Any, out: Path, prefix: str, sources: list[str]) -> li
         np.asarray(result.probseg["lesion"].dataobj),
         np.asarray(result.dseg.dataobj),
         infratentorial_mask=None if result.infratentorial is None else result.infratentorial >= 0.5,
+        ventricle_mask=result.ventricles,
     )
     written.append(write_lesion_stats(rows, out / f"{prefix}desc-lesions_stats.tsv"))
     return written

@@ -11,8 +11,9 @@
    largest connected piece of tissue becomes background; they give the class map
    (argmax), the brain mask (parenchyma: GM + WM + lesion probability ≥ 0.5) and the lesion
    instances (:func:`smoulder.segmentation.lesions.lesion_instances`).
-5. The infratentorial prior (MNI152, :mod:`smoulder.segmentation.atlas`) is registered affinely
-   to the parenchyma and read at the lesion voxels, for the lesions' location class.
+5. For the lesions' location class, the MNI152 priors (:mod:`smoulder.segmentation.atlas`) are
+   registered affinely to the parenchyma: the infratentorial one is read at the lesion voxels,
+   and the ventricles are the CSF inside the ventricles' envelope.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ class SegmentationResult:
     #: infratentorial probability (:mod:`smoulder.segmentation.atlas`) at lesion voxels, else 0;
     #: None when the template could not be fitted to this brain
     infratentorial: np.ndarray | None
+    #: ventricular CSF (CSF inside the MNI ventricles' envelope); None without lesions or when
+    #: the template could not be fitted (the lesion table then finds ventricles in the CSF)
+    ventricles: np.ndarray | None
     used_t1: bool
     device: str
     model_version: str
@@ -158,7 +162,12 @@ def segment(
     import torch
     from monai.inferers import sliding_window_inference
 
-    from smoulder.segmentation.atlas import infratentorial_probability
+    from smoulder.segmentation.atlas import (
+        infratentorial_prior,
+        read_prior,
+        template_transform,
+        ventricle_mask,
+    )
     from smoulder.segmentation.lesions import drop_outside_white_matter, lesion_instances
 
     start = time.perf_counter()
@@ -214,8 +223,15 @@ def segment(
         dseg[dropped] = back[:LESION, dropped].argmax(0).astype(np.uint8)
     timings["finish_s"] = time.perf_counter() - tic
     tic = time.perf_counter()
-    # where the lesions lie below the tentorium: the MNI prior, registered to this brain
-    below = infratentorial_probability(parenchyma, flair.affine, instances > 0, device=device)
+    # where the lesions lie: the MNI priors (infratentorial, ventricles), fitted to this brain
+    below: np.ndarray | None = np.zeros(instances.shape, np.float32)
+    ventricles = None
+    if instances.any():
+        to_template = template_transform(parenchyma, flair.affine, device=device)
+        below = None
+        if to_template is not None:
+            below = read_prior(infratentorial_prior(), to_template, flair.affine, instances > 0)
+            ventricles = ventricle_mask(dseg == CLASSES.index("CSF"), flair.affine, to_template)
     timings["locations_s"] = time.perf_counter() - tic
 
     def image(data: np.ndarray, dtype: type) -> nib.Nifti1Image:
@@ -234,6 +250,7 @@ def segment(
         probseg=probseg,
         instances=image(instances, np.int16),
         infratentorial=below,
+        ventricles=ventricles,
         used_t1=t1 is not None,
         device=device,
         model_version=bundle.version,

@@ -226,10 +226,13 @@ def lesion_table(
     2. ``periventricular``: the lesion touches ventricular CSF (a 26-neighbour) or a voxel of
        it lies within ``periventricular_mm`` of one (3 mm: voxel-centre distances, so at 1 mm
        up to two voxels of white matter between lesion and ventricle).
-    3. ``juxtacortical``: likewise with cortical grey matter and ``juxtacortical_mm`` (2 mm:
-       McDonald asks for no white matter between lesion and cortex; one voxel is allowed at
-       1 mm for the blurred grey/white boundary of automated segmentations). Lesions inside
-       the cortex are counted here too (McDonald's cortical/juxtacortical).
+    3. ``juxtacortical``: cortical grey matter lies within ``juxtacortical_mm`` of the lesion
+       (2 mm), not counting the grey matter that touches the lesion: the edge between a bright
+       lesion and darker white matter has grey matter's intensity, so segmentations put a
+       shell of "grey matter" around every lesion. At 1 mm the cortex must therefore reach
+       the second ring of voxels around the lesion, as it does when the lesion abuts the
+       cortex (McDonald: no white matter between them). Lesions inside the cortex are counted
+       here too (McDonald's cortical/juxtacortical).
     4. ``deep_white_matter``: anything else. Without ``tissue_dseg`` a lesion that is not
        infratentorial or (given ``ventricle_mask``) periventricular is ``unknown``.
 
@@ -556,7 +559,7 @@ def _locations(
                 voxel_ul=_voxel_volume_ul(affine),
             )
     periventricular = _near(labels, ids, ventricles, periventricular_mm, zooms)
-    juxtacortical = _near(labels, ids, cortex, juxtacortical_mm, zooms)
+    juxtacortical = _near(labels, ids, cortex, juxtacortical_mm, zooms, skip_touching=True)
     otherwise = "deep_white_matter" if tissue_dseg is not None else "unknown"
     out = []
     for k in range(n):
@@ -605,8 +608,14 @@ def _near(
     tissue: np.ndarray | None,
     distance_mm: float,
     zooms: np.ndarray,
+    *,
+    skip_touching: bool = False,
 ) -> np.ndarray:
-    """Return, per lesion, whether it touches ``tissue`` or lies within ``distance_mm`` of it."""
+    """Return, per lesion, whether it touches ``tissue`` or lies within ``distance_mm`` of it.
+
+    With ``skip_touching`` the tissue voxels touching the lesion (26-neighbours) do not count:
+    only tissue beyond them, within ``distance_mm``, does.
+    """
     near = np.zeros(ids.size, dtype=bool)
     if tissue is None or not tissue.any():
         return near
@@ -623,7 +632,12 @@ def _near(
         if not wall.any():
             continue
         lesion = labels[wide] == lesion_id
-        if (ndimage.binary_dilation(lesion, structure=_FULL) & wall).any():
+        edge = ndimage.binary_dilation(lesion, structure=_FULL)
+        if skip_touching:
+            wall = wall & ~edge
+            if not wall.any():
+                continue
+        elif (edge & wall).any():
             near[n] = True
             continue
         distance = ndimage.distance_transform_edt(~wall, sampling=zooms)
