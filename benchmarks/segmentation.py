@@ -296,11 +296,38 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def venv_version(venv: Path, package: str) -> str | None:
+    """Return the version of ``package`` installed in the virtual environment ``venv``, or None."""
+    found = sorted(venv.glob(f"lib/python*/site-packages/{package}-*.dist-info"))
+    return found[-1].name.removeprefix(f"{package}-").removesuffix(".dist-info") if found else None
+
+
 def samseg_version() -> str | None:
     """Return the installed SAMSEG version (from its venv's metadata), or None."""
-    venv = RUN_SAMSEG.parents[1]
-    found = sorted(venv.glob("lib/python*/site-packages/samseg-*.dist-info"))
-    return found[-1].name.removeprefix("samseg-").removesuffix(".dist-info") if found else None
+    return venv_version(RUN_SAMSEG.parents[1], "samseg")
+
+
+def measured_run(cmd: list[str], work: Path, args: argparse.Namespace, what: str) -> dict:
+    """Run ``cmd`` pinned to ``--threads`` CPUs, logging to ``work/log.txt``; return its
+    ``wall_s`` and ``maxrss_kb`` (:data:`LAUNCHER`). A non-zero exit raises with the log's tail.
+    """
+    measure = work / "measure.json"
+    launcher = [sys.executable, "-I", "-S", "-c", LAUNCHER, str(measure)]
+    launcher.append(",".join(map(str, cpus(args.threads))))
+    with (work / "log.txt").open("w") as log:
+        subprocess.run(
+            launcher + cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=child_env(args.threads),
+            timeout=args.timeout,
+            check=False,
+        )
+    result = json.loads(measure.read_text()) if measure.is_file() else {"rc": None}
+    if result["rc"] != 0:
+        tail = (work / "log.txt").read_text()[-300:]
+        raise RuntimeError(f"{what} exited with {result['rc']}: {tail}")
+    return result
 
 
 def run_samseg(case: Case, args: argparse.Namespace) -> dict:
@@ -326,22 +353,9 @@ def run_samseg(case: Case, args: argparse.Namespace) -> dict:
     work.mkdir(parents=True)
     cmd = [str(RUN_SAMSEG), "--input", str(case.t1), str(case.flair), "--output", str(work)]
     cmd += ["--lesion", "--lesion-mask-pattern", "0", "1", "--threads", str(args.threads)]
-    measure = work / "measure.json"
-    launcher = [sys.executable, "-I", "-S", "-c", LAUNCHER, str(measure)]
-    launcher.append(",".join(map(str, cpus(args.threads))))
-    with (work / "log.txt").open("w") as log:
-        subprocess.run(
-            launcher + cmd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=child_env(args.threads),
-            timeout=args.timeout,
-            check=False,
-        )
-    result = json.loads(measure.read_text()) if measure.is_file() else {"rc": None}
-    if result["rc"] != 0 or not (work / "seg.mgz").is_file():
-        tail = (work / "log.txt").read_text()[-300:]
-        raise RuntimeError(f"run_samseg exited with {result['rc']}: {tail}")
+    result = measured_run(cmd, work, args, "run_samseg")
+    if not (work / "seg.mgz").is_file():
+        raise RuntimeError(f"run_samseg wrote no seg.mgz: {(work / 'log.txt').read_text()[-300:]}")
     run = {
         "wall_s": round(result["wall_s"], 1),
         "peak_rss_mb": round(result["maxrss_kb"] / 1024, 1),
@@ -354,12 +368,6 @@ def run_samseg(case: Case, args: argparse.Namespace) -> dict:
     shutil.rmtree(done, ignore_errors=True)
     work.rename(done)
     return {**run, "seg": done / "seg.mgz", "note": ""}
-
-
-def deepbet_version() -> str | None:
-    """Return the installed deepbet version (from its venv's metadata), or None."""
-    found = sorted(DEEPBET_PYTHON.parents[1].glob("lib/python*/site-packages/deepbet-*.dist-info"))
-    return found[-1].name.removeprefix("deepbet-").removesuffix(".dist-info") if found else None
 
 
 def run_deepbet(case: Case, args: argparse.Namespace) -> dict:
@@ -376,29 +384,17 @@ def run_deepbet(case: Case, args: argparse.Namespace) -> dict:
     try:
         mask_path = work / "mask.nii.gz"
         cmd = [str(DEEPBET_PYTHON), "-c", DEEPBET_RUN, str(case.t1), str(mask_path)]
-        measure = work / "measure.json"
-        launcher = [sys.executable, "-I", "-S", "-c", LAUNCHER, str(measure)]
-        launcher.append(",".join(map(str, cpus(args.threads))))
-        with (work / "log.txt").open("w") as log:
-            subprocess.run(
-                launcher + cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=child_env(args.threads),
-                timeout=args.timeout,
-                check=False,
-            )
-        result = json.loads(measure.read_text()) if measure.is_file() else {"rc": None}
-        if result["rc"] != 0 or not mask_path.is_file():
-            tail = (work / "log.txt").read_text()[-300:]
-            raise RuntimeError(f"deepbet exited with {result['rc']}: {tail}")
+        result = measured_run(cmd, work, args, "deepbet")
+        if not mask_path.is_file():
+            raise RuntimeError(f"deepbet wrote no mask: {(work / 'log.txt').read_text()[-300:]}")
         img = nib.load(mask_path)
         return {
             "mask": nib.Nifti1Image(np.asarray(img.dataobj), img.affine),
             "wall_s": round(result["wall_s"], 2),
             "peak_rss_mb": round(result["maxrss_kb"] / 1024, 1),
             "device": f"cpu ({args.threads} threads)",
-            "note": f"deepbet {deepbet_version()}, T1w only, brain extraction only",
+            "note": f"deepbet {venv_version(DEEPBET_PYTHON.parents[1], 'deepbet')}, T1w only, "
+            "brain extraction only",
         }
     finally:
         if not args.keep:

@@ -13,7 +13,7 @@ from smoulder.segmentation.atlas import (
     _sample,
     build_prior,
     infratentorial_prior,
-    infratentorial_probability,
+    read_prior,
     template_parenchyma,
     template_transform,
     ventricle_mask,
@@ -68,16 +68,12 @@ def test_a_moved_brain_finds_its_cerebellum_and_not_its_thalamus() -> None:
         vox = np.linalg.inv(template.affine) @ np.r_[point, 1.0]
         voxels[name] = tuple(int(round(v)) for v in vox[:3])
         where[voxels[name]] = True
-    prob = infratentorial_probability(data, affine, where)
+    to_template = template_transform(data, affine)
+    assert to_template is not None
+    prob = read_prior(infratentorial_prior(), to_template, affine, where)
     for name, (_, below) in POINTS.items():
         assert (prob[voxels[name]] >= 0.5) == below, (name, prob[voxels[name]])
     assert not prob[~where].any()
-
-
-def test_no_lesions_means_no_registration() -> None:
-    data = np.ones((4, 4, 4), np.float32)
-    prob = infratentorial_probability(data, np.eye(4), np.zeros((4, 4, 4), bool))
-    assert prob.shape == (4, 4, 4) and not prob.any()
 
 
 @pytest.mark.parametrize("share", [0.75, 0.25])
@@ -97,7 +93,7 @@ def test_a_brain_the_template_cannot_fit_gets_no_infratentorial_call() -> None:
     affine = np.eye(4)
     affine[:3, 3] = -40
     with pytest.warns(UserWarning, match="did not fit"):
-        assert infratentorial_probability(ball, affine, ball > 0) is None
+        assert template_transform(ball, affine) is None
 
 
 def test_ventricles_are_the_csf_inside_the_envelope() -> None:

@@ -1,18 +1,20 @@
-"""An infratentorial prior in MNI space, and where it falls in a session.
+"""Priors in MNI space for lesion location: what lies below the tentorium, and the ventricles.
 
 Lesion location needs to know what lies below the tentorium (brainstem, cerebellum, fourth
-ventricle), which the tissue classes do not say. smoulder ships a probability map of it on the
-MNI152 2009 template's 2 mm grid (:data:`PRIOR`), built once by :func:`build_prior` from the 20
-SynthSeg training label maps (Billot et al., Medical Image Analysis 2023; Apache-2.0): each
-map's parenchyma is registered affinely (12 degrees of freedom, correlation) to the template's
-grey + white matter probability, and its infratentorial labels are averaged there.
+ventricle) and which CSF is ventricular, which the tissue classes do not say. smoulder ships
+probability maps of both on the MNI152 2009 template's 2 mm grid (:data:`PRIOR`,
+:data:`VENTRICLES`), built once by :func:`build_prior` from the 20 SynthSeg training label
+maps (Billot et al., Medical Image Analysis 2023; Apache-2.0): each map's parenchyma is
+registered affinely (12 degrees of freedom, correlation) to the template's grey + white matter
+probability (:data:`TEMPLATE`), and its labels are averaged there.
 
-For a session, :func:`infratentorial_probability` registers the template's parenchyma to the
-session's (GM + WM + lesion probability, at 2 mm) the same way and reads the prior at the
-voxels asked for. An affine fit places the tentorium to within a few millimetres: a lesion on
-the boundary (cerebral peduncles, upper vermis) may fall either side.
+For a session, :func:`template_transform` registers the template's parenchyma to the
+session's (GM + WM + lesion probability, at 2 mm) the same way; :func:`read_prior` reads a
+prior at the voxels asked for and :func:`ventricle_mask` cuts the session's CSF to the
+ventricles' envelope. An affine fit places the tentorium to within a few millimetres: a lesion
+on the boundary (cerebral peduncles, upper vermis) may fall either side.
 
-Rebuild the prior (about a minute on 2 cores)::
+Rebuild the priors (about a minute on 2 cores)::
 
     python -m smoulder.segmentation.atlas ../shared/data/synthseg_label_maps OUT.nii.gz
 """
@@ -93,27 +95,18 @@ def _fit(fixed: nib.Nifti1Image, moving: nib.Nifti1Image, device: str = "cpu") -
     )
 
 
-def _sample(
-    img: nib.Nifti1Image, world_mm: np.ndarray, *, order: int = 1, cval: float = 0.0
-) -> np.ndarray:
-    """Return ``img`` at world points ``(N, 3)`` (trilinear by default, ``cval`` outside)."""
+def _sample(img: nib.Nifti1Image, world_mm: np.ndarray) -> np.ndarray:
+    """Return ``img`` at world points ``(N, 3)`` (trilinear, 0 outside)."""
     vox = (np.linalg.inv(img.affine) @ np.c_[world_mm, np.ones(len(world_mm))].T)[:3]
-    return ndi.map_coordinates(
-        np.asarray(img.dataobj, np.float32), vox, order=order, mode="constant", cval=cval
-    )
+    return ndi.map_coordinates(np.asarray(img.dataobj, np.float32), vox, order=1, mode="constant")
 
 
-def _on_grid(
-    data: np.ndarray, affine: np.ndarray, spacing_mm: float, *, order: int = 1
-) -> nib.Nifti1Image:
-    """Return ``data`` resampled onto a RAS grid of ``spacing_mm`` voxels covering it."""
-    from smoulder.segmentation.inference import network_grid
+def _on_grid(data: np.ndarray, affine: np.ndarray, spacing_mm: float) -> nib.Nifti1Image:
+    """Return ``data`` resampled (linear) onto a RAS grid of ``spacing_mm`` voxels covering it."""
+    from smoulder.segmentation.inference import _resample, network_grid
 
     shape, grid = network_grid(nib.Nifti1Image(data, affine), spacing_mm)
-    idx = np.indices(shape).reshape(3, -1)
-    world = (grid @ np.r_[idx, np.ones((1, idx.shape[1]))])[:3].T
-    values = _sample(nib.Nifti1Image(data.astype(np.float32), affine), world, order=order)
-    return nib.Nifti1Image(values.reshape(shape).astype(np.float32), grid)
+    return nib.Nifti1Image(_resample(data, affine, shape, grid), grid)
 
 
 def build_prior(label_maps: Sequence[Path], out: Path) -> Path:
@@ -127,6 +120,7 @@ def build_prior(label_maps: Sequence[Path], out: Path) -> Path:
         ValueError: no label maps given.
     """
     from smoulder.images import save_nifti
+    from smoulder.segmentation.inference import _resample
 
     if not label_maps:
         raise ValueError("label_maps: expected at least one FreeSurfer-style label map, found none")
@@ -135,8 +129,6 @@ def build_prior(label_maps: Sequence[Path], out: Path) -> Path:
         np.asarray(percent.dataobj), percent.affine, out.with_name(TEMPLATE.name), dtype=np.uint8
     )
     template = nib.Nifti1Image(np.asarray(percent.dataobj, np.float32) / 100.0, percent.affine)
-    idx = np.indices(template.shape).reshape(3, -1)
-    world = (template.affine @ np.r_[idx, np.ones((1, idx.shape[1]))])[:3].T
     total = np.zeros(template.shape, np.float64)
     ventricles = np.zeros(template.shape, np.float64)
     for path in label_maps:
@@ -145,12 +137,10 @@ def build_prior(label_maps: Sequence[Path], out: Path) -> Path:
         parenchyma = _on_grid(
             np.isin(labels, PARENCHYMA_LABELS).astype(np.float32), img.affine, REGISTRATION_MM
         )
-        below = np.isin(labels, INFRATENTORIAL_LABELS).astype(np.float32)
-        to_map = _fit(template, parenchyma)
-        moved = (to_map @ np.c_[world, np.ones(len(world))].T)[:3].T
-        total += _sample(nib.Nifti1Image(below, img.affine), moved).reshape(template.shape)
-        inside = np.isin(labels, VENTRICLE_LABELS).astype(np.float32)
-        ventricles += _sample(nib.Nifti1Image(inside, img.affine), moved).reshape(template.shape)
+        # the template's voxels, carried into the label map's world by the fitted affine
+        moved = _fit(template, parenchyma) @ template.affine
+        for acc, wanted in ((total, INFRATENTORIAL_LABELS), (ventricles, VENTRICLE_LABELS)):
+            acc += _resample(np.isin(labels, wanted), img.affine, template.shape, moved)
         print(f"{Path(path).name}: registered", flush=True)
     vent = np.rint(100 * ventricles / len(label_maps)).astype(np.uint8)
     save_nifti(vent, template.affine, out.with_name(VENTRICLES.name), dtype=np.uint8)
@@ -223,33 +213,6 @@ def read_prior(
 def ventricle_mask(csf: np.ndarray, affine: np.ndarray, to_template: np.ndarray) -> np.ndarray:
     """Return the session's ventricular CSF: ``csf`` inside the ventricles' envelope."""
     return read_prior(_ventricle_prior(), to_template, affine, csf) >= VENTRICLE_ENVELOPE
-
-
-def infratentorial_probability(
-    parenchyma: np.ndarray,
-    affine: np.ndarray,
-    where: np.ndarray,
-    *,
-    device: str = "cpu",
-) -> np.ndarray | None:
-    """Return the infratentorial probability (0–1) at the voxels ``where`` of a session.
-
-    Args:
-        parenchyma: the session's parenchyma probability (GM + WM + lesion) on its grid.
-        affine: that grid's voxel-to-world matrix.
-        where: boolean mask on the same grid: the voxels to read (e.g. the lesions').
-        device: where the registration runs.
-
-    Returns:
-        float32 array on the grid: the prior at ``where``, 0 elsewhere; ``None`` (with a
-        warning) when the template does not fit (:func:`template_transform`).
-    """
-    if not where.any():
-        return np.zeros(parenchyma.shape, np.float32)
-    to_template = template_transform(parenchyma, affine, device=device)
-    if to_template is None:
-        return None
-    return read_prior(infratentorial_prior(), to_template, affine, where)
 
 
 def main(argv: list[str] | None = None) -> int:
