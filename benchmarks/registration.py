@@ -111,7 +111,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from benchenv import machine, versions
+from benchenv import PHANTOM_MODULES, machine, source_fingerprint, versions
 from scipy import ndimage
 
 #: Packages whose versions the table states.
@@ -294,7 +294,7 @@ def phantom_dataset(cache: Path, res: float, seed: int) -> Path:
     from smoulder.phantom.dataset import generate_dataset
     from smoulder.phantom.generate import PhantomConfig
 
-    root = cache / f"phantom-{res:g}mm-seed{seed}"
+    root = cache / f"phantom-{res:g}mm-seed{seed}-{source_fingerprint(*PHANTOM_MODULES)}"
     if not (root / "dataset_description.json").exists():
         shutil.rmtree(root, ignore_errors=True)
         generate_dataset(root, PhantomConfig(resolution_mm=res, sessions=1, seed=seed))
@@ -415,7 +415,9 @@ def make_phantom_pair(cache: Path, res: float, seed: int) -> Pair:
     """Build (or load) the deformable phantom pair at ``res`` mm; see the module docstring."""
     from smoulder.phantom.physics import add_rician_noise, smooth_bias_field
 
-    folder = cache / "pairs" / f"phantom-{res:g}mm-seed{seed}"
+    folder = (
+        cache / "pairs" / f"phantom-{res:g}mm-seed{seed}-{source_fingerprint(*PHANTOM_MODULES)}"
+    )
     if (folder / "pair.json").exists():
         return Pair.load(folder)
     folder.mkdir(parents=True, exist_ok=True)

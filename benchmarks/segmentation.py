@@ -191,7 +191,9 @@ class Case:
     @property
     def cache_key(self) -> str:
         """Folder name of this case's cached peer outputs (resolution included for phantoms)."""
-        return self.name if self.tissue is None else f"{self.name}-{self.res_mm:g}mm"
+        if self.tissue is None:
+            return self.name
+        return f"{self.name}-{self.res_mm:g}mm-{phantom_version()}"
 
 
 def all_cases(quick: bool) -> list[str]:
@@ -204,7 +206,7 @@ def phantom_dataset(cache: Path, res_mm: float, seed: int) -> Path:
     from smoulder.phantom.dataset import generate_dataset
     from smoulder.phantom.generate import PhantomConfig
 
-    root = cache / f"phantom-{res_mm:g}mm-seed{seed}"
+    root = cache / f"phantom-{res_mm:g}mm-seed{seed}-{phantom_version()}"
     if not (root / "dataset_description.json").exists():
         shutil.rmtree(root, ignore_errors=True)
         print(f"generating {root.name} ...", flush=True)
@@ -213,6 +215,11 @@ def phantom_dataset(cache: Path, res_mm: float, seed: int) -> Path:
         )
         generate_dataset(root, config)
     return root
+
+
+def phantom_version() -> str:
+    """Return the fingerprint of the phantom generator's source (names cached phantom data)."""
+    return benchenv.source_fingerprint(*benchenv.PHANTOM_MODULES)
 
 
 def only(folder: Path, pattern: str) -> Path:

@@ -258,3 +258,20 @@ def test_label_map_anatomy_and_real_lesion_shapes(shared_data: Path, tmp_path: P
     assert abs(float(atrophy[1]["pbvc_per_year_pct"]) - cfg.pbvc_per_year) < 0.02
     params = json.loads((root / TRUTH / "sub-01_phantom.json").read_text())
     assert "training_seg_01" in params["anatomy"]
+
+
+def test_infratentorial_candidates_lie_below_the_tentorium() -> None:
+    """The phantom's infratentorial lesions go into cerebellum and brainstem, not into the
+    temporal lobes' white matter, which reaches as low; checked against the shipped prior
+    (built independently, from 20 SynthSeg label maps)."""
+    from smoulder.phantom.anatomy import load_anatomy
+    from smoulder.phantom.lesions import location_candidates
+    from smoulder.segmentation.atlas import _sample, infratentorial_prior
+
+    candidates = location_candidates(load_anatomy(2.0))
+    prior = infratentorial_prior()
+    below = _sample(prior, candidates["infratentorial"]) >= 0.5
+    assert len(below) > 500
+    assert below.mean() > 0.98, below.mean()
+    for location in ("periventricular", "juxtacortical", "deep"):
+        assert (_sample(prior, candidates[location]) >= 0.5).mean() < 0.02, location

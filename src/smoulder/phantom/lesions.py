@@ -251,14 +251,25 @@ def location_candidates(anatomy: Anatomy) -> dict[str, np.ndarray]:
     ventricles = (csf > 0.7) & (depth > 18.0)
     d_vent = ndimage.distance_transform_edt(~ventricles, sampling=sp)
     d_gm = ndimage.distance_transform_edt(~(gm > 0.5), sampling=sp)
-    z = anatomy.affine[2, 2] * np.arange(anatomy.shape[2]) + anatomy.affine[2, 3]
-    zz = np.broadcast_to(z, anatomy.shape)
+    xx, yy, zz = np.meshgrid(
+        *(
+            anatomy.affine[i, i] * np.arange(n) + anatomy.affine[i, 3]
+            for i, n in enumerate(anatomy.shape)
+        ),
+        indexing="ij",
+        sparse=True,
+    )
     supra = zz > -10.0
+    # below the tentorium (MNI mm): the cerebellum behind and under the temporal lobes, and the
+    # brainstem on the midline; the temporal lobes' white matter reaches z = -40 further forward
+    posterior_fossa = (zz < -22.0) & (
+        ((yy < -45.0) & (zz < -25.0)) | ((np.abs(xx) < 12.0) & (yy < -10.0))
+    )
     masks = {
         "periventricular": (wm > 0.8) & (d_vent <= 4.0) & supra,
         "juxtacortical": (wm > 0.5) & (d_gm <= 1.5 * sp) & (depth > 6.0) & supra,
         "deep": (wm > 0.9) & (d_vent > 10.0) & (d_gm > 6.0) & supra,
-        "infratentorial": (wm > 0.7) & (zz < -22.0) & (depth > 4.0),
+        "infratentorial": (wm > 0.7) & posterior_fossa & (depth > 4.0),
     }
     out = {}
     for name, m in masks.items():
