@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
@@ -183,11 +184,16 @@ def test_segment_command_writes_bids_outputs(phantom_2mm: Path, tmp_path: Path) 
         assert (tmp_path / f"sub-01_{name}").is_file(), name
     rows = list(csv.DictReader((tmp_path / "sub-01_desc-lesions_stats.tsv").open(), delimiter="\t"))
     assert rows and {"index", "volume_ul", "location"} <= set(rows[0])
-    # no lesion kept: an empty table (header only), not a crash
+    side = json.loads((tmp_path / "sub-01_dseg.json").read_text())
+    assert side["Settings"] == {"refine": True, "lesion_prior_floor": 0.1, "min_lesion_ul": 10.0}
+    # no lesion kept: an empty table (header only), not a crash; the settings say why
     out = tmp_path / "none"
-    assert main(["segment", str(flair), "-o", str(out), "--min-lesion-ul", "1e9"]) == 0
+    cmd = ["segment", str(flair), "-o", str(out), "--min-lesion-ul", "1e9"]
+    assert main([*cmd, "--lesion-prior-floor", "0"]) == 0
     lines = (out / "desc-lesions_stats.tsv").read_text().splitlines()
     assert len(lines) == 1 and lines[0].startswith("index")
+    side = json.loads((out / "dseg.json").read_text())["Settings"]
+    assert side["lesion_prior_floor"] == 0.0 and side["min_lesion_ul"] == 1e9
 
 
 def test_train_command_resumes_and_refuses_another_recipe(shared_data: Path, tmp_path: Path,

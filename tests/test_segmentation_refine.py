@@ -61,6 +61,25 @@ def test_lesions_must_be_brighter_than_white_matter() -> None:
     assert not (post[20:24, 20:24, 20:24] == LESION).any()
 
 
+def test_a_lesion_the_network_missed_is_found_and_cortex_is_not_taken() -> None:
+    """A FLAIR-bright blob in white matter that the network called grey matter (as it does with
+    confluent periventricular lesions on real FLAIR): the lesion prior floor lets the subject's
+    intensities make it lesion, while the cortex (FLAIR-brighter than WM too) stays grey."""
+    truth, image, prior = _two_tissues()
+    blob = (slice(20, 25), slice(10, 15), slice(10, 15))
+    image[blob] = 0.7  # 5 SDs above the cortex, 10 above white matter
+    prior[(slice(None), *blob)] = 0.01
+    prior[(GM, *blob)] = 0.9
+    prior /= prior.sum(0)
+    prior[(LESION, *blob)] = 1e-6  # the network is sure there is no lesion
+    mask = np.ones(truth.shape, bool)
+    found = em_refine([image], prior, mask).argmax(0)
+    assert (found[blob] == LESION).mean() > 0.95
+    assert (found[truth == GM] == LESION).mean() < 0.01
+    missed = em_refine([image], prior, mask, lesion_prior_floor=0.0).argmax(0)
+    assert not (missed[blob] == LESION).any()
+
+
 def test_outside_the_mask_is_background() -> None:
     truth, image, prior = _two_tissues()
     mask = np.zeros(truth.shape, bool)

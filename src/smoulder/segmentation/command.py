@@ -20,6 +20,8 @@ from smoulder.segmentation.synth import CLASSES
 
 def segment_parser() -> argparse.ArgumentParser:
     """Return the parser of ``smoulder segment``."""
+    from smoulder.segmentation.refine import LESION_PRIOR_FLOOR
+
     p = argparse.ArgumentParser(
         prog="smoulder segment",
         description="Brain mask, tissue classes and lesions (with a per-lesion table) of one "
@@ -38,6 +40,14 @@ def segment_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="the raw network: no subject-specific intensity refinement",
     )
+    p.add_argument(
+        "--lesion-prior-floor",
+        type=float,
+        default=LESION_PRIOR_FLOOR,
+        help="least lesion prior in the refinement, as a share of the parenchyma probability "
+        f"(default {LESION_PRIOR_FLOOR}; 0 trusts the network's lesion probability alone; "
+        "higher finds fainter lesions and risks false ones)",
+    )
     return p
 
 
@@ -50,6 +60,8 @@ def write_outputs(result: Any, out: Path, prefix: str, sources: list[str]) -> li
 
     out.mkdir(parents=True, exist_ok=True)
     side = {"Sources": sources, "ModelVersion": result.model_version}
+    if result.settings:
+        side["Settings"] = result.settings
     written = []
 
     def nifti(img: Any, name: str, dtype: Any, meta: dict[str, Any]) -> None:
@@ -114,6 +126,7 @@ def run_segment(args: argparse.Namespace) -> int:
         model=args.model,
         min_lesion_ul=args.min_lesion_ul,
         refine=args.refine,
+        lesion_prior_floor=args.lesion_prior_floor,
     )
     sources = [str(args.flair)] + ([str(args.t1)] if args.t1 else [])
     files = write_outputs(result, args.out, args.prefix, sources)

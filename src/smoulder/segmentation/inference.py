@@ -28,7 +28,12 @@ from scipy import ndimage as ndi
 
 from smoulder.errors import InputError
 from smoulder.segmentation.network import Bundle, load_bundle
-from smoulder.segmentation.refine import brain_masks, em_refine, largest_component
+from smoulder.segmentation.refine import (
+    LESION_PRIOR_FLOOR,
+    brain_masks,
+    em_refine,
+    largest_component,
+)
 from smoulder.segmentation.synth import CLASSES, LESION, T1_FLAG, normalise
 
 #: Probability maps published (``_label-<name>_probseg``) and the classes each sums.
@@ -55,6 +60,8 @@ class SegmentationResult:
     model_version: str
     wall_s: float
     timings: dict[str, float] = field(default_factory=dict)
+    #: the settings it ran with (recorded in the outputs' sidecars)
+    settings: dict[str, float | bool] = field(default_factory=dict)
 
 
 def network_grid(
@@ -142,6 +149,7 @@ def segment(
     bundle: Bundle | None = None,
     min_lesion_ul: float = 10.0,
     refine: bool = True,
+    lesion_prior_floor: float = LESION_PRIOR_FLOOR,
 ) -> SegmentationResult:
     """Return the segmentation of one session (see the module docstring).
 
@@ -154,6 +162,8 @@ def segment(
         min_lesion_ul: lesions smaller than this are dropped from the instances.
         refine: clean the brain mask and fit the subject's own intensities with the network
             as prior (:mod:`smoulder.segmentation.refine`); off gives the raw network.
+        lesion_prior_floor: least lesion prior in the refinement, as a share of the
+            parenchyma probability (0: the network's lesion probability alone).
 
     Raises:
         InputError: an image that is not 3D, has non-finite voxels or no signal; a bundle
@@ -201,7 +211,7 @@ def segment(
         tic = time.perf_counter()
         _, intracranial = brain_masks(probs, spacing_mm=bundle.inference.spacing_mm)
         images = [channels[0]] + ([channels[1]] if t1 is not None else [])
-        probs = em_refine(images, probs, intracranial)
+        probs = em_refine(images, probs, intracranial, lesion_prior_floor=lesion_prior_floor)
         timings["refine_s"] = time.perf_counter() - tic
     tic = time.perf_counter()
     out_shape = flair.shape[:3]
@@ -256,4 +266,9 @@ def segment(
         model_version=bundle.version,
         wall_s=time.perf_counter() - start,
         timings=timings,
+        settings={
+            "refine": refine,
+            "lesion_prior_floor": lesion_prior_floor if refine else 0.0,
+            "min_lesion_ul": min_lesion_ul,
+        },
     )
