@@ -62,6 +62,36 @@ def test_synth_sample_is_seeded_and_lesions_sit_on_white_matter(label_maps) -> N
     assert (x1[synth.T1_FLAG].max() == 0) == (x1[1].max() == 0)
 
 
+def test_flair_lesions_range_from_cortex_bright_to_far_brighter_and_vary() -> None:
+    """Real FLAIR lesions are often about as bright as cortex; training must include them."""
+    lut = synth.class_lookup()
+    labels = np.array([2, 3, 10, synth.LESION_LABEL])  # WM, cortex, deep GM, lesion
+    rng = np.random.default_rng(0)
+    below_cortex = over_wm = 0
+    for _ in range(400):
+        m = synth._class_means(rng, labels, synth.FLAIR_PRIOR, lut)
+        lesion, wm, gm = m[synth.LESION_LABEL], m[2], max(m[3], m[10])
+        assert lesion > 0.95 * wm  # hyperintense on FLAIR (up to the per-label jitter)
+        below_cortex += lesion < gm
+        over_wm += lesion > 1.8 * wm
+    assert 0.05 < below_cortex / 400 < 0.5  # sometimes iso- or slightly hypo- to cortex
+    assert over_wm > 20  # and sometimes far brighter
+    # lesions differ in brightness from each other; white-matter regions of the same size do not
+    grid = np.full((32, 32, 32), 2, np.int64)
+    a, b = np.s_[4:12, 4:12, 4:12], np.s_[20:28, 20:28, 20:28]
+    grid[a] = grid[b] = synth.LESION_LABEL
+    wm_a, wm_b = np.s_[4:12, 20:28, 4:12], np.s_[20:28, 4:12, 20:28]
+    full = synth.LabelMap.from_array(grid.astype(np.uint16))
+    s = synth.SynthSettings(noise=(0.0, 0.0), bias=0.0, gamma=0.0)
+    lesion_gap, wm_gap = [], []
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        img = synth._paint(rng, grid, full, synth.FLAIR_PRIOR, lut, False, s)
+        lesion_gap.append(abs(np.log(img[a].mean() / img[b].mean())))
+        wm_gap.append(abs(np.log(img[wm_a].mean() / img[wm_b].mean())))
+    assert np.mean(lesion_gap) > 0.05 > 5 * np.mean(wm_gap)
+
+
 def test_pasted_lesions_only_replace_white_matter() -> None:
     labels = np.zeros((20, 20, 20), np.uint16)
     labels[5:15, 5:15, 5:15] = 2  # WM
