@@ -2,9 +2,10 @@
 
 On the open_ms longitudinal cases (patients 01 and 03; not the segmentation benchmark's cases),
 the experts' mask of new and enlarging lesions (``gt.nii.gz``, common space) is mapped onto
-study 2's raw FLAIR with the shipped ITK affine (``study2_FLAIR_to_common_space.txt``: a point
-of the common space, LPS, goes to the FLAIR's), white matter and cortex are taken from
-smoulder's own segmentation of that FLAIR, and each lesion's mean is divided by theirs.
+study 2's raw FLAIR with the shipped ITK affine (``study2_FLAIR_to_common_space.txt``, read by
+:func:`smoulder.registration.itk.load_affine`: a point of the common space goes to the
+FLAIR's), white matter and cortex are taken from smoulder's own segmentation of that FLAIR,
+and each lesion's mean is divided by theirs.
 
     python models/smoulder_seg/docs/flair_contrast.py ../shared/data/open_ms/longitudinal
 """
@@ -18,21 +19,9 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
+from smoulder.registration.itk import load_affine
 from smoulder.segmentation.inference import segment
 from smoulder.segmentation.synth import CLASSES
-
-LPS = np.array([-1.0, -1.0, 1.0])
-
-
-def itk_affine(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Return (matrix, translation, centre) of an ITK MatrixOffset/Affine transform file."""
-    lines = path.read_text().splitlines()
-
-    def values(key: str) -> np.ndarray:
-        return np.array([float(v) for v in next(x for x in lines if x.startswith(key)).split()[1:]])
-
-    p = values("Parameters:")
-    return p[:9].reshape(3, 3), p[9:12], values("FixedParameters:")
 
 
 def lesion_contrast(case: Path) -> dict[str, np.ndarray]:
@@ -42,10 +31,8 @@ def lesion_contrast(case: Path) -> dict[str, np.ndarray]:
     f = flair.get_fdata()
     labels, n = ndi.label(np.asarray(gt.dataobj) > 0)
     idx = np.argwhere(labels > 0)
-    m, t, c = itk_affine(case / "study2_FLAIR_to_common_space.txt")
-    lps = nib.affines.apply_affine(gt.affine, idx) * LPS
-    moved = ((lps - c) @ m.T + c + t) * LPS
-    vox = nib.affines.apply_affine(np.linalg.inv(flair.affine), moved)
+    to_flair = load_affine(case / "study2_FLAIR_to_common_space.txt")  # common → FLAIR (RAS)
+    vox = nib.affines.apply_affine(np.linalg.inv(flair.affine) @ to_flair @ gt.affine, idx)
     values = ndi.map_coordinates(f, vox.T, order=1)
     dseg = np.asarray(segment(flair, None).dseg.dataobj)
     wm = f[dseg == CLASSES.index("WM")].mean()

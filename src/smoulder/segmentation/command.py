@@ -15,13 +15,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from smoulder.segmentation.refine import LESION_PRIOR_FLOOR
 from smoulder.segmentation.synth import CLASSES
 
 
 def segment_parser() -> argparse.ArgumentParser:
     """Return the parser of ``smoulder segment``."""
-    from smoulder.segmentation.refine import LESION_PRIOR_FLOOR
-
     p = argparse.ArgumentParser(
         prog="smoulder segment",
         description="Brain mask, tissue classes and lesions (with a per-lesion table) of one "

@@ -78,9 +78,10 @@ class ContrastPrior:
 #: brighter of grey matter and 1.1 x white matter (see ``_class_means``): lesion/WM 1.1-2.7
 #: (median 1.6), darker than the brightest grey matter in a fifth of the samples. Why: on the
 #: raw FLAIR of the open_ms longitudinal cases (not benchmark cases) the expert-marked new
-#: lesions have means of 0.75-1.6 times white matter (median about 1.2), about as bright as
-#: cortex (median 0.8-1.0 of it); the earlier prior (lesion/WM 1.5-2.7, always 1.1-1.5 times
-#: grey matter) never showed the network a lesion as faint as most real ones.
+#: lesions have means of 0.76-1.62 times white matter (medians 0.98 and 1.22), about as bright
+#: as cortex (medians 0.79 and 0.99 of it; models/smoulder_seg/docs/flair_contrast.py); the
+#: earlier prior (lesion/WM 1.5-2.7, always 1.1-1.5 times grey matter) never showed the
+#: network a lesion as faint as most real ones.
 FLAIR_PRIOR = ContrastPrior((0.02, 0.2), (0.4, 0.75), (0.35, 0.65), (0.3, 0.6), (1.1, 2.2))
 #: a hyperintense lesion's mean as a share of max(brightest grey matter, lesion_over_wm[0] x WM)
 LESION_OVER_GM = (0.8, 1.6)
