@@ -115,6 +115,12 @@ def test_b0_direction_follows_an_oblique_affine() -> None:
 )
 def test_phase_units_are_detected(values, expected) -> None:
     np.testing.assert_allclose(phase_to_radians(np.array(values, float), "p"), expected, atol=1e-5)
+    # NaN voxels are ignored, integers are read as such
+    with_nan = phase_to_radians(np.array([*values, np.nan], float), "p")
+    np.testing.assert_allclose(with_nan[:-1], expected, atol=1e-5)
+    if all(float(v).is_integer() for v in values):
+        as_int = phase_to_radians(np.array(values, np.int16), "p")
+        np.testing.assert_allclose(as_int, expected, atol=1e-5)
 
 
 def _write_echoes(folder: Path, n: int = 3, *, drop: str | None = None, phase_scale: float = 1.0):
@@ -193,6 +199,7 @@ def test_reconstruct_on_a_small_head(tmp_path: Path, weight: str) -> None:
         ("count", "one phase image per magnitude"),
         ("grid", "grid"),
         ("units", "phase in radians"),
+        ("truncated", "truncated or corrupt"),
     ],
 )
 def test_bad_echoes_are_named(tmp_path: Path, kind: str, message: str) -> None:
@@ -205,8 +212,32 @@ def test_bad_echoes_are_named(tmp_path: Path, kind: str, message: str) -> None:
     if kind == "grid":
         img = nib.load(phases[0])
         nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:-1], img.affine), phases[0])
-    with pytest.raises(InputError, match=message):
+    if kind == "truncated":
+        phases[1].write_bytes(phases[1].read_bytes()[:-200])
+    with pytest.raises(InputError, match=message) as err:
         load_echoes(mags, phases)
+    if kind == "truncated":
+        assert phases[1].name in str(err.value)
+
+
+def test_echoes_in_any_order_and_scanner_units_load_alike(tmp_path: Path) -> None:
+    mags, phases, _, _ = _write_echoes(tmp_path / "rad")
+    for path in phases:  # noise outside the head spans the whole range, as on a scanner
+        img = nib.load(path)
+        data = np.asarray(img.dataobj)
+        data[0, 0, 0], data[-1, -1, -1] = -np.pi, 4095 * np.pi / 4096
+        nib.save(nib.Nifti1Image(data, img.affine), path)
+    ref = load_echoes(mags, phases)
+    # the same echoes as int16 scanner units (-4096..4095), listed last echo first
+    for path in phases:
+        img = nib.load(path)
+        units = np.round(np.asarray(img.dataobj) * 4096 / np.pi).clip(-4096, 4095)
+        nib.save(nib.Nifti1Image(units.astype(np.int16), img.affine), path)
+    got = load_echoes(mags[::-1], phases[::-1])
+    assert got.echo_times_ms == ref.echo_times_ms
+    np.testing.assert_array_equal(got.magnitude, ref.magnitude)
+    np.testing.assert_allclose(got.phase, ref.phase, atol=np.pi / 4096)
+    assert got.phase.dtype == np.float32 and got.phase.flags.c_contiguous
 
 
 def test_qsm_command_writes_maps(tmp_path: Path, capsys) -> None:

@@ -296,16 +296,26 @@ def phase_to_radians(data: np.ndarray, path: str | Path) -> np.ndarray:
         ...
         smoulder.errors.InputError: p: expected phase in radians ... multiply by pi / 180
     """
-    values = np.asarray(data, dtype=np.float32)
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return values
-    lo, hi = float(finite.min()), float(finite.max())
+    stored = np.asarray(data)
+    values = np.asarray(stored, dtype=np.float32)
+    # min and max first: a copy of the finite voxels is needed only when NaNs are present
+    lo, hi = float(values.min(initial=np.inf)), float(values.max(initial=-np.inf))
+    finite = values
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        finite = values[np.isfinite(values)]
+        if finite.size == 0:
+            return values
+        lo, hi = float(finite.min()), float(finite.max())
     limit = np.pi + _PHASE_TOLERANCE
     if (lo >= -limit and hi <= limit) or (lo >= -_PHASE_TOLERANCE and hi <= 2 * limit):
         return values
     # 12-bit scanner units: integers over most of the range (degrees span at most 360)
-    if hi - lo > 1000 and hi <= 4095.5 and lo >= -4096.5 and np.allclose(finite, np.round(finite)):
+    if (
+        hi - lo > 1000
+        and hi <= 4095.5
+        and lo >= -4096.5
+        and (np.issubdtype(stored.dtype, np.integer) or np.allclose(finite, np.rint(finite)))
+    ):
         if lo < -0.5:
             return values * np.float32(np.pi / 4096)
         return values * np.float32(2 * np.pi / 4096) - np.float32(np.pi)
@@ -396,6 +406,43 @@ def _read_data(img: nib.Nifti1Image, path: Path) -> np.ndarray:
     if data.dtype == np.float64 and img.get_data_dtype() != np.float64:
         data = data.astype(np.float32)  # scaled integers: float32 is ample and halves memory
     return data
+
+
+def read_voxels(path: str | Path) -> np.ndarray:
+    """Return the voxels of the NIfTI file at ``path`` as stored (scaled where the header says
+    so), read in one piece.
+
+    A ``.nii.gz`` is decompressed in a single call: by ISA-L (the ``isal`` package, about 1.6
+    times zlib's speed on 2 cores) when it is installed, else by zlib. Both release the GIL, so
+    threads can read several files side by side (a 0.7 mm 5-echo GRE is ten 100 MB files).
+
+    Raises:
+        InputError: the file is missing, not NIfTI, or its data are truncated or corrupt.
+    """
+    path = Path(path)
+    img = _open_nifti(path)
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":  # gzip's magic number, whatever the file is called
+            raw = _gunzip(raw)
+        return np.asarray(type(img).from_bytes(raw).dataobj)
+    except Exception as exc:  # truncated gzip: EOFError; short data: ValueError/OSError
+        raise InputError(
+            path,
+            expected=f"{int(np.prod(img.shape))} voxels of data",
+            found=f"unreadable data ({_describe_exception(exc)})",
+            hint="the file is probably truncated or corrupt; copy or convert it again",
+        ) from exc
+
+
+def _gunzip(raw: bytes) -> bytes:
+    try:
+        from isal import igzip
+    except ImportError:  # isal has wheels for the usual platforms; zlib is the fallback
+        import gzip
+
+        return gzip.decompress(raw)
+    return igzip.decompress(raw)
 
 
 def _check_finite(data: np.ndarray, path: Path, *, allow_nan: bool) -> None:

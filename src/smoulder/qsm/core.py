@@ -179,22 +179,22 @@ def laplacian_unwrap(
         True
     """
     if mask is None:
-        rhs = _wrapped_divergence(phase, torch.ones_like(phase), voxel_mm)
+        rhs = _wrapped_divergence(phase, _links(torch.ones_like(phase)), voxel_mm)
         return _poisson_mirrored(rhs, voxel_mm)
     w = mask.to(phase.dtype)
-    b = _wrapped_divergence(phase, w, voxel_mm)
-    links = []  # per axis: 1 where a voxel and its next neighbour are both inside, else 0
-    for axis in range(3):
-        link = w * torch.roll(w, -1, axis)
-        link.select(axis, link.shape[axis] - 1).zero_()  # no wrap-around at the edge
-        links.append(link)
+    links = _links(w)  # per axis: 1 where a voxel and its next neighbour are both inside
+    b = _wrapped_divergence(phase, links, voxel_mm)
     scale = [1.0 / float(h) ** 2 for h in voxel_mm]
 
+    diff = torch.empty_like(b)
+    spare = torch.empty_like(b)
+
     def apply(x: torch.Tensor) -> torch.Tensor:
+        # Σ_axes (link·∇x − roll(link·∇x, 1)) / h²: the masked Laplacian, zero flux at the edges
         out = torch.zeros_like(x)
         for axis in range(3):
-            d = torch.roll(x, -1, axis).sub_(x).mul_(links[axis])
-            out.add_(d.sub_(torch.roll(d, 1, axis)), alpha=scale[axis])
+            forward_difference(x, axis, out=diff).mul_(links[axis])
+            out.add_(backward_difference(diff, axis, out=spare), alpha=-scale[axis])
         return out
 
     lap_k = _laplacian_kernel(b.shape, voxel_mm, b.device, b.dtype)
@@ -216,27 +216,76 @@ def laplacian_unwrap(
     norm_b = torch.linalg.vector_norm(b) + 1e-30
     for _ in range(iterations):
         ap = apply(p)
-        alpha = rz / (torch.sum(p * ap) + 1e-30)
-        x = x + alpha * p
-        r = r - alpha * ap
-        if torch.linalg.vector_norm(r) / norm_b < tolerance:
+        alpha = float(rz / (torch.dot(p.flatten(), ap.flatten()) + 1e-30))
+        x.add_(p, alpha=alpha)
+        r.sub_(ap, alpha=alpha)
+        del ap
+        if float(torch.linalg.vector_norm(r) / norm_b) < tolerance:
             break
         z = precondition(r)
-        rz_new = torch.sum(r * z)
-        p = z + (rz_new / (rz + 1e-30)) * p
+        rz_new = torch.dot(r.flatten(), z.flatten())
+        p = z.add_(p, alpha=float(rz_new / (rz + 1e-30)))
         rz = rz_new
     return x
 
 
+def forward_difference(x: torch.Tensor, axis: int, *, out: torch.Tensor) -> torch.Tensor:
+    """Write ``roll(x, −1, axis) − x`` (periodic forward difference) into ``out``; return it.
+
+    Two subtractions of shifted views: a quarter of the time of ``torch.roll`` and a subtraction.
+
+    Examples:
+        >>> x = torch.tensor([[[0.0], [1.0], [3.0]]])
+        >>> forward_difference(x, 1, out=torch.empty_like(x)).flatten().tolist()
+        [1.0, 2.0, -3.0]
+    """
+    n = x.shape[axis]
+    torch.sub(x.narrow(axis, 1, n - 1), x.narrow(axis, 0, n - 1), out=out.narrow(axis, 0, n - 1))
+    torch.sub(x.narrow(axis, 0, 1), x.narrow(axis, n - 1, 1), out=out.narrow(axis, n - 1, 1))
+    return out
+
+
+def backward_difference(x: torch.Tensor, axis: int, *, out: torch.Tensor) -> torch.Tensor:
+    """Write ``roll(x, 1, axis) − x`` into ``out`` (minus the adjoint of
+    :func:`forward_difference`'s operator applied to ``x``); return it.
+
+    Examples:
+        >>> x = torch.tensor([[[0.0], [1.0], [3.0]]])
+        >>> backward_difference(x, 1, out=torch.empty_like(x)).flatten().tolist()
+        [3.0, -1.0, -2.0]
+    """
+    n = x.shape[axis]
+    torch.sub(x.narrow(axis, 0, n - 1), x.narrow(axis, 1, n - 1), out=out.narrow(axis, 1, n - 1))
+    torch.sub(x.narrow(axis, n - 1, 1), x.narrow(axis, 0, 1), out=out.narrow(axis, 0, 1))
+    return out
+
+
+def _links(w: torch.Tensor) -> list[torch.Tensor]:
+    """Return per axis 1 where a voxel and its next neighbour both have weight ``w`` = 1 (their
+    product), 0 at the last slice (no wrap-around at the edge)."""
+    links = []
+    for axis in range(3):
+        link = torch.empty_like(w)
+        n = w.shape[axis]
+        torch.mul(
+            w.narrow(axis, 0, n - 1), w.narrow(axis, 1, n - 1), out=link.narrow(axis, 0, n - 1)
+        )
+        link.narrow(axis, n - 1, 1).zero_()
+        links.append(link)
+    return links
+
+
 def _wrapped_divergence(
-    phase: torch.Tensor, w: torch.Tensor, voxel_mm: Sequence[float]
+    phase: torch.Tensor, links: Sequence[torch.Tensor], voxel_mm: Sequence[float]
 ) -> torch.Tensor:
-    """Return the discrete Laplacian of the wrapped neighbour differences (zero-flux edges)."""
+    """Return the discrete Laplacian of the wrapped neighbour differences between linked
+    voxels (:func:`_links`; zero flux across the edges)."""
     out = torch.zeros_like(phase)
+    d = torch.empty_like(phase)
+    spare = torch.empty_like(phase)
     for axis, h in enumerate(voxel_mm):
-        d = _wrap(torch.roll(phase, -1, axis) - phase) * w * torch.roll(w, -1, axis)
-        d.select(axis, d.shape[axis] - 1).zero_()
-        out = out + (d - torch.roll(d, 1, axis)) / float(h) ** 2
+        wrap(forward_difference(phase, axis, out=d)).mul_(links[axis])
+        out.add_(backward_difference(d, axis, out=spare), alpha=-1.0 / float(h) ** 2)
     return out
 
 
@@ -253,9 +302,14 @@ def _poisson_mirrored(rhs: torch.Tensor, voxel_mm: Sequence[float]) -> torch.Ten
     return out[:nx, :ny, :nz].contiguous()
 
 
-def _wrap(x: torch.Tensor) -> torch.Tensor:
-    """Return ``x`` wrapped into [-π, π)."""
-    return torch.remainder(x + math.pi, 2 * math.pi) - math.pi
+def wrap(x: torch.Tensor) -> torch.Tensor:
+    """Wrap ``x`` (radians) into [-π, π) in place; return it.
+
+    Examples:
+        >>> [round(v, 3) for v in wrap(torch.tensor([0.5, 4.0, -4.0])).tolist()]
+        [0.5, -2.283, 2.283]
+    """
+    return torch.remainder(x.add_(math.pi), 2 * math.pi, out=x).sub_(math.pi)
 
 
 def fit_field(
@@ -272,18 +326,25 @@ def fit_field(
         >>> round(float(slope.mean()), 4), round(float(icpt.mean()), 4)
         (0.02, 0.3)
     """
-    t = torch.as_tensor(list(echo_times_ms), dtype=phases.dtype, device=phases.device).reshape(
-        -1, 1, 1, 1
-    )
+    te = [float(t) for t in echo_times_ms]
     if phases.shape[0] == 1:
-        return phases[0] / t[0], torch.zeros_like(phases[0])
-    w = magnitudes**2 + 1e-12
-    sw, st, sp = w.sum(0), (w * t).sum(0), (w * phases).sum(0)
-    stt, stp = (w * t * t).sum(0), (w * t * phases).sum(0)
+        return phases[0] / te[0], torch.zeros_like(phases[0])
+    # sums over echoes, accumulated one echo at a time (no (E, X, Y, Z) temporaries)
+    sw, st, stt, sp, stp = (torch.zeros_like(phases[0]) for _ in range(5))
+    w, wp = torch.empty_like(phases[0]), torch.empty_like(phases[0])
+    for e, t in enumerate(te):
+        torch.mul(magnitudes[e], magnitudes[e], out=w).add_(1e-12)
+        sw.add_(w)
+        st.add_(w, alpha=t)
+        stt.add_(w, alpha=t * t)
+        torch.mul(w, phases[e], out=wp)
+        sp.add_(wp)
+        stp.add_(wp, alpha=t)
+    del w, wp
     det = sw * stt - st * st
     det = torch.where(det.abs() > 1e-12, det, torch.full_like(det, 1e-12))
-    slope = (sw * stp - st * sp) / det
-    intercept = (sp - slope * st) / sw
+    slope = (sw * stp - st * sp).div_(det)
+    intercept = (sp - slope * st).div_(sw)
     return slope, intercept
 
 
@@ -407,46 +468,67 @@ def tv_admm(
     split = data_weight is not None
     scale = mu if split else 1.0
     denom = scale * k_half**2 - rho * _half(lap)
+    del lap
     # k = 0 is in neither operator's range (χ is relative): its rounding noise must not blow up
     inv_denom = torch.where(denom > 1e-12, 1.0 / torch.where(denom > 1e-12, denom, 1.0), 0.0)
-    rho_inv = rho * inv_denom
+    del denom
+    rho_inv = (rho * inv_denom).unsqueeze(-1)  # trailing axis: multiplies view_as_real(·)
+    k_real = k_half.unsqueeze(-1)
     if split:
         assert data_weight is not None
+        # the y-update y = (W²f + μv)/(W² + μ) and the new s = v − y, y − s = v − 2s, folded
+        # into one multiply-add: s = v·W²/(W² + μ) − W²f/(W² + μ)
         w2 = data_weight**2
-        w2f = w2 * field
+        keep = w2 / (w2 + mu)
+        offset = -(w2 * field) / (w2 + mu)
+        del w2
         y_minus_s = field.clone()
         s = torch.zeros_like(field)
-        data_k = mu * k_half * inv_denom
+        data_k = (mu * k_half * inv_denom).unsqueeze(-1)
     else:
-        dtf = k_half * torch.fft.rfftn(field) * inv_denom
+        dtf = torch.fft.rfftn(field)
+        torch.view_as_real(dtf).mul_((k_half * inv_denom).unsqueeze(-1))
+    del inv_denom
     h = [float(v) for v in voxel_mm]
     shrink = lam / rho
-    limits = [  # thresholds on the differences times h (not divided by h: one pass saved)
-        torch.full((), shrink * h[i], device=field.device)
-        if weights is None
-        else (shrink * h[i]) * weights[i]
-        for i in range(3)
+    # thresholds on the differences times h (not divided by h: one pass saved)
+    limits: list[torch.Tensor | float] = [
+        shrink * h[i] if weights is None else (shrink * h[i]) * weights[i] for i in range(3)
     ]
+    lows = [-lim for lim in limits]
     u = [torch.zeros_like(field) for _ in range(3)]  # scaled duals, in units of differences·h
     w = [torch.zeros_like(field) for _ in range(3)]  # g − u, same units
+    back = torch.empty_like(field)
+    buf = torch.empty_like(field)
     chi = torch.zeros_like(field)
     for _ in range(iterations):
-        back = torch.zeros_like(field)
-        for i in range(3):  # ∇ᴴ(g − u) with ∇ᴴ of the forward difference: (roll(+1) − x)/h
-            back.add_(torch.roll(w[i], 1, i).sub_(w[i]), alpha=1.0 / h[i] ** 2)
+        # ∇ᴴ(g − u) with ∇ᴴ of the forward difference: (roll(+1) − x)/h²
+        backward_difference(w[0], 0, out=back)
+        if h[0] != 1.0:
+            back.mul_(1.0 / h[0] ** 2)
+        for i in (1, 2):
+            back.add_(backward_difference(w[i], i, out=buf), alpha=1.0 / h[i] ** 2)
+        back_k = torch.fft.rfftn(back)
+        torch.view_as_real(back_k).mul_(rho_inv)
         if split:
-            chi_k = data_k * torch.fft.rfftn(y_minus_s) + rho_inv * torch.fft.rfftn(back)
+            chi_k = torch.fft.rfftn(y_minus_s)
+            torch.view_as_real(chi_k).mul_(data_k)
+            chi_k.add_(back_k)
+            del back_k
             chi = torch.fft.irfftn(chi_k, s=shape)
-            v = torch.fft.irfftn(k_half * chi_k, s=shape).add_(s)  # Dχ + s
-            y = (w2f + mu * v) / (w2 + mu)
-            s = v.sub_(y)
-            y_minus_s = y.sub_(s)
+            torch.view_as_real(chi_k).mul_(k_real)
+            v = torch.fft.irfftn(chi_k, s=shape).add_(s)  # Dχ + s
+            del chi_k
+            torch.addcmul(offset, keep, v, out=s)
+            torch.add(v, s, alpha=-2.0, out=y_minus_s)
+            del v
         else:
-            chi = torch.fft.irfftn(dtf + rho_inv * torch.fft.rfftn(back), s=shape)
+            chi = torch.fft.irfftn(back_k.add_(dtf), s=shape)
+            del back_k
         for i in range(3):
-            v = torch.roll(chi, -1, i).sub_(chi).add_(u[i])  # (∇χ)·h + u
-            torch.maximum(torch.minimum(v, limits[i]), -limits[i], out=u[i])
-            torch.add(v, u[i], alpha=-2.0, out=w[i])
+            forward_difference(chi, i, out=buf).add_(u[i])  # (∇χ)·h + u
+            torch.clamp(buf, min=lows[i], max=limits[i], out=u[i])  # type: ignore[call-overload, arg-type]
+            torch.add(buf, u[i], alpha=-2.0, out=w[i])
     return chi
 
 
@@ -466,14 +548,19 @@ def field_reliability(
         >>> round(float(w[1, 0, 0] / w[0, 0, 0]), 3), round(float(w.mean()), 3)
         (10.0, 1.0)
     """
-    t = torch.as_tensor(list(echo_times_ms), dtype=magnitudes.dtype, device=magnitudes.device)
-    t = t.reshape(-1, 1, 1, 1)
-    m2 = magnitudes**2
-    if magnitudes.shape[0] == 1:
-        spread = m2[0] * t[0] ** 2
+    te = [float(t) for t in echo_times_ms]
+    # Σ m²(t − t̄)² = Σ m²t² − (Σ m²t)² / Σ m², accumulated one echo at a time
+    s0, s1, s2 = (torch.zeros_like(magnitudes[0]) for _ in range(3))
+    m2 = torch.empty_like(magnitudes[0])
+    for e, t in enumerate(te):
+        torch.mul(magnitudes[e], magnitudes[e], out=m2)
+        s0.add_(m2)
+        s1.add_(m2, alpha=t)
+        s2.add_(m2, alpha=t * t)
+    if len(te) == 1:
+        spread = s2
     else:
-        t_mean = (m2 * t).sum(0) / (m2.sum(0) + 1e-12)
-        spread = (m2 * (t - t_mean) ** 2).sum(0)
+        spread = s2.sub_(s1.mul_(s1).div_(s0.add_(1e-12))).clamp_(min=0.0)
     out = torch.sqrt(spread) * mask
     inside = out[mask.bool()]
     mean = float(inside.mean()) if inside.numel() else 0.0

@@ -24,7 +24,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from smoulder.errors import InputError
-from smoulder.images import phase_to_radians
+from smoulder.images import phase_to_radians, read_voxels
 from smoulder.qsm import core
 
 if TYPE_CHECKING:
@@ -80,10 +80,9 @@ def load_echoes(magnitudes: list[Path], phases: list[Path]) -> Echoes:
             expected=f"one phase image per magnitude image ({len(magnitudes)})",
             found=f"{len(phases)}",
         )
-    mags, phs, tes, b0s = [], [], [], []
+    tes, b0s = [], []
     affine = None
     shape = None
-    images = []
     for m_path, p_path in zip(magnitudes, phases, strict=True):
         m_img, p_img = nib.load(m_path), nib.load(p_path)
         m_shape, p_shape = m_img.shape, p_img.shape  # type: ignore[attr-defined]
@@ -114,19 +113,27 @@ def load_echoes(magnitudes: list[Path], phases: list[Path]) -> Echoes:
             raise InputError(
                 str(p_path), expected="MagneticFieldStrength (T) in the sidecar", found="none"
             )
-        images += [m_img, p_img]
         tes.append(float(side["EchoTime"]) * 1000.0)
         b0s.append(float(side["MagneticFieldStrength"]))
+    assert shape is not None
+    order = [int(i) for i in np.argsort(tes)]
+    magnitude = np.empty((len(order), *shape), np.float32)
+    phase = np.empty_like(magnitude)
+
+    def read(job: tuple[int, int]) -> None:
+        slot, kind = job  # each file goes straight into its echo's slot: no stacking copy
+        i = order[slot]
+        if kind == 0:
+            magnitude[slot] = read_voxels(magnitudes[i])
+        else:
+            phase[slot] = phase_to_radians(read_voxels(phases[i]), phases[i])
+
     # decompression and conversion release the GIL: read the files side by side
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        arrays = list(pool.map(lambda img: np.asarray(img.dataobj, np.float32), images))
-    for i, p_path in enumerate(phases):
-        mags.append(arrays[2 * i])
-        phs.append(phase_to_radians(arrays[2 * i + 1], p_path))
-    order = np.argsort(tes)
+        list(pool.map(read, [(slot, kind) for slot in range(len(order)) for kind in (0, 1)]))
     return Echoes(
-        magnitude=np.stack([mags[i] for i in order]),
-        phase=np.stack([phs[i] for i in order]),
+        magnitude=magnitude,
+        phase=phase,
         echo_times_ms=[tes[i] for i in order],
         b0_tesla=b0s[0],
         affine=np.asarray(affine),
@@ -196,24 +203,38 @@ def unwrap_echoes(
 
     if phase.shape[0] == 1:
         return spatial(phase[0])[None]
-    te = torch.as_tensor(echo_times_ms, dtype=phase.dtype, device=phase.device)
-    z = torch.polar(magnitude, phase)
-    step = float((te[1:] - te[:-1]).mean())
-    pairs = z[1:] * torch.conj(z[:-1])
-    dphi = torch.angle(pairs.sum(0))
+    te = [float(t) for t in echo_times_ms]
+    step = (te[-1] - te[0]) / (len(te) - 1)
+    # angle of Σ m_e m_(e−1) exp(i(φ_e − φ_(e−1))), in real arithmetic one pair at a time
+    # (a complex copy of every echo costs twice the memory of the echoes themselves)
+    re, im = torch.zeros_like(phase[0]), torch.zeros_like(phase[0])
+    d, w = torch.empty_like(phase[0]), torch.empty_like(phase[0])
+    for e in range(1, phase.shape[0]):
+        torch.sub(phase[e], phase[e - 1], out=d)
+        torch.mul(magnitude[e], magnitude[e - 1], out=w)
+        re.addcmul_(w, torch.cos(d))
+        im.addcmul_(w, d.sin_())
+    dphi = torch.atan2(im, re)
+    del re, im, w
     # the solve only has to land within ±π of the truth: the result is made congruent with
     # the measured difference below, so a loose tolerance loses nothing
     du = spatial(dphi)
-    m = mask.bool()
-    du = du + torch.angle(
-        torch.polar(torch.ones_like(du), dphi - du)[m].sum()
-    )  # align with dphi on average
-    du = dphi + 2 * math.pi * torch.round((du - dphi) / (2 * math.pi))  # then exactly congruent
-    du = du - 2 * math.pi * torch.round(du[m].mean() / (2 * math.pi))  # brain mean field ~ 0
-    rate = du / step  # rad/ms
-    offset = torch.angle(z[0] * torch.polar(torch.ones_like(rate), -rate * te[0]))
-    model = offset[None] + rate[None] * te.reshape(-1, 1, 1, 1)
-    return phase + 2 * math.pi * torch.round((model - phase) / (2 * math.pi))
+    mf = mask.to(du.dtype)
+    torch.sub(dphi, du, out=d)
+    shift = torch.atan2((torch.sin(d) * mf).sum(), (d.cos_() * mf).sum())
+    du.add_(shift)  # align with dphi on average
+    # then exactly congruent with dphi
+    du = dphi + (2 * math.pi) * torch.round((du - dphi) / (2 * math.pi))
+    mean = float((du * mf).sum() / mf.sum().clamp(min=1))
+    du.sub_(2 * math.pi * round(mean / (2 * math.pi)))  # brain mean field ~ 0
+    rate = du.div_(step)  # rad/ms
+    offset = core.wrap(phase[0] - rate * te[0])
+    out = torch.empty_like(phase)
+    for e, t in enumerate(te):  # each echo moved by whole turns onto the line offset + rate·TE
+        model = torch.add(offset, rate, alpha=t).sub_(phase[e])
+        model.div_(2 * math.pi).round_().mul_(2 * math.pi)
+        torch.add(phase[e], model, out=out[e])
+    return out
 
 
 def fft_box(mask: np.ndarray, margin: Sequence[int]) -> tuple[slice, ...]:
@@ -240,11 +261,12 @@ def crop_pad(array: np.ndarray, box: tuple[slice, ...]) -> np.ndarray:
     inside = tuple(
         slice(b.start, min(b.stop, n)) for b, n in zip(box, array.shape[lead:], strict=True)
     )
-    part = array[(slice(None),) * lead + inside]
-    pad = [(0, 0)] * lead + [
-        (0, (b.stop - b.start) - (i.stop - i.start)) for b, i in zip(box, inside, strict=True)
+    out = np.zeros(array.shape[:lead] + tuple(b.stop - b.start for b in box), array.dtype)
+    # one copy into zeroed memory (np.pad of a 5-echo volume took five times as long)
+    out[(slice(None),) * lead + tuple(slice(0, i.stop - i.start) for i in inside)] = array[
+        (slice(None),) * lead + inside
     ]
-    return np.ascontiguousarray(np.pad(part, pad))
+    return out
 
 
 def crop_pad_t(x: torch.Tensor, box: tuple[slice, ...]) -> torch.Tensor:
