@@ -191,6 +191,14 @@ def test_reconstruct_on_a_small_head(tmp_path: Path, weight: str) -> None:
     assert result.chi_ppm[inside & kept].mean() > result.chi_ppm[~inside & kept].mean() + 0.05
 
 
+def test_a_mask_too_thin_for_vsharp_is_an_error(tmp_path: Path) -> None:
+    mags, phases, _, _ = _write_echoes(tmp_path)
+    thin = np.zeros((24, 24, 24), bool)
+    thin[10:13, 10:13, 10:13] = True  # 3 voxels across, V-SHARP's smallest ball is 2 mm
+    with pytest.raises(InputError, match="none left after erosion"):
+        reconstruct(load_echoes(mags, phases), thin)
+
+
 @pytest.mark.parametrize(
     ("kind", "message"),
     [

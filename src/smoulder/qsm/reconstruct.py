@@ -247,10 +247,12 @@ def fft_box(mask: np.ndarray, margin: Sequence[int]) -> tuple[slice, ...]:
         >>> [(s.start, s.stop) for s in fft_box(m, [2, 2, 2])]
         [(8, 104), (8, 116), (8, 128)]
     """
-    found = ndi.find_objects(np.asarray(mask).astype(np.uint8))[0]
+    mask = np.asarray(mask, bool)
     box = []
-    for b, m, n in zip(found, margin, mask.shape, strict=True):
-        start, stop = max(0, b.start - m), min(n, b.stop + m)
+    for axis, (m, n) in enumerate(zip(margin, mask.shape, strict=True)):
+        # the mask's extent along this axis, from its projection (no labelled copy of the mask)
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        start, stop = max(0, int(hit[0]) - m), min(n, int(hit[-1]) + 1 + m)
         box.append(slice(start, start + core.fast_size(stop - start)))
     return tuple(box)
 
@@ -377,6 +379,12 @@ def reconstruct(
     timings["background_s"] = time.perf_counter() - tic
     tic = time.perf_counter()
     b0 = core.b0_in_voxels(echoes.affine)
+    if not bool(kept.any()):
+        raise InputError(
+            "mask",
+            expected=f"a mask thicker than V-SHARP's smallest ball ({min(vsharp_radii_mm)} mm)",
+            found=f"{int(m.sum())} voxels, none left after erosion",
+        )
     # the inversion needs only the V-SHARP mask and a margin of zero field around it
     inner = fft_box(kept.cpu().numpy(), [INVERSION_MARGIN] * 3)
     inner_t = tuple(slice(s.start, min(s.stop, n)) for s, n in zip(inner, kept.shape, strict=True))
