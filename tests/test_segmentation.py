@@ -244,3 +244,34 @@ def test_train_command_resumes_and_refuses_another_recipe(shared_data: Path, tmp
         from smoulder.segmentation.command import run_train
 
         run_train([*args[1:-4], "--learning-rate", "0.1", *args[-4:]])
+
+
+@pytest.mark.parametrize(
+    "case", ["identity", "las-flip", "permuted-shifted", "anisotropic", "half-voxel", "oblique"]
+)
+def test_resampling_shortcuts_match_the_general_interpolation(case: str) -> None:
+    from scipy import ndimage as ndi
+
+    from smoulder.segmentation.inference import _resample
+
+    rng = np.random.default_rng(3)
+    data = rng.random((9, 11, 7)).astype(np.float32)
+    src = np.eye(4)
+    if case == "las-flip":
+        src = np.diag([-1.0, 1, 1, 1])
+        src[0, 3] = 8.0
+    elif case == "permuted-shifted":
+        src = np.array([[0, 0, 1, 2.0], [-1, 0, 0, 5], [0, 1, 0, -3], [0, 0, 0, 1]])
+    elif case == "anisotropic":
+        src = np.diag([0.9, 1.0, 3.0, 1])
+    elif case == "half-voxel":
+        src[:3, 3] = [0.5, -0.5, 0.25]
+    elif case == "oblique":
+        c, s = np.cos(0.2), np.sin(0.2)
+        src[:2, :2] = [[c, -s], [s, c]]
+    dst = np.eye(4)
+    dst[:3, 3] = [-1.0, 0.0, 2.0]
+    m = np.linalg.inv(src) @ dst
+    shape = (10, 12, 9)
+    general = ndi.affine_transform(data, m[:3, :3], m[:3, 3], output_shape=shape, order=1)
+    np.testing.assert_allclose(_resample(data, src, shape, dst), general, atol=1e-5)
