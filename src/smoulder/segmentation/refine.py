@@ -104,12 +104,18 @@ def brain_masks(
 
 
 def _gaussian_loglik(x: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> np.ndarray:
-    """Return log N(x | mean, cov) for ``x`` of shape (N, D)."""
-    d = x - mean
+    """Return log N(x | mean, cov) for ``x`` of shape (D, N).
+
+    Examples:
+        >>> x = np.array([[0.0, 1.0]], np.float32)  # one channel, two voxels
+        >>> [round(float(v), 4) for v in _gaussian_loglik(x, np.zeros(1), np.eye(1))]
+        [-0.9189, -1.4189]
+    """
+    d = x - mean.astype(x.dtype)[:, None]
     cov = cov + 1e-6 * np.eye(len(mean))
     inv = np.linalg.inv(cov)
     _, logdet = np.linalg.slogdet(cov)
-    maha = ((d @ inv.astype(x.dtype)) * d).sum(1)
+    maha = ((inv.astype(x.dtype) @ d) * d).sum(0)
     return -0.5 * (maha + np.float32(logdet + len(mean) * np.log(2 * np.pi)))
 
 
@@ -164,51 +170,56 @@ def em_refine(
         slice(max(0, b.start - 1), b.stop + 1) for b in ndi.find_objects(mask.astype(np.uint8))[0]
     )
     mask_box = mask[box]
-    x = np.stack([c[box][mask_box] for c in channels], 1).astype(np.float32)
-    # columns: the classes but background (there is none inside the mask)
-    prior = probs[(slice(1, None), *box)][:, mask_box].T.astype(np.float32)  # (N, C-1)
+    # (classes or channels, voxels): sums over classes add contiguous rows, not strided columns
+    x = np.stack([c[box][mask_box] for c in channels]).astype(np.float32)  # (D, N)
+    # rows: the classes but background (there is none inside the mask)
+    prior = probs[(slice(1, None), *box)][:, mask_box].astype(np.float32)  # (C-1, N)
     lesion, wm, gm = LESION - 1, WM - 1, CORTICAL_GM - 1
     tissue = [k for k in range(n_classes - 1) if k != lesion]
-    parenchyma = prior[:, [k - 1 for k in PARENCHYMA_IDX]].sum(1)
+    parenchyma = prior[[k - 1 for k in PARENCHYMA_IDX]].sum(0)
     floor_lesion = lesion_prior_floor * parenchyma if lesion_prior_floor > 0 else None
-    prior[:, tissue] = np.maximum(prior[:, tissue], PRIOR_FLOOR)
-    prior /= prior.sum(1, keepdims=True)
+    prior[tissue] = np.maximum(prior[tissue], PRIOR_FLOOR)
+    prior /= prior.sum(0)
     post = prior.copy()
     if prior_power != 1.0:  # flatter tissue priors: the subject's intensities count for more
-        share = prior[:, tissue].sum(1, keepdims=True)  # the lesion prior is kept as it is
-        flat = prior[:, tissue] ** prior_power
-        prior[:, tissue] = flat / flat.sum(1, keepdims=True) * share
+        share = prior[tissue].sum(0)  # the lesion prior is kept as it is
+        flat = prior[tissue] ** prior_power
+        prior[tissue] = flat / flat.sum(0) * share
     log_x = np.log(np.maximum(x, 1e-3))
     params: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for it in range(iterations):
         if floor_lesion is not None and it == iterations // 2:
             # the lesion floor once the tissues and the bias field have settled: earlier, a
             # biased bright end of the cortex could pass for lesion
-            prior[:, lesion] = np.maximum(prior[:, lesion], floor_lesion)
-            prior /= prior.sum(1, keepdims=True)
+            prior[lesion] = np.maximum(prior[lesion], floor_lesion)
+            prior /= prior.sum(0)
         if bias_sigma_vox > 0 and it > 0:
             x = np.exp(log_x - _log_bias(log_x, post, params, mask_box, bias_sigma_vox))
         params = {}
+        # sums over a million voxels in float64: in float32 the means were off by 1e-3 of
+        # their value, enough to move the lesion threshold across hundreds of voxels
+        x64 = x.astype(np.float64)
         for k in range(n_classes - 1):
-            w = post[:, k]
+            w = post[k].astype(np.float64)
             total = float(w.sum())
             if total < 20:  # too few voxels to fit: the class keeps its prior, no likelihood
                 continue
-            mean = (w @ x) / total
-            d = x - mean
-            params[k] = (mean, (d * w[:, None]).T @ d / total)
+            mean = (x64 @ w) / total
+            d = x64 - mean[:, None]
+            params[k] = (mean, (d * w) @ d.T / total)
+        del x64
         if tied and any(
             k != lesion for k in params
         ):  # one covariance for the tissues: boundaries at the midpoints of the means
             fits = [k for k in params if k != lesion]
-            weights = np.array([float(post[:, k].sum()) for k in fits])
+            weights = np.array([float(post[k].sum()) for k in fits])
             pooled = np.einsum("k,kde->de", weights, np.stack([params[k][1] for k in fits]))
             pooled /= weights.sum()
             for k in fits:
                 params[k] = (params[k][0], pooled)
         loglik = np.zeros_like(post)  # an unfitted class: flat likelihood
         for k, (mean, cov) in params.items():
-            loglik[:, k] = _gaussian_loglik(x, mean, cov)
+            loglik[k] = _gaussian_loglik(x, mean, cov)
         if lesion in params and wm in params:
             wm_mean, wm_cov = params[wm]
             floor = wm_mean[flair_index] + LESION_MIN_SD_ABOVE_WM * np.sqrt(
@@ -221,17 +232,18 @@ def em_refine(
                     gm_mean[flair_index]
                     + LESION_MIN_SD_ABOVE_GM * np.sqrt(gm_cov[flair_index, flair_index]),
                 )
-            loglik[x[:, flair_index] < floor, lesion] = -np.inf
+            loglik[lesion, x[flair_index] < floor] = -np.inf
         fitted = list(params)
-        loglik -= loglik[:, fitted].max(1, keepdims=True) if fitted else 0.0
+        if fitted:
+            loglik -= loglik[fitted].max(0)
         post = prior * np.exp(loglik)
-        post /= np.maximum(post.sum(1, keepdims=True), 1e-30)
+        post /= np.maximum(post.sum(0), 1e-30)
         if mrf_weight > 0:
             post *= np.exp(mrf_weight * _neighbour_mean(post, mask_box))
-            post /= np.maximum(post.sum(1, keepdims=True), 1e-30)
+            post /= np.maximum(post.sum(0), 1e-30)
     view = out[(slice(None), *box)]
     view[0, mask_box] = 0.0
-    view[1:, mask_box] = post.T
+    view[1:, mask_box] = post
     return out
 
 
@@ -283,24 +295,25 @@ def _log_bias(
     voters = [k for k in params if k not in (CSF - 1, LESION - 1)]
     if not voters:
         return np.zeros_like(log_x)
-    weight = post[:, voters].sum(1)
+    weight = post[voters].sum(0)
     out = np.empty_like(log_x)
     w_vol = np.zeros(mask.shape, np.float32)
     w_vol[mask] = weight
     w_smooth = smooth_coarse(w_vol, sigma_vox)[mask]
     r_vol = np.zeros(mask.shape, np.float32)
-    for c in range(log_x.shape[1]):
-        expected = sum(post[:, k] * np.log(max(float(params[k][0][c]), 1e-3)) for k in voters)
-        r_vol[mask] = weight * log_x[:, c] - expected
-        out[:, c] = smooth_coarse(r_vol, sigma_vox)[mask] / np.maximum(w_smooth, 1e-6)
-    return out - out.mean(0)
+    for c in range(log_x.shape[0]):
+        expected = sum(post[k] * np.log(max(float(params[k][0][c]), 1e-3)) for k in voters)
+        r_vol[mask] = weight * log_x[c] - expected
+        out[c] = smooth_coarse(r_vol, sigma_vox)[mask] / np.maximum(w_smooth, 1e-6)
+    return out - out.mean(1, keepdims=True)
 
 
 def _neighbour_mean(post: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Return, per masked voxel and class, the mean posterior of its 3×3×3 neighbourhood."""
+    """Return, per class and masked voxel (``post``'s (C, N) layout), the mean posterior of
+    the voxel's 3×3×3 neighbourhood."""
     vol = np.zeros(mask.shape, np.float32)
     out = np.empty_like(post)
-    for k in range(post.shape[1]):
-        vol[mask] = post[:, k]
-        out[:, k] = ndi.uniform_filter(vol, 3)[mask]
+    for k in range(post.shape[0]):
+        vol[mask] = post[k]
+        out[k] = ndi.uniform_filter(vol, 3)[mask]
     return out
