@@ -366,6 +366,7 @@ class QSM(SimpleInterface):
         import torch
         from scipy import ndimage as ndi
 
+        from smoulder.images import write_nifti
         from smoulder.qsm.reconstruct import load_echoes, magnitude_mask, reconstruct
         from smoulder.registration.transforms import AffineTransform, resample
 
@@ -399,11 +400,11 @@ class QSM(SimpleInterface):
         }
         for key, data in outputs.items():
             path = cwd / f"{key}.nii.gz"
-            nib.save(nib.Nifti1Image(np.asarray(data), echoes.affine), path)
+            write_nifti(nib.Nifti1Image(np.asarray(data), echoes.affine), path)
             self._results[key] = str(path)
         chi_img = nib.load(cwd / "chimap.nii.gz")
         on_flair = resample(chi_img, nib.load(self.inputs.flair_file), to_gre)
-        nib.save(on_flair, cwd / "chimap_flair.nii.gz")
+        write_nifti(on_flair, cwd / "chimap_flair.nii.gz")
         self._results["chimap_flair"] = str(cwd / "chimap_flair.nii.gz")
         self._results["parameters"] = {
             "Units": "ppm",
@@ -442,13 +443,14 @@ class MapChimap(SimpleInterface):
 
         import nibabel as nib
 
+        from smoulder.images import write_nifti
         from smoulder.registration.transforms import AffineTransform, resample
 
         through = isdefined(self.inputs.xfm)
         transform = AffineTransform.load(self.inputs.xfm) if through else AffineTransform.identity()
         chi = nib.load(self.inputs.chimap)
         out = Path(runtime.cwd) / "chimap_flair.nii.gz"
-        nib.save(resample(chi, nib.load(self.inputs.flair_file), transform), out)
+        write_nifti(resample(chi, nib.load(self.inputs.flair_file), transform), out)
         self._results["chimap_flair"] = str(out)
         side = Path(str(self.inputs.chimap).removesuffix(".gz").removesuffix(".nii") + ".json")
         given = json.loads(side.read_text()) if side.is_file() else {}

@@ -92,9 +92,41 @@ def save_nifti(
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units(*xyzt_units)
+    return write_nifti(img, path)
+
+
+def write_nifti(img: nib.Nifti1Image, path: str | Path) -> Path:
+    """Return ``path`` after writing ``img`` there atomically (temporary name, then rename).
+
+    ``.nii.gz`` is compressed in one call by ISA-L (``isal``) at level 1 — about the size of
+    nibabel's zlib level 1, five to seven times faster — with a zero timestamp, so the same
+    image gives the same bytes; zlib when ``isal`` is missing.
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> out = pathlib.Path(tempfile.mkdtemp()) / "a.nii.gz"
+        >>> img = nib.Nifti1Image(np.arange(24, dtype=np.float32).reshape(2, 3, 4), np.eye(4))
+        >>> _ = write_nifti(img, out)
+        >>> np.asarray(nib.load(out).dataobj).tolist() == img.get_fdata().tolist()
+        True
+    """
+    path = Path(path)
+    raw = img.to_bytes()
+    if path.name.endswith(".gz"):
+        raw = _gzip(raw)
     with atomic_path(path) as tmp:
-        nib.save(img, tmp)
-    return Path(path)
+        tmp.write_bytes(raw)
+    return path
+
+
+def _gzip(raw: bytes) -> bytes:
+    try:
+        from isal import igzip
+    except ImportError:
+        import gzip
+
+        return gzip.compress(raw, compresslevel=1, mtime=0)
+    return igzip.compress(raw, compresslevel=1, mtime=0)
 
 
 def save_json(obj: Any, path: str | Path) -> Path:

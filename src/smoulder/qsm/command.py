@@ -122,13 +122,11 @@ def run(args: argparse.Namespace) -> int:
             {"Description": "minimum intensity projection of the SWI, 8 mm slab"},
         ),
     }
-    from smoulder.images import atomic_path
+    from smoulder.images import write_nifti
 
     for name, (data, side) in outputs.items():
         path = args.out / f"{args.prefix}{name}.nii.gz"
-        img = nib.Nifti1Image(np.asarray(data), echoes.affine)
-        with atomic_path(path) as tmp:
-            nib.save(img, tmp)
+        write_nifti(nib.Nifti1Image(np.asarray(data), echoes.affine), path)
         save_json({**base, **side}, path.with_name(path.name.replace(".nii.gz", ".json")))
     t = result.timings
     print(
