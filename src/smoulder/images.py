@@ -429,12 +429,7 @@ def _read_data(img: nib.Nifti1Image, path: Path) -> np.ndarray:
     try:
         data = np.asarray(img.dataobj)
     except Exception as exc:  # truncated gzip: EOFError; short .nii: ValueError/OSError
-        raise InputError(
-            path,
-            expected=f"{int(np.prod(img.shape))} voxels of data",
-            found=f"unreadable data ({_describe_exception(exc)})",
-            hint="the file is probably truncated or corrupt; copy or convert it again",
-        ) from exc
+        raise _unreadable(path, img, exc) from exc
     if data.dtype == np.float64 and img.get_data_dtype() != np.float64:
         data = data.astype(np.float32)  # scaled integers: float32 is ample and halves memory
     return data
@@ -459,12 +454,16 @@ def read_voxels(path: str | Path) -> np.ndarray:
             raw = _gunzip(raw)
         return np.asarray(type(img).from_bytes(raw).dataobj)
     except Exception as exc:  # truncated gzip: EOFError; short data: ValueError/OSError
-        raise InputError(
-            path,
-            expected=f"{int(np.prod(img.shape))} voxels of data",
-            found=f"unreadable data ({_describe_exception(exc)})",
-            hint="the file is probably truncated or corrupt; copy or convert it again",
-        ) from exc
+        raise _unreadable(path, img, exc) from exc
+
+
+def _unreadable(path: Path, img: nib.Nifti1Image, exc: BaseException) -> InputError:
+    return InputError(
+        path,
+        expected=f"{int(np.prod(img.shape))} voxels of data",
+        found=f"unreadable data ({_describe_exception(exc)})",
+        hint="the file is probably truncated or corrupt; copy or convert it again",
+    )
 
 
 def _gunzip(raw: bytes) -> bytes:
