@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +22,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
+from smoulder.config import available_cpus
 from smoulder.errors import InputError
 from smoulder.images import phase_to_radians, read_voxels
 from smoulder.qsm import core
@@ -129,7 +129,7 @@ def load_echoes(magnitudes: list[Path], phases: list[Path]) -> Echoes:
             phase[slot] = phase_to_radians(read_voxels(phases[i]), phases[i])
 
     # decompression and conversion release the GIL: read the files side by side
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=min(4, available_cpus())) as pool:
         list(pool.map(read, [(slot, kind) for slot in range(len(order)) for kind in (0, 1)]))
     return Echoes(
         magnitude=magnitude,
@@ -476,9 +476,10 @@ def filtered_phase(echoes: Echoes, echo: int = -1, *, kernel_fraction: float = 0
     from scipy import fft
 
     mag, phase = echoes.magnitude[echo], echoes.phase[echo]
-    z = np.empty(mag.shape, np.complex64)  # single precision, FFTs on every core
+    z = np.empty(mag.shape, np.complex64)  # single precision, FFTs on every allowed core
     z.real, z.imag = mag * np.cos(phase), mag * np.sin(phase)
-    k = fft.fftn(z, workers=-1)
+    workers = available_cpus()
+    k = fft.fftn(z, workers=workers)
     for axis, n in enumerate(z.shape):  # the separable window, centred on k = 0
         w = max(3, int(round(n * kernel_fraction)))
         h = np.zeros(n, np.float32)
@@ -487,7 +488,7 @@ def filtered_phase(echoes: Echoes, echo: int = -1, *, kernel_fraction: float = 0
         shape = [1, 1, 1]
         shape[axis] = n
         k *= np.fft.ifftshift(h).reshape(shape)
-    low = fft.ifftn(k, workers=-1, overwrite_x=True)
+    low = fft.ifftn(k, workers=workers, overwrite_x=True)
     return np.angle(z * np.conj(low)).astype(np.float32)
 
 

@@ -196,8 +196,8 @@ def em_refine(
         if bias_sigma_vox > 0 and it > 0:
             x = np.exp(log_x - _log_bias(log_x, post, params, mask_box, bias_sigma_vox))
         params = {}
-        # sums over a million voxels in float64: in float32 the means were off by 1e-3 of
-        # their value, enough to move the lesion threshold across hundreds of voxels
+        # sums over a million voxels in float64: in float32 the means were off by up to 2e-3
+        # of their value, enough to move the lesion threshold across thousands of voxels
         x64 = x.astype(np.float64)
         for k in range(n_classes - 1):
             w = post[k].astype(np.float64)
