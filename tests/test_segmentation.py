@@ -92,6 +92,31 @@ def test_flair_lesions_range_from_cortex_bright_to_far_brighter_and_vary() -> No
     assert np.mean(lesion_gap) > 0.05 > 5 * np.mean(wm_gap)
 
 
+def test_bright_csf_is_flair_bright_t1_dark_and_stays_csf(label_maps) -> None:
+    """Unnulled CSF and choroid plexus: as bright as lesions on FLAIR, CSF on T1, class CSF."""
+    lut = synth.class_lookup()
+    labels = np.array([2, 4, synth.CSF_ARTIFACT_LABEL])  # WM, ventricle, bright CSF
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        flair = synth._class_means(rng, labels, synth.FLAIR_PRIOR, lut)
+        t1 = synth._class_means(rng, labels, synth.T1_PRIOR, lut)
+        assert flair[synth.CSF_ARTIFACT_LABEL] >= 0.8 * flair[2] > flair[4]
+        assert t1[synth.CSF_ARTIFACT_LABEL] < 0.5 * t1[2]
+    # in a sample: only ventricular/cisternal CSF turns bright, and the target is still CSF
+    maps, shapes = label_maps
+    s = synth.SynthSettings(patch=32, p_csf_artifact=1.0, csf_artifact_share=(0.3, 0.3))
+    brighter = []
+    for seed in range(6):
+        x, y = synth.synth_sample(np.random.default_rng(seed), maps, shapes, s)
+        csf, wm = y == synth.CLASSES.index("CSF"), y == synth.CLASSES.index("WM")
+        assert y.max() < len(synth.CLASSES)  # the bright CSF label maps to a class
+        if csf.sum() > 200 and wm.sum() > 200:
+            brighter.append(np.percentile(x[0][csf], 95) > np.median(x[0][wm]))
+    assert brighter and np.mean(brighter) > 0.5
+    # off by default: the recipes of the shipped weights draw the same samples as before
+    assert synth.SynthSettings().p_csf_artifact == 0.0
+
+
 def test_pasted_lesions_only_replace_white_matter() -> None:
     labels = np.zeros((20, 20, 20), np.uint16)
     labels[5:15, 5:15, 5:15] = 2  # WM

@@ -171,6 +171,12 @@ def train_parser() -> argparse.ArgumentParser:
         help="share of pasted lesions centred within 5 mm of a lateral ventricle",
     )
     p.add_argument(
+        "--csf-artifacts",
+        type=float,
+        default=d.synth.p_csf_artifact,
+        help="share of samples whose ventricles/cisterns have FLAIR-bright CSF (class CSF)",
+    )
+    p.add_argument(
         "--lesion-weight",
         type=float,
         default=d.lesion_weight,
@@ -238,6 +244,7 @@ def run_train(argv: list[str]) -> int:
             patch=args.patch,
             lesions_per_patch=(low, high),
             p_periventricular=args.periventricular,
+            p_csf_artifact=args.csf_artifacts,
         ),
         network=NetworkDef(channels=channels, strides=(2,) * (len(channels) - 1)),
     )

@@ -43,8 +43,12 @@ _CLASS_LABELS: dict[str, tuple[int, ...]] = {
 }
 #: Label given to pasted lesions (outside FreeSurfer's range, so never confused).
 LESION_LABEL = 999
+#: Label of CSF painted FLAIR-bright (:func:`bright_csf`); its class is CSF.
+CSF_ARTIFACT_LABEL = 998
 _WM_LABELS = (2, 41)
 _VENTRICLE_LABELS = (4, 43)
+#: ventricles (lateral, temporal horns, third, fourth) and the extra-cerebral CSF (cisterns)
+_CSF_SPACE_LABELS = (4, 5, 14, 15, 24, 43, 44)
 
 
 def class_lookup(max_label: int = 1024) -> np.ndarray:
@@ -52,13 +56,14 @@ def class_lookup(max_label: int = 1024) -> np.ndarray:
 
     Examples:
         >>> lut = class_lookup()
-        >>> [CLASSES[lut[v]] for v in (0, 2, 3, 10, 4, 999, 507)]
-        ['background', 'WM', 'cortical_GM', 'deep_GM', 'CSF', 'lesion', 'background']
+        >>> [CLASSES[lut[v]] for v in (0, 2, 3, 10, 4, 999, 998, 507)]
+        ['background', 'WM', 'cortical_GM', 'deep_GM', 'CSF', 'lesion', 'CSF', 'background']
     """
     lut = np.zeros(max_label, np.int64)
     for name, labels in _CLASS_LABELS.items():
         lut[list(labels)] = CLASSES.index(name)
     lut[LESION_LABEL] = LESION
+    lut[CSF_ARTIFACT_LABEL] = CLASSES.index("CSF")
     return lut
 
 
@@ -85,6 +90,10 @@ class ContrastPrior:
 FLAIR_PRIOR = ContrastPrior((0.02, 0.2), (0.4, 0.75), (0.35, 0.65), (0.3, 0.6), (1.1, 2.2))
 #: a hyperintense lesion's mean as a share of max(brightest grey matter, lesion_over_wm[0] x WM)
 LESION_OVER_GM = (0.8, 1.6)
+#: FLAIR mean of CSF painted bright (:data:`CSF_ARTIFACT_LABEL`), as a multiple of white matter's
+#: mean: incompletely nulled CSF (inflow and pulsation in the basal cisterns, third and fourth
+#: ventricles, temporal horns) and the choroid plexus are as bright as lesions on real FLAIR.
+CSF_ARTIFACT_OVER_WM = (0.8, 2.0)
 #: spread (SD of the log intensity) of the smooth field that varies lesion brightness between
 #: and within lesions: real lesions differ from each other and fade from core to edge
 LESION_HETEROGENEITY = 0.12
@@ -110,6 +119,8 @@ class SynthSettings:
     p_stripped: float = 0.35
     p_wm_centre: float = 0.7
     p_periventricular: float = 0.0  # share of lesions centred within 5 mm of a lateral ventricle
+    p_csf_artifact: float = 0.0  # share of samples with FLAIR-bright CSF (:func:`bright_csf`)
+    csf_artifact_share: tuple[float, float] = (0.03, 0.3)  # of the patch's CSF, when present
 
 
 def normalise(x: np.ndarray) -> np.ndarray:
@@ -286,6 +297,38 @@ def paste_lesions(
     return out
 
 
+def bright_csf(
+    labels: np.ndarray, rng: np.random.Generator, share: tuple[float, float] = (0.03, 0.3)
+) -> np.ndarray:
+    """Return ``labels`` with patches of ventricular and cisternal CSF relabelled
+    :data:`CSF_ARTIFACT_LABEL` (painted FLAIR-bright, class CSF).
+
+    On real FLAIR, CSF is not always nulled: inflow and pulsation leave bright CSF in the basal
+    cisterns, the third and fourth ventricles and the temporal horns, and the choroid plexus in
+    the lateral ventricles is bright too. Their T1 stays dark, like CSF. A network that has only
+    seen dark CSF calls them lesions (most false positives on the open_ms cases). The patches
+    are the top ``share`` (drawn from the range) of a smooth random field (4-8 mm features)
+    within the CSF spaces.
+
+    Examples:
+        >>> lab = np.full((24, 24, 24), 2, np.uint16); lab[6:18, 6:18, 6:18] = 4
+        >>> out = bright_csf(lab, np.random.default_rng(0), (0.2, 0.2))
+        >>> round(float((out == CSF_ARTIFACT_LABEL).sum() / (lab == 4).sum()), 2)
+        0.2
+        >>> bool(((out == CSF_ARTIFACT_LABEL) <= (lab == 4)).all())
+        True
+    """
+    csf = np.isin(labels, _CSF_SPACE_LABELS)
+    if csf.sum() < 20:
+        return labels
+    nodes = max(2, int(round(max(labels.shape) / rng.uniform(4.0, 8.0))))
+    field = _smooth_field(rng, labels.shape, nodes, 1.0)
+    threshold = np.quantile(field[csf], 1.0 - rng.uniform(*share))
+    out = labels.copy()
+    out[csf & (field > threshold)] = CSF_ARTIFACT_LABEL
+    return out
+
+
 def _class_means(
     rng: np.random.Generator, labels: np.ndarray, prior: ContrastPrior | None, lut: np.ndarray
 ) -> dict[int, float]:
@@ -309,7 +352,9 @@ def _class_means(
         centre[LESION] = max(least, ref * rng.uniform(*LESION_OVER_GM))
     for label in labels:
         c = int(lut[label])
-        if c == 0:
+        if label == CSF_ARTIFACT_LABEL and prior.lesion_over_wm[0] > 1.0:  # FLAIR: bright
+            means[int(label)] = float(centre[4] * rng.uniform(*CSF_ARTIFACT_OVER_WM))
+        elif c == 0:
             means[int(label)] = float(rng.uniform(0.0, 0.8))
         else:
             means[int(label)] = float(max(0.0, centre[c] * rng.uniform(0.93, 1.07)))
@@ -396,6 +441,8 @@ def synth_sample(
         coords[axis] += _smooth_field(rng, (p, p, p), 5, sd)
     labels = ndi.map_coordinates(crop, coords, order=0, mode="constant", cval=0)
     labels = labels.astype(np.int64)
+    if s.p_csf_artifact > 0 and rng.random() < s.p_csf_artifact:
+        labels = bright_csf(labels, rng, s.csf_artifact_share)
     # 4-6. channels
     stripped = rng.random() < s.p_stripped
     flair = _paint(rng, labels, full, FLAIR_PRIOR, lut, stripped, s)
