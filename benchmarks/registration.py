@@ -56,7 +56,10 @@ Methods (deformable cases / rigid cases)
     ``halfway(fixed, moving, ...)`` whose ``a_to_b``/``b_to_a`` are the forward/inverse maps;
     skipped (not failed) while the module does not import. ``smoulder-greedy-rigid`` is
     greedy's own rigid (NMI, 100x50x25x10, centres of mass matched first); the affine stage of
-    ``smoulder-greedy`` (deformable) is smoulder's PyTorch affine.
+    ``smoulder-greedy`` (deformable) is smoulder's PyTorch affine. ``smoulder-session-rigid`` is
+    what the participant pipeline's co-registration runs: the engine chosen by ``auto`` on
+    both images coarsened (``smoulder.images.coarsen``, timed) to the default configuration's
+    ``registration.session.resolution_mm``, evaluated on the original grid.
 ``identity`` (no registration, the "before" row) and ``truth`` (the true map: the ceiling of the
     Dice, which interpolation keeps below 1) are evaluated in the parent, for reference.
 
@@ -137,6 +140,7 @@ RIGID_METHODS = (
     "fireants-rigid",
     "smoulder-torch-rigid",
     "smoulder-greedy-rigid",
+    "smoulder-session-rigid",
 )
 QUICK_METHODS = (
     "ants-SyNQuick",
@@ -816,15 +820,34 @@ def run_fireants(pair: Pair, work: Path, rigid: bool, device: str, threads: int)
     return Estimate(wall, rss, label, fwd, np.asarray(inv, np.float32))
 
 
-def run_smoulder(pair: Pair, engine: str, transform: str, device: str, threads: int) -> Estimate:
-    """smoulder's ``register`` (fixed, moving), or ``halfway`` (a = fixed, b = moving: a_to_b)."""
+def session_resolution_mm() -> float:
+    """Return the voxel size the participant pipeline's co-registration estimates on."""
+    from smoulder.config import resolve
+
+    return float(resolve()["registration"]["session"]["resolution_mm"] or 0.0)
+
+
+def run_smoulder(
+    pair: Pair, engine: str, transform: str, device: str, threads: int, coarse_mm: float = 0.0
+) -> Estimate:
+    """smoulder's ``register`` (fixed, moving), or ``halfway`` (a = fixed, b = moving: a_to_b).
+
+    With ``coarse_mm``, the transform is estimated on both images coarsened to that voxel
+    size (:func:`smoulder.images.coarsen`, inside the timing), as the pipeline's co-registration
+    does, and evaluated on the original grid.
+    """
     try:
         from smoulder.registration import engines
     except ImportError as exc:
         raise Skipped(f"smoulder.registration.engines does not import yet ({exc})") from exc
+    from smoulder.images import coarsen
+
     dev, label = torch_device(device, threads)
-    fixed, moving = nib.load(pair.path("fixed")), nib.load(pair.path("moving"))
+    fixed_full, moving_full = nib.load(pair.path("fixed")), nib.load(pair.path("moving"))
     start = time.perf_counter()
+    fixed, moving = fixed_full, moving_full
+    if coarse_mm > 0:
+        fixed, moving = coarsen(fixed_full, coarse_mm), coarsen(moving_full, coarse_mm)
     if engine == "halfway":
         if not hasattr(engines, "halfway"):
             raise Skipped("smoulder.registration.engines has no halfway")
@@ -837,6 +860,7 @@ def run_smoulder(pair: Pair, engine: str, transform: str, device: str, threads: 
         forward, inverse, used = result.forward, result.inverse, result.engine
     synchronize(dev)
     wall, rss = time.perf_counter() - start, peak_rss_mb()
+    fixed, moving = fixed_full, moving_full
     fixed_pts = as_points(world_grid(fixed.shape[:3], fixed.affine)).astype(np.float64)
     fwd = np.asarray(forward.apply(fixed_pts)).T.reshape(3, *fixed.shape[:3])
     inv = None
@@ -849,7 +873,7 @@ def run_smoulder(pair: Pair, engine: str, transform: str, device: str, threads: 
         label,
         fwd.astype(np.float32),
         None if inv is None else inv.astype(np.float32),
-        f"engine {used}",
+        f"engine {used}" + (f", estimated on {coarse_mm:g} mm images" if coarse_mm > 0 else ""),
     )
 
 
@@ -867,6 +891,8 @@ def run_method(method: str, pair: Pair, work: Path, device: str, threads: int) -
         return run_greedy(pair, work, rigid, threads)
     if method.startswith("fireants"):
         return run_fireants(pair, work, rigid, device, threads)
+    if method == "smoulder-session-rigid":
+        return run_smoulder(pair, "auto", "rigid", device, threads, session_resolution_mm())
     if method.startswith("smoulder-"):
         engine = method.removeprefix("smoulder-").removesuffix("-rigid")
         return run_smoulder(pair, engine, "rigid" if rigid else "deformable", device, threads)
