@@ -843,24 +843,23 @@ def run_smoulder(
     from smoulder.images import coarsen
 
     dev, label = torch_device(device, threads)
-    fixed_full, moving_full = nib.load(pair.path("fixed")), nib.load(pair.path("moving"))
+    fixed, moving = nib.load(pair.path("fixed")), nib.load(pair.path("moving"))
     start = time.perf_counter()
-    fixed, moving = fixed_full, moving_full
+    a, b = fixed, moving  # the images the transform is estimated on
     if coarse_mm > 0:
-        fixed, moving = coarsen(fixed_full, coarse_mm), coarsen(moving_full, coarse_mm)
+        a, b = coarsen(fixed, coarse_mm), coarsen(moving, coarse_mm)
     if engine == "halfway":
         if not hasattr(engines, "halfway"):
             raise Skipped("smoulder.registration.engines has no halfway")
-        half = engines.halfway(fixed, moving, transform=transform, device=device, threads=threads)
+        half = engines.halfway(a, b, transform=transform, device=device, threads=threads)
         forward, inverse, used = half.a_to_b, half.b_to_a, half.engine
     else:
         result = engines.register(
-            fixed, moving, transform=transform, engine=engine, device=device, threads=threads
+            a, b, transform=transform, engine=engine, device=device, threads=threads
         )
         forward, inverse, used = result.forward, result.inverse, result.engine
     synchronize(dev)
     wall, rss = time.perf_counter() - start, peak_rss_mb()
-    fixed, moving = fixed_full, moving_full
     fixed_pts = as_points(world_grid(fixed.shape[:3], fixed.affine)).astype(np.float64)
     fwd = np.asarray(forward.apply(fixed_pts)).T.reshape(3, *fixed.shape[:3])
     inv = None

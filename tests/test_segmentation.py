@@ -100,9 +100,9 @@ def test_bright_csf_is_flair_bright_t1_dark_and_stays_csf(label_maps) -> None:
     for _ in range(50):
         flair = synth._class_means(rng, labels, synth.FLAIR_PRIOR, lut)
         t1 = synth._class_means(rng, labels, synth.T1_PRIOR, lut)
-        assert flair[synth.CSF_ARTIFACT_LABEL] >= 0.8 * flair[2] > flair[4]
+        assert flair[synth.CSF_ARTIFACT_LABEL] >= 0.7 * flair[2] > flair[4]
         assert t1[synth.CSF_ARTIFACT_LABEL] < 0.5 * t1[2]
-    # in a sample: only ventricular/cisternal CSF turns bright, and the target is still CSF
+    # in a sample: part of the CSF turns bright, and the target is still CSF
     maps, shapes = label_maps
     s = synth.SynthSettings(patch=32, p_csf_artifact=1.0, csf_artifact_share=(0.3, 0.3))
     brighter = []
