@@ -23,6 +23,9 @@ Cases
     ``T_true = W⁻¹ = D⁻¹ ∘ Rg⁻¹``; ``D⁻¹`` is computed by fixed-point iteration
     ``y ← z − u(y)`` to < 1e-4 mm (the residual is stored in ``pair.json``). The moving GM/WM
     truth maps are the fixed ones pulled back through the same ``W`` (linear).
+``phantom-1mm-thick3mm`` — the 1-mm pair with every three slices averaged into one (1 × 1 × 3 mm
+    voxels, both images and the GM/WM truth): a thick-slice acquisition. Truth and brain mask
+    are the fine pair's at the thick voxels' centres.
 ``xmod-<moving>-to-<fixed>-<r>mm`` — cross-modality rigid (FLAIR, T1w, GRE echo-1 magnitude of
     the same phantom session, all on the T1w grid). The moving image is moved by changing its
     affine only (``new_affine = R @ affine``, R = 4° about a random axis through the grid centre
@@ -491,6 +494,41 @@ def make_phantom_pair(cache: Path, res: float, seed: int) -> Pair:
     )
 
 
+def make_thick_pair(cache: Path, res: float, slab: int, seed: int) -> Pair:
+    """Build (or load) the phantom pair at ``res`` mm cut into slices of ``slab`` voxels.
+
+    Both images (and the GM/WM truth maps) are averaged over ``slab`` consecutive slices, as a
+    thick-slice acquisition integrates its slab; the thick voxel's centre is the centre of the
+    fine slices it covers, where the fine pair's truth and brain mask are exact.
+    """
+    base = make_phantom_pair(cache, res, seed)
+    folder = cache / "pairs" / f"{base.folder.name}-thick{slab}"
+    if (folder / "pair.json").exists():
+        return Pair.load(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _, affine = base.image("fixed")
+    thick = affine @ np.diag([1.0, 1.0, slab, 1.0])
+    thick[:3, 3] = apply_matrix(affine, np.array([0.0, 0.0, (slab - 1) / 2]))
+    centre = slice((slab - 1) // 2, None, slab)
+    for name in ("fixed", "moving", "fixed_gm", "fixed_wm", "moving_gm", "moving_wm"):
+        data = base.image(name)[0]
+        n = data.shape[2] // slab * slab
+        data = data[:, :, :n].reshape(*data.shape[:2], n // slab, slab).mean(-1)
+        save_image(data, thick, folder / f"{name}.nii")
+    n = base.image("mask")[0].shape[2] // slab * slab
+    save_image(base.image("mask")[0][:, :, :n][:, :, centre], thick, folder / "mask.nii")
+    truth = np.load(base.folder / "truth.npy")[:, :, :, :n][:, :, :, centre]
+    np.save(folder / "truth.npy", np.ascontiguousarray(truth))
+    return write_pair(
+        folder,
+        {
+            **base.meta,
+            "case": f"phantom-{res:g}mm-thick{slab * res:g}mm",
+            "res_mm": [res, res, slab * res],
+        },
+    )
+
+
 def make_xmod_pair(cache: Path, res: float, seed: int, moving_c: str, fixed_c: str) -> Pair:
     """Build (or load) a cross-modality pair moved by an exact affine-only rigid."""
     case = f"xmod-{moving_c}-to-{fixed_c}-{res:g}mm"
@@ -596,12 +634,17 @@ def all_cases(quick: bool) -> list[str]:
     return [
         "phantom-2mm",
         "phantom-1mm",
+        "phantom-1mm-thick3mm",
         *[f"real-{p}" for p in PATIENTS],
         *[f"xmod-{m}-to-{f}-{r}mm" for r in (2, 1) for m, f in XMOD_PAIRS],
     ]
 
 
 def build_pair(case: str, cache: Path, seed: int) -> Pair | None:
+    if case.startswith("phantom-") and "-thick" in case:
+        _, res, thick = case.split("-")  # phantom-1mm-thick3mm
+        res_mm, slab_mm = float(res.removesuffix("mm")), float(thick[5:].removesuffix("mm"))
+        return make_thick_pair(cache, res_mm, round(slab_mm / res_mm), seed)
     if case.startswith("phantom-"):
         return make_phantom_pair(cache, float(case.split("-")[1].removesuffix("mm")), seed)
     if case.startswith("xmod-"):

@@ -114,6 +114,28 @@ def test_halfway_is_inverse_consistent_and_symmetric(phantom4: Path) -> None:
     assert leg_a == pytest.approx(leg_b, rel=0.25)
 
 
+def thin_in_plane(img: nib.Nifti1Image) -> nib.Nifti1Image:
+    """Return ``img`` with x and y voxels halved (linear), slices kept: a thick-slice image."""
+    from scipy import ndimage
+
+    data = ndimage.zoom(np.asarray(img.dataobj, np.float32), (2, 2, 1), order=1, grid_mode=True)
+    affine = img.affine @ np.diag([0.5, 0.5, 1.0, 1.0])
+    affine[:3, 3] = nib.affines.apply_affine(img.affine, [-0.25, -0.25, 0.0])
+    return nib.Nifti1Image(data, affine)
+
+
+def test_halfway_grid_of_thick_slices_has_the_images_voxel_volume(phantom4: Path) -> None:
+    fixed, moving, mask, true_world = deformed_pair(phantom4)
+    a, b = thin_in_plane(fixed), thin_in_plane(moving)  # 2 x 2 x 4 mm voxels
+    hw = halfway(a, b, engine="greedy")
+    # isotropic, with the voxel volume of the inputs (16 mm³): not their finest 2 mm
+    np.testing.assert_allclose(hw.reference.header.get_zooms(), [16 ** (1 / 3)] * 3, rtol=1e-6)
+    pts = brain_points(fixed, mask)
+    there = hw.a_to_b.apply(pts)
+    assert np.linalg.norm(hw.b_to_a.apply(there) - pts, axis=1).mean() < 0.1
+    assert np.linalg.norm(there - true_world, axis=1).mean() < 0.5 * RES_MM
+
+
 def test_same_seed_same_transform(phantom4: Path) -> None:
     t1w, flair, _ = images(phantom4)
     moving = nib.Nifti1Image(
