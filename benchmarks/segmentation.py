@@ -20,6 +20,10 @@ Cases
     ``_desc-tissue_dseg`` = 2 (cortical and deep); WM = 3 (lesions excluded); brain
     ``_desc-brain_mask`` (parenchyma: GM + WM + lesion fraction ≥ 0.5, so ventricles and other
     CSF are outside it).
+``phantom-sub-01-flair3mm`` (full only) — the same subject from a dataset made with
+    ``flair_slice_mm=3``: a thick-slice FLAIR (1 × 1 × 3 mm, each slice the mean over its slab)
+    beside the 1-mm T1w; the prediction, on the FLAIR grid, is scored on the T1w grid's truth
+    (nearest neighbour).
 
 Methods
 -------
@@ -196,22 +200,34 @@ class Case:
         return f"{self.name}-{self.res_mm:g}mm-{phantom_version()}"
 
 
+#: Thick-slice FLAIR case: its slice thickness (mm).
+THICK_FLAIR_MM = 3.0
+
+
 def all_cases(quick: bool) -> list[str]:
     phantoms = [f"phantom-sub-{s}" for s in PHANTOM_SUBJECTS]
-    return phantoms if quick else [f"real-{p}" for p in PATIENTS] + phantoms
+    thick = [f"phantom-sub-01-flair{THICK_FLAIR_MM:g}mm"]
+    return phantoms if quick else [f"real-{p}" for p in PATIENTS] + phantoms + thick
 
 
-def phantom_dataset(cache: Path, res_mm: float, seed: int) -> Path:
+def phantom_dataset(
+    cache: Path, res_mm: float, seed: int, flair_slice_mm: float | None = None
+) -> Path:
     """Return a cached two-subject, one-session phantom dataset at ``res_mm``."""
     from smoulder.phantom.dataset import generate_dataset
     from smoulder.phantom.generate import PhantomConfig
 
-    root = cache / f"phantom-{res_mm:g}mm-seed{seed}-{phantom_version()}"
+    thick = f"-flair{flair_slice_mm:g}mm" if flair_slice_mm else ""
+    root = cache / f"phantom-{res_mm:g}mm{thick}-seed{seed}-{phantom_version()}"
     if not (root / "dataset_description.json").exists():
         shutil.rmtree(root, ignore_errors=True)
         print(f"generating {root.name} ...", flush=True)
         config = PhantomConfig(
-            subjects=len(PHANTOM_SUBJECTS), sessions=1, resolution_mm=res_mm, seed=seed
+            subjects=len(PHANTOM_SUBJECTS),
+            sessions=1,
+            resolution_mm=res_mm,
+            seed=seed,
+            flair_slice_mm=flair_slice_mm,
         )
         generate_dataset(root, config)
     return root
@@ -244,10 +260,11 @@ def build_case(name: str, cache: Path, res_mm: float, seed: int) -> Case | None:
             res_mm=float(np.mean(nib.load(only(folder, "FLAIR_*.nii.gz")).header.get_zooms()[:3])),
         )
     if name.startswith("phantom-sub-"):
-        sub = name.removeprefix("phantom-sub-")
+        sub, _, thick = name.removeprefix("phantom-sub-").partition("-flair")
         if sub not in PHANTOM_SUBJECTS:
             raise ValueError(f"unknown phantom subject {sub!r}: use one of {PHANTOM_SUBJECTS}")
-        root = phantom_dataset(cache, res_mm, seed)
+        slice_mm = float(thick.removesuffix("mm")) if thick else None
+        root = phantom_dataset(cache, res_mm, seed, slice_mm)
         prefix = f"sub-{sub}_ses-01"
         raw = root / f"sub-{sub}" / "ses-01" / "anat"
         truth = root / "derivatives" / "truth" / f"sub-{sub}" / "ses-01" / "anat"
