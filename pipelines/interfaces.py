@@ -242,7 +242,7 @@ class JacobianMaps(SimpleInterface):
         reference = load_image(self.inputs.reference, read_data=False)
         cwd = Path(runtime.cwd)
         det = jacobian_determinant_map(transform, reference)
-        logdet = log_jacobian_map(transform, reference)
+        logdet = log_jacobian_map(transform, reference, det=det)
         for key, img in (("det_file", det), ("logdet_file", logdet)):
             path = cwd / f"{key[: -len('_file')]}.nii.gz"
             self._results[key] = str(save_nifti(np.asarray(img.dataobj), img.affine, path))

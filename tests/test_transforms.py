@@ -422,6 +422,10 @@ def test_jacobian_of_a_scaling_is_its_determinant(scales: tuple[float, float, fl
     np.testing.assert_allclose(det, np.prod(scales), rtol=1e-5)
     log_det = np.asarray(log_jacobian_map(transform, reference).dataobj)
     np.testing.assert_allclose(log_det, np.log(np.prod(scales)), atol=1e-5)
+    # from an already computed determinant map: the same logarithm
+    det_img = nib.Nifti1Image(det, reference.affine)
+    again = np.asarray(log_jacobian_map(transform, reference, det=det_img).dataobj)
+    np.testing.assert_array_equal(again, log_det)
 
 
 def test_jacobian_of_a_field_matches_fields_jacobian() -> None:

@@ -455,15 +455,23 @@ def jacobian_determinant_map(transform: Transform, reference: nib.Nifti1Image) -
 
 
 def log_jacobian_map(
-    transform: Transform, reference: nib.Nifti1Image, *, floor: float = 1e-6
+    transform: Transform,
+    reference: nib.Nifti1Image,
+    *,
+    floor: float = 1e-6,
+    det: nib.Nifti1Image | None = None,
 ) -> nib.Nifti1Image:
     """Return ``log`` of :func:`jacobian_determinant_map`, determinants clipped at ``floor``.
 
-    Folded voxels (determinant ≤ 0) therefore read ``log(floor)`` rather than NaN.
+    Folded voxels (determinant ≤ 0) therefore read ``log(floor)`` rather than NaN. ``det``: the
+    determinant map of the same transform on ``reference``'s grid when already computed (it
+    is then not computed again).
     """
     if floor <= 0:
         raise RegistrationError("floor", expected="a positive number", found=repr(floor))
-    det = np.asarray(jacobian_determinant_map(transform, reference).dataobj)
+    if det is None:
+        det = jacobian_determinant_map(transform, reference)
+    det = np.asarray(det.dataobj)
     return _image_like(np.log(np.maximum(det, floor)).astype(np.float32), reference.affine)
 
 
