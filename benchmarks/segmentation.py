@@ -368,14 +368,16 @@ def run_samseg(case: Case, args: argparse.Namespace) -> dict:
             "peak_rss_mb": run["peak_rss_mb"],
             "device": run["device"],
             "note": f"cached run of {run['date']} (samseg {run['samseg_version']})"
-            + (f"; {run['measured_by']}" if run.get("measured_by") else ""),
+            + (f"; {run['measured_by']}" if run.get("measured_by") else "")
+            + (f"; {run['input']}" if run.get("input") else ""),
         }
     if not RUN_SAMSEG.is_file():
         raise Skipped(f"{RUN_SAMSEG} is absent: run benchmarks/peers/samseg_env.sh")
     work = done.with_name(done.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    cmd = [str(RUN_SAMSEG), "--input", str(case.t1), str(case.flair), "--output", str(work)]
+    flair, note = same_grid_flair(case, work)
+    cmd = [str(RUN_SAMSEG), "--input", str(case.t1), str(flair), "--output", str(work)]
     cmd += ["--lesion", "--lesion-mask-pattern", "0", "1", "--threads", str(args.threads)]
     result = measured_run(cmd, work, args, "run_samseg")
     if not (work / "seg.mgz").is_file():
@@ -387,11 +389,35 @@ def run_samseg(case: Case, args: argparse.Namespace) -> dict:
         "date": datetime.now().isoformat(timespec="minutes"),
         "samseg_version": samseg_version(),
         "command": cmd,
+        "input": note,
     }
     (work / "run.json").write_text(json.dumps(run, indent=1))
     shutil.rmtree(done, ignore_errors=True)
     work.rename(done)
-    return {**run, "seg": done / "seg.mgz", "note": ""}
+    return {**run, "seg": done / "seg.mgz", "note": note}
+
+
+def same_grid_flair(case: Case, work: Path) -> tuple[Path, str]:
+    """Return the FLAIR on the T1w's grid for SAMSEG, which takes its inputs on one grid.
+
+    A FLAIR on another grid (thick slices) is resampled onto the T1w's (linear), as a SAMSEG
+    user would; the returned note says so.
+    """
+    flair, t1 = nib.load(case.flair), nib.load(case.t1)
+    if flair.shape[:3] == t1.shape[:3] and np.allclose(flair.affine, t1.affine, atol=1e-4):
+        return case.flair, ""
+    vox = np.linalg.inv(flair.affine) @ t1.affine  # T1w voxel -> FLAIR voxel
+    data = ndimage.affine_transform(
+        np.asarray(flair.dataobj, np.float32),
+        vox[:3, :3],
+        vox[:3, 3],
+        output_shape=t1.shape[:3],
+        order=1,
+        mode="nearest",
+    )
+    out = work / "flair_on_t1w.nii.gz"
+    nib.save(nib.Nifti1Image(data, t1.affine), out)
+    return out, "FLAIR resampled (linear) onto the T1w grid first: SAMSEG takes one grid"
 
 
 def run_deepbet(case: Case, args: argparse.Namespace) -> dict:
