@@ -515,8 +515,9 @@ def make_thick_pair(cache: Path, res: float, slab: int, seed: int) -> Pair:
         n = data.shape[2] // slab * slab
         data = data[:, :, :n].reshape(*data.shape[:2], n // slab, slab).mean(-1)
         save_image(data, thick, folder / f"{name}.nii")
-    n = base.image("mask")[0].shape[2] // slab * slab
-    save_image(base.image("mask")[0][:, :, :n][:, :, centre], thick, folder / "mask.nii")
+    mask = base.image("mask")[0]
+    n = mask.shape[2] // slab * slab
+    save_image(mask[:, :, :n][:, :, centre], thick, folder / "mask.nii")
     truth = np.load(base.folder / "truth.npy")[:, :, :, :n][:, :, :, centre]
     np.save(folder / "truth.npy", np.ascontiguousarray(truth))
     return write_pair(

@@ -403,20 +403,13 @@ def same_grid_flair(case: Case, work: Path) -> tuple[Path, str]:
     A FLAIR on another grid (thick slices) is resampled onto the T1w's (linear), as a SAMSEG
     user would; the returned note says so.
     """
+    from smoulder.registration.transforms import AffineTransform, resample
+
     flair, t1 = nib.load(case.flair), nib.load(case.t1)
     if flair.shape[:3] == t1.shape[:3] and np.allclose(flair.affine, t1.affine, atol=1e-4):
         return case.flair, ""
-    vox = np.linalg.inv(flair.affine) @ t1.affine  # T1w voxel -> FLAIR voxel
-    data = ndimage.affine_transform(
-        np.asarray(flair.dataobj, np.float32),
-        vox[:3, :3],
-        vox[:3, 3],
-        output_shape=t1.shape[:3],
-        order=1,
-        mode="nearest",
-    )
     out = work / "flair_on_t1w.nii.gz"
-    nib.save(nib.Nifti1Image(data, t1.affine), out)
+    nib.save(resample(flair, t1, AffineTransform.identity()), out)
     return out, "FLAIR resampled (linear) onto the T1w grid first: SAMSEG takes one grid"
 
 
