@@ -27,7 +27,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
-from smoulder.config import Config, available_cpus
+from smoulder.config import Config
+from smoulder.devices import available_cpus
 
 LOG = logging.getLogger("smoulder.run")
 

@@ -32,7 +32,7 @@ def phantom_2mm(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_auto_device_is_the_gpu() -> None:
-    from smoulder.config import resolve_device
+    from smoulder.devices import resolve_device
 
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -435,7 +435,8 @@ def _process(
     argv: list[str],
 ) -> int:
     """Build and run the participant workflow; write the report; return the failed steps."""
-    from smoulder.config import available_cpus, omp_threads
+    from smoulder.config import omp_threads
+    from smoulder.devices import available_cpus
     from smoulder.pipelines.execution import (
         failure_lines,
         format_table,

@@ -8,11 +8,11 @@ FILE`` (Nipype plugin and its arguments), then command-line values.
 from __future__ import annotations
 
 import copy
-import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from smoulder.devices import available_cpus
 from smoulder.errors import ConfigError
 
 Config = dict[str, Any]
@@ -235,30 +235,6 @@ def omp_threads(cfg: Config) -> int:
     if ex["omp_nthreads"]:
         return min(int(ex["omp_nthreads"]), nprocs)
     return max(1, min(8, nprocs // 2))
-
-
-def available_cpus() -> int:
-    """Return the number of CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def resolve_device(requested: str) -> str:
-    """Return ``cuda`` or ``cpu`` for a requested device (``auto`` picks CUDA when present).
-
-    Raises:
-        ConfigError: CUDA was requested but is not available.
-    """
-    if requested == "cpu":
-        return "cpu"
-    import torch  # deferred: torch takes seconds to import
-
-    has_cuda = torch.cuda.is_available()
-    if requested == "cuda" and not has_cuda:
-        raise ConfigError("--device cuda: expected a CUDA GPU visible to PyTorch, found none")
-    return "cuda" if has_cuda else "cpu"
 
 
 def dump(cfg: Config) -> str:

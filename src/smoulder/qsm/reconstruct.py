@@ -22,7 +22,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
-from smoulder.config import available_cpus
+from smoulder.devices import available_cpus
 from smoulder.errors import InputError
 from smoulder.images import phase_to_radians, read_voxels
 from smoulder.qsm import core

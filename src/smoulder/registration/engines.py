@@ -89,7 +89,7 @@ def resolve_engine(engine: str, device: str) -> tuple[str, str]:
         raise RegistrationError(
             "registration engine", expected=f"one of {ENGINES}", found=repr(engine)
         )
-    from smoulder.config import resolve_device
+    from smoulder.devices import resolve_device
 
     dev = resolve_device(device)
     if engine == "auto":
