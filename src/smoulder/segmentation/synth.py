@@ -27,9 +27,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
-#: Output classes of the segmentation network, in channel order.
-CLASSES: tuple[str, ...] = ("background", "CSF", "cortical_GM", "deep_GM", "WM", "lesion")
-LESION = CLASSES.index("lesion")
+from smoulder.segmentation.classes import CLASSES, LESION
+
 #: Input channels: FLAIR, T1-weighted (zero when absent) and a T1-present flag (0 or 1).
 CHANNELS: tuple[str, ...] = ("FLAIR", "T1w", "T1w_present")
 T1_FLAG = 2
