@@ -11,3 +11,8 @@ Conventions (shared by every module here):
   chained transforms on world points, resampling with one interpolation, Jacobians), ``itk``
   (file formats), ``engines`` (registration algorithms behind one ``register`` function).
 """
+
+#: Registration engines a user may choose (``auto``: torch on CUDA, else greedy). The one list
+#: the configuration, the command line and the Nipype interfaces check against; kept here, free
+#: of heavy imports, so that reading it does not load PyTorch.
+ENGINES = ("auto", "greedy", "torch", "fireants", "ants")

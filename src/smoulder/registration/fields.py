@@ -36,6 +36,23 @@ def sample(
     ).astype(image.dtype if image.dtype.kind == "f" else np.float32, copy=False)
 
 
+def sample_field(field: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    """Return the vector field ``(3, …)`` trilinearly sampled at voxel ``coords``
+    (``(3, …)``); outside the grid its edge values are continued.
+
+    Examples:
+        >>> u = np.zeros((3, 2, 2, 2), np.float32); u[0, 1] = 2.0
+        >>> sample_field(u, np.array([[0.5, 5.0], [0.0, 0.0], [0.0, 0.0]]))[0].tolist()
+        [1.0, 2.0]
+    """
+    return np.stack(
+        [
+            ndimage.map_coordinates(c, coords, order=1, mode="nearest", prefilter=False)
+            for c in field
+        ]
+    )
+
+
 def warp(image: np.ndarray, displacement: np.ndarray, *, order: int = 1) -> np.ndarray:
     """Return ``image`` pulled back through ``displacement``: ``image(x + u(x))``.
 
