@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchenv import machine, versions
+from benchenv import cpus, machine, versions
 
 #: Kinds of step, by the start of their node names.
 KINDS = {
@@ -66,11 +66,6 @@ def phantom(cache: Path, resolution_mm: float) -> Path:
         print(f"generating {root.name} ...", flush=True)
         subprocess.run(cmd, check=True)
     return root
-
-
-def cpus(n: int) -> list[int]:
-    """Return the first ``n`` CPUs this process may run on."""
-    return sorted(os.sched_getaffinity(0))[:n]
 
 
 class TreeMemory:

@@ -114,49 +114,52 @@ def _worker(
     import nibabel as nib
     import torch
 
-    torch.set_num_threads(threads)
-    from smoulder.qsm.reconstruct import load_echoes, reconstruct
+    from smoulder.devices import torch_threads
 
-    anat = Path(root) / f"sub-{sub}" / "ses-01" / "anat"
-    truth = Path(root) / "derivatives" / "truth" / f"sub-{sub}" / "ses-01" / "anat"
-    pre = f"sub-{sub}_ses-01"
-    mask = np.asarray(nib.load(_truth(truth, pre, "_desc-brain_mask.nii.gz")).dataobj) > 0
-    if device == "cuda":  # the CUDA context and FFT libraries load once per process, not per scan
-        torch.fft.fftn(torch.ones((8, 8, 8), device=device)).abs().sum().item()
-    start = time.perf_counter()
-    echoes = load_echoes(
-        sorted(anat.glob(f"{pre}_echo-*_part-mag_MEGRE.nii.gz")),
-        sorted(anat.glob(f"{pre}_echo-*_part-phase_MEGRE.nii.gz")),
-    )
-    inversion, _, weight = method.removeprefix("smoulder-").partition("-")
-    result = reconstruct(
-        echoes,
-        mask,
-        method=inversion,
-        device=device,
-        unwrap=unwrap,
-        data_weight=weight or "reliability",
-    )
-    wall = time.perf_counter() - start
-    out = Path(tempfile.mkdtemp()) / "chi.npz"
-    np.savez_compressed(
-        out,
-        chi=result.chi_ppm,
-        mask=result.mask,
-        field=result.total_field_ppm,
-        magnitude=echoes.magnitude[0],
-    )
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    queue.put(
-        {
-            "wall_s": round(wall, 2),
-            "peak_rss_mb": round(rss),
-            "file": str(out),
-            "timings": result.timings,
-            "last_te_ms": echoes.echo_times_ms[-1],
-            "b0_tesla": echoes.b0_tesla,
-        }
-    )
+    with torch_threads(threads):
+        from smoulder.qsm.reconstruct import InversionSettings, load_echoes, reconstruct
+
+        anat = Path(root) / f"sub-{sub}" / "ses-01" / "anat"
+        truth = Path(root) / "derivatives" / "truth" / f"sub-{sub}" / "ses-01" / "anat"
+        pre = f"sub-{sub}_ses-01"
+        mask = np.asarray(nib.load(_truth(truth, pre, "_desc-brain_mask.nii.gz")).dataobj) > 0
+        # the CUDA context and FFT libraries load once per process, not per scan
+        if device == "cuda":
+            torch.fft.fftn(torch.ones((8, 8, 8), device=device)).abs().sum().item()
+        start = time.perf_counter()
+        echoes = load_echoes(
+            sorted(anat.glob(f"{pre}_echo-*_part-mag_MEGRE.nii.gz")),
+            sorted(anat.glob(f"{pre}_echo-*_part-phase_MEGRE.nii.gz")),
+        )
+        inversion, _, weight = method.removeprefix("smoulder-").partition("-")
+        result = reconstruct(
+            echoes,
+            mask,
+            method=inversion,
+            device=device,
+            unwrap=unwrap,
+            settings=InversionSettings(data_weight=weight or "reliability"),
+        )
+        wall = time.perf_counter() - start
+        out = Path(tempfile.mkdtemp()) / "chi.npz"
+        np.savez_compressed(
+            out,
+            chi=result.chi_ppm,
+            mask=result.mask,
+            field=result.total_field_ppm,
+            magnitude=echoes.magnitude[0],
+        )
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        queue.put(
+            {
+                "wall_s": round(wall, 2),
+                "peak_rss_mb": round(rss),
+                "file": str(out),
+                "timings": result.timings,
+                "last_te_ms": echoes.echo_times_ms[-1],
+                "b0_tesla": echoes.b0_tesla,
+            }
+        )
 
 
 def metrics(chi: np.ndarray, kept: np.ndarray, truth_dir: Path, pre: str) -> dict:
@@ -576,6 +579,9 @@ def summary(records: list[dict]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from smoulder.devices import resolve_device
+    from smoulder.errors import ConfigError
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--quick", action="store_true")
@@ -595,6 +601,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(
             f"--methods: unknown {', '.join(sorted(unknown))}; expected some of {', '.join(METHODS)}"
         )
+    try:  # a missing GPU: say so here, not as a worker that never answers
+        resolve_device(args.device)
+    except ConfigError as exc:
+        p.error(str(exc))
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     args.cache.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -101,23 +101,25 @@ generation.
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
-import os
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
+import benchenv
 import nibabel as nib
 import numpy as np
-from benchenv import PHANTOM_MODULES, machine, source_fingerprint, versions
+from benchenv import (
+    PHANTOM_MODULES,
+    Skipped,
+    cuda_or_skip,
+    peak_rss_mb,
+    source_fingerprint,
+    versions,
+)
 from scipy import ndimage
 
 #: Packages whose versions the table states.
@@ -145,6 +147,14 @@ RIGID_METHODS = (
     "smoulder-greedy-rigid",
     "smoulder-session-rigid",
 )
+#: Help of the options every benchmark takes (:func:`benchenv.benchmark_parser`).
+HELP = {
+    "quick": "2-mm cases, cheaper methods",
+    "methods": "comma-separated method names (default: all)",
+    "cases": "comma-separated case names or globs, e.g. 'xmod-*-1mm'",
+    "device": "device of the torch methods (FireANTs, smoulder)",
+    "keep": "keep the children's work folders",
+}
 QUICK_METHODS = (
     "ants-SyNQuick",
     "greedy",
@@ -154,6 +164,16 @@ QUICK_METHODS = (
     "ants-Rigid",
     "greedy-rigid",
     "smoulder-torch-rigid",
+)
+#: What the cases of the report are (its first paragraph).
+CASES_NOTE = (
+    "Cases: `phantom-*` — T1w→T1w with a known smooth deformation (≤ 5 mm in the brain) "
+    "composed with a 3°/4 mm rigid, new noise and bias; `xmod-*` — cross-modality rigid "
+    "(4°, 5 mm applied to the moving affine only, exact); `real-*` — FLAIR study 2 → study 1 "
+    "of the open MS longitudinal data set (Lesjak et al., *A novel public MR image dataset "
+    "of multiple sclerosis patients with lesion segmentations based on multi-rater "
+    "consensus*, Neuroinformatics 2016), no truth: NCC in the brain mask. `identity` is "
+    "before registration; `truth` evaluates the true map (the Dice ceiling)."
 )
 OUTSIDE = 1e6  # background value of resampled coordinate images: marks "outside the moving grid"
 XMOD_TARGET_MM = 0.3
@@ -242,22 +262,6 @@ def rigid_about(rot: np.ndarray, center: np.ndarray, trans: np.ndarray) -> np.nd
 
 def apply_matrix(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     return points @ matrix[:3, :3].T + matrix[:3, 3]
-
-
-def peak_rss_mb() -> float:
-    """Return this process's peak resident set size (MiB).
-
-    ``VmHWM`` is the high-water mark of the process's own address space, which exec resets;
-    ``ru_maxrss`` is not: a child starts with its parent's peak (Linux keeps it across exec),
-    so it is only the fallback where ``/proc`` is missing.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 # ============================================================================ pairs
@@ -671,10 +675,6 @@ class Estimate:
     note: str = ""
 
 
-class Skipped(Exception):
-    """The method is not available (recorded as skipped, not failed)."""
-
-
 def cpu_device(threads: int) -> str:
     return f"cpu ({threads} threads)"
 
@@ -776,12 +776,10 @@ def run_greedy(pair: Pair, work: Path, rigid: bool, threads: int) -> Estimate:
 
 
 def torch_device(device: str, threads: int) -> tuple[object, str]:
+    """Return the torch device of ``device`` and its label (raise Skipped without CUDA)."""
     import torch
 
-    torch.set_num_threads(threads)
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise Skipped("CUDA is not available")
+    if cuda_or_skip(device) == "cuda":
         return torch.device("cuda"), f"cuda ({torch.cuda.get_device_name()})"
     return torch.device("cpu"), cpu_device(threads)
 
@@ -793,60 +791,20 @@ def synchronize(device: object) -> None:
         torch.cuda.synchronize()
 
 
-def fireants_to_ras(grid: object, torch2phy: object) -> np.ndarray:
-    """FireANTs normalised coordinates ``[1, k, j, i, 3]`` → RAS world ``(3, i, j, k)``."""
-    mat = torch2phy[0].detach().double().cpu().numpy()
-    pts = grid[0].detach().double().cpu().numpy()
-    lps = pts @ mat[:3, :3].T + mat[:3, 3]
-    ras = lps * np.array([-1.0, -1.0, 1.0])
-    return np.ascontiguousarray(np.moveaxis(ras, -1, 0).transpose(0, 3, 2, 1)).astype(np.float32)
-
-
 def run_fireants(pair: Pair, work: Path, rigid: bool, device: str, threads: int) -> Estimate:
+    """FireANTs with the settings of smoulder's ``fireants`` engine (rigid: MI; else affine
+    then greedy deformable, CC), scales 4, 2, 1 with 200, 100, 50 iterations."""
     import torch
     from fireants.io.image import BatchedImages, Image
-    from fireants.registration.affine import AffineRegistration
-    from fireants.registration.greedy import GreedyRegistration
-    from fireants.registration.rigid import RigidRegistration
+
+    from smoulder.registration.engines import fireants_registration
 
     dev, label = torch_device(device, threads)
     fixed = BatchedImages([Image.load_file(str(pair.path("fixed")), device=dev)])
     moving = BatchedImages([Image.load_file(str(pair.path("moving")), device=dev)])
     start = time.perf_counter()
-    if rigid:
-        reg = RigidRegistration(
-            [4, 2, 1], [200, 100, 50], fixed, moving, loss_type="mi", progress_bar=False
-        )
-        reg.optimize()
-    else:
-        aff = AffineRegistration(
-            [4, 2, 1],
-            [200, 100, 50],
-            fixed,
-            moving,
-            loss_type="cc",
-            cc_kernel_size=5,
-            optimizer="Adam",
-            optimizer_lr=3e-3,
-            progress_bar=False,
-        )
-        aff.optimize()
-        reg = GreedyRegistration(
-            [4, 2, 1],
-            [200, 100, 50],
-            fixed,
-            moving,
-            loss_type="cc",
-            cc_kernel_size=5,
-            deformation_type="compositive",
-            smooth_grad_sigma=1.0,
-            smooth_warp_sigma=0.5,
-            optimizer="adam",
-            optimizer_lr=0.5,
-            init_affine=aff.get_affine_matrix().detach(),
-            progress_bar=False,
-        )
-        reg.optimize()
+    transform, loss = ("rigid", "mi") if rigid else ("deformable", "cc")
+    reg = fireants_registration(fixed, moving, transform, loss, [4, 2, 1], [200, 100, 50])
     synchronize(dev)
     wall, rss = time.perf_counter() - start, peak_rss_mb()
     with torch.no_grad():
@@ -864,11 +822,18 @@ def run_fireants(pair: Pair, work: Path, rigid: bool, device: str, threads: int)
     return Estimate(wall, rss, label, fwd, np.asarray(inv, np.float32))
 
 
+def fireants_to_ras(grid: object, torch2phy: object) -> np.ndarray:
+    """FireANTs normalised coordinates ``[1, k, j, i, 3]`` → RAS world ``(3, i, j, k)``."""
+    from smoulder.registration.engines import fireants_points
+
+    return np.ascontiguousarray(fireants_points(grid, torch2phy)).astype(np.float32)
+
+
 def session_resolution_mm() -> float:
     """Return the voxel size the participant pipeline's co-registration estimates on."""
     from smoulder.config import resolve
 
-    return float(resolve()["registration"]["session"]["resolution_mm"] or 0.0)
+    return float(resolve().registration.session.resolution_mm or 0.0)
 
 
 def run_smoulder(
@@ -932,6 +897,15 @@ def run_method(method: str, pair: Pair, work: Path, device: str, threads: int) -
         return run_ants(pair, work, transform, threads)
     if method.startswith("greedy"):
         return run_greedy(pair, work, rigid, threads)
+    from smoulder.devices import torch_threads  # the PyTorch methods: their threads, then back
+
+    with torch_threads(threads):
+        return run_torch_method(method, pair, work, device, threads)
+
+
+def run_torch_method(method: str, pair: Pair, work: Path, device: str, threads: int) -> Estimate:
+    """Dispatch a FireANTs or smoulder method name to its wrapper."""
+    rigid = pair.kind == "rigid"
     if method.startswith("fireants"):
         return run_fireants(pair, work, rigid, device, threads)
     if method == "smoulder-session-rigid":
@@ -944,26 +918,16 @@ def run_method(method: str, pair: Pair, work: Path, device: str, threads: int) -
 
 def worker(method: str, pair_dir: Path, work: Path, device: str, threads: int) -> int:
     """Child process: register, save forward/inverse fields and ``result.json`` in ``work``."""
-    pair = Pair.load(pair_dir)
-    result: dict = {"status": "ok", "note": ""}
-    try:
-        est = run_method(method, pair, work, device, threads)
+
+    def run() -> dict:
+        est = run_method(method, Pair.load(pair_dir), work, device, threads)
         np.save(work / "forward.npy", est.forward)
         if est.inverse is not None:
             np.save(work / "inverse.npy", est.inverse)
-        result.update(
-            wall_s=round(est.wall_s, 2),
-            peak_rss_mb=est.peak_rss_mb,
-            device=est.device,
-            note=est.note,
-        )
-    except Skipped as exc:
-        result.update(status="skipped", note=str(exc))
-    except Exception as exc:  # noqa: BLE001 - recorded in the table
-        traceback.print_exc()
-        result.update(status="failed", note=f"{type(exc).__name__}: {exc}"[:400])
-    (work / "result.json").write_text(json.dumps(result))
-    return 0
+        costs = {"wall_s": round(est.wall_s, 2), "peak_rss_mb": est.peak_rss_mb}
+        return {**costs, "device": est.device, "note": est.note}
+
+    return benchenv.worker_main(work, run)
 
 
 # ============================================================================ metrics
@@ -1050,19 +1014,6 @@ def evaluate(pair: Pair, forward: np.ndarray, inverse: np.ndarray | None) -> dic
 # ============================================================================ driver
 
 
-def child_env(threads: int) -> dict[str, str]:
-    env = dict(os.environ)
-    for var in (
-        "OMP_NUM_THREADS",
-        "MKL_NUM_THREADS",
-        "OPENBLAS_NUM_THREADS",
-        "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS",
-        "ANTS_RANDOM_SEED",
-    ):
-        env[var] = str(threads) if var != "ANTS_RANDOM_SEED" else "1"
-    return env
-
-
 def method_label(method: str, device: str) -> str:
     return method.replace("fireants", f"fireants-{device}", 1)
 
@@ -1084,31 +1035,14 @@ def run_in_child(method: str, pair: Pair, args: argparse.Namespace) -> dict:
         "--threads",
         str(args.threads),
     ]
-    try:
-        with (work / "log.txt").open("w") as log:
-            subprocess.run(
-                cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=child_env(args.threads),
-                timeout=args.timeout,
-                check=False,
-            )
-        result_file = work / "result.json"
-        if not result_file.exists():
-            tail = (work / "log.txt").read_text()[-300:]
-            return {"status": "failed", "note": f"worker died: {tail}"}
-        result = json.loads(result_file.read_text())
-        if result["status"] == "ok":
-            forward = np.load(work / "forward.npy")
-            inverse = np.load(work / "inverse.npy") if (work / "inverse.npy").exists() else None
-            result.update(evaluate(pair, forward, inverse))
-        return result
-    except subprocess.TimeoutExpired:
-        return {"status": "failed", "note": f"timeout after {args.timeout} s"}
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+
+    def read(result: dict) -> dict:
+        forward = np.load(work / "forward.npy")
+        inverse = np.load(work / "inverse.npy") if (work / "inverse.npy").exists() else None
+        return {**result, **evaluate(pair, forward, inverse)}
+
+    env = benchenv.thread_env(args.threads, ANTS_RANDOM_SEED="1")
+    return benchenv.child_result(cmd, work, env, args, read)
 
 
 def reference_rows(pair: Pair) -> dict[str, dict]:
@@ -1144,25 +1078,13 @@ def selected_methods(args: argparse.Namespace) -> list[str]:
     return list(QUICK_METHODS if args.quick else DEFORMABLE_METHODS + RIGID_METHODS)
 
 
-def selected_cases(args: argparse.Namespace) -> list[str]:
-    cases = all_cases(args.quick) if not args.cases else all_cases(False)
-    if args.cases:
-        patterns = [p.strip() for p in args.cases.split(",") if p.strip()]
-        cases = [c for c in cases if any(fnmatch.fnmatch(c, p) for p in patterns)]
-        cases += [p for p in patterns if not any(ch in p for ch in "*?[") and p not in cases]
-    return cases
-
-
 def run_benchmark(args: argparse.Namespace) -> list[dict]:
-    records: list[dict] = []
-    previous = args.out / "registration.json" if args.out else None
-    if args.append and previous is not None and previous.exists():
-        # keep the rows of earlier invocations (other cases or methods) in one table
-        records = json.loads(previous.read_text())
+    # keep the rows of earlier invocations (other cases or methods) in one table
+    records = benchenv.previous_records(args.out / "registration.json", args.append)
     notes: list[str] = []
     methods = selected_methods(args)
     (args.cache / "work").mkdir(parents=True, exist_ok=True)
-    for case in selected_cases(args):
+    for case in benchenv.selected_cases(args.cases, all_cases(args.quick), all_cases(False)):
         t0 = time.perf_counter()
         pair = build_pair(case, args.cache, args.seed)
         if pair is None:
@@ -1190,34 +1112,12 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
     return records
 
 
-def fmt(value: object) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1000 else f"{value:.0f}"
-    if isinstance(value, list):
-        return "x".join(f"{v:g}" for v in value)
-    return str(value)
-
-
 def write_outputs(args: argparse.Namespace, records: list[dict], notes: list[str]) -> None:
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "registration.json").write_text(json.dumps(records, indent=1))
     cols = [k for k in RECORD_KEYS if k not in ("status", "note")]
     lines = [
-        "# smoulder registration benchmark",
+        *benchenv.write_json_and_head(args, "registration", records, versions(VERSIONED)),
         "",
-        f"Machine: {machine()}. Date: {datetime.now().isoformat(timespec='minutes')}. "
-        f"Versions: {versions(VERSIONED)}. Threads per method: {args.threads}. "
-        f"Run: `python benchmarks/registration.py{' --quick' if args.quick else ''}`.",
-        "",
-        "Cases: `phantom-*` — T1w→T1w with a known smooth deformation (≤ 5 mm in the brain) "
-        "composed with a 3°/4 mm rigid, new noise and bias; `xmod-*` — cross-modality rigid "
-        "(4°, 5 mm applied to the moving affine only, exact); `real-*` — FLAIR study 2 → study 1 "
-        "of the open MS longitudinal data set (Lesjak et al., *A novel public MR image dataset "
-        "of multiple sclerosis patients with lesion segmentations based on multi-rater "
-        "consensus*, Neuroinformatics 2016), no truth: NCC in the brain mask. `identity` is "
-        "before registration; `truth` evaluates the true map (the Dice ceiling).",
+        CASES_NOTE,
         "",
         f"Targets (issue 3): cross-modality rigid mean EPE ≤ {XMOD_TARGET_MM} mm; 1-mm "
         "deformable pair on 2 cores: the CPU default (`smoulder-greedy`) at mean EPE ≤ 0.6 × "
@@ -1226,54 +1126,14 @@ def write_outputs(args: argparse.Namespace, records: list[dict], notes: list[str
         "mean |T_inv(T_est(x)) − x|. wall_s is the registration call only; peak_rss_mb is the "
         "child process's maximum RSS (interpreter and libraries included).",
         "",
-        "| " + " | ".join(cols) + " |",
-        "|" + "---|" * len(cols),
+        *benchenv.results_table(records, cols),
+        *benchenv.not_run_lines(records, notes),
     ]
-    for rec in records:
-        if rec["status"] == "ok":
-            lines.append("| " + " | ".join(fmt(rec[c]) for c in cols) + " |")
-    other = [r for r in records if r["status"] != "ok"]
-    if other or notes:
-        lines += ["", "Not run:", ""]
-        lines += [f"- {r['method']} on {r['case']}: {r['status']} — {r['note']}" for r in other]
-        lines += [f"- {n}" for n in notes]
     (args.out / "registration.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--quick", action="store_true", help="2-mm cases, cheaper methods")
-    parser.add_argument("--methods", help="comma-separated method names (default: all)")
-    parser.add_argument("--cases", help="comma-separated case names or globs, e.g. 'xmod-*-1mm'")
-    parser.add_argument(
-        "--cache", type=Path, default=Path(tempfile.gettempdir()) / "smoulder-registration-cache"
-    )
-    parser.add_argument(
-        "--device",
-        choices=("cpu", "cuda"),
-        default="cpu",
-        help="device of the torch methods (FireANTs, smoulder)",
-    )
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per method run")
-    parser.add_argument("--keep", action="store_true", help="keep the children's work folders")
-    parser.add_argument(
-        "--append", action="store_true", help="add to (replace same method/case in) DIR's JSON"
-    )
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--pair", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        return worker(args.worker, args.pair, args.work, args.device, args.threads)
-    if args.out is None:
-        parser.error("--out is required")
-    start = time.perf_counter()
-    records = run_benchmark(args)
-    print(f"{len(records)} records in {time.perf_counter() - start:.0f} s -> {args.out}")
-    return 0
+    return benchenv.main(argv, "registration", __doc__, HELP, "--pair", worker, run_benchmark)
 
 
 if __name__ == "__main__":

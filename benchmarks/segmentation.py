@@ -79,12 +79,10 @@ datasets are cached under ``--cache`` (default: a fixed folder in the system tem
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -96,8 +94,7 @@ from pathlib import Path
 import benchenv
 import nibabel as nib
 import numpy as np
-from benchenv import machine
-from scipy import ndimage
+from benchenv import Skipped, cuda_or_skip, fmt, peak_rss_mb
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = REPO.parent / "shared" / "data" / "open_ms" / "cross_sectional"
@@ -136,6 +133,15 @@ TARGETS = {
     "peak_rss_mb": 4096.0,
 }
 
+#: Help of the options every benchmark takes (:func:`benchenv.benchmark_parser`).
+HELP = {
+    "quick": f"phantom at {QUICK_RES_MM:g} mm, smoulder only",
+    "methods": f"comma-separated, of {', '.join(METHODS)}",
+    "cases": "comma-separated case names or globs, e.g. 'real-*'",
+    "device": "smoulder's device",
+    "seed": "phantom seed",
+    "keep": "keep the smoulder children's work folders",
+}
 RECORD_KEYS = (
     "method",
     "case",
@@ -283,41 +289,11 @@ def build_case(name: str, cache: Path, res_mm: float, seed: int) -> Case | None:
 # ============================================================================ methods
 
 
-class Skipped(Exception):
-    """The method is not available here (recorded as skipped, not failed)."""
-
-
-def cpus(n: int) -> list[int]:
-    """Return the first ``n`` CPUs this process may run on."""
-    return sorted(os.sched_getaffinity(0))[:n]
-
-
 def child_env(threads: int) -> dict[str, str]:
-    env = dict(os.environ)
-    for var in (
-        "OMP_NUM_THREADS",
-        "MKL_NUM_THREADS",
-        "OPENBLAS_NUM_THREADS",
-        "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS",
-        "TF_NUM_INTRAOP_THREADS",
-    ):
-        env[var] = str(threads)
-    env["TF_NUM_INTEROP_THREADS"] = "1"
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    return env
-
-
-def peak_rss_mb() -> float:
-    """Return this process's peak resident set size (MiB), ``VmHWM`` (reset by exec)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    """Return the environment of a method's process: ``threads`` threads everywhere (TensorFlow
+    included: SAMSEG), TensorFlow quiet."""
+    tf = {"TF_NUM_INTRAOP_THREADS": str(threads), "TF_NUM_INTEROP_THREADS": "1"}
+    return benchenv.thread_env(threads, **tf, TF_CPP_MIN_LOG_LEVEL="2")
 
 
 def venv_version(venv: Path, package: str) -> str | None:
@@ -337,20 +313,11 @@ def measured_run(cmd: list[str], work: Path, args: argparse.Namespace, what: str
     """
     measure = work / "measure.json"
     launcher = [sys.executable, "-I", "-S", "-c", LAUNCHER, str(measure)]
-    launcher.append(",".join(map(str, cpus(args.threads))))
-    with (work / "log.txt").open("w") as log:
-        subprocess.run(
-            launcher + cmd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=child_env(args.threads),
-            timeout=args.timeout,
-            check=False,
-        )
+    launcher.append(",".join(map(str, benchenv.cpus(args.threads))))
+    benchenv.run_logged(launcher + cmd, work, child_env(args.threads), args.timeout)
     result = json.loads(measure.read_text()) if measure.is_file() else {"rc": None}
     if result["rc"] != 0:
-        tail = (work / "log.txt").read_text()[-300:]
-        raise RuntimeError(f"{what} exited with {result['rc']}: {tail}")
+        raise RuntimeError(f"{what} exited with {result['rc']}: {benchenv.log_tail(work)}")
     return result
 
 
@@ -381,7 +348,7 @@ def run_samseg(case: Case, args: argparse.Namespace) -> dict:
     cmd += ["--lesion", "--lesion-mask-pattern", "0", "1", "--threads", str(args.threads)]
     result = measured_run(cmd, work, args, "run_samseg")
     if not (work / "seg.mgz").is_file():
-        raise RuntimeError(f"run_samseg wrote no seg.mgz: {(work / 'log.txt').read_text()[-300:]}")
+        raise RuntimeError(f"run_samseg wrote no seg.mgz: {benchenv.log_tail(work)}")
     run = {
         "wall_s": round(result["wall_s"], 1),
         "peak_rss_mb": round(result["maxrss_kb"] / 1024, 1),
@@ -429,7 +396,7 @@ def run_deepbet(case: Case, args: argparse.Namespace) -> dict:
         cmd = [str(DEEPBET_PYTHON), "-c", DEEPBET_RUN, str(case.t1), str(mask_path)]
         result = measured_run(cmd, work, args, "deepbet")
         if not mask_path.is_file():
-            raise RuntimeError(f"deepbet wrote no mask: {(work / 'log.txt').read_text()[-300:]}")
+            raise RuntimeError(f"deepbet wrote no mask: {benchenv.log_tail(work)}")
         img = nib.load(mask_path)
         return {
             "mask": nib.Nifti1Image(np.asarray(img.dataobj), img.affine),
@@ -446,13 +413,18 @@ def run_deepbet(case: Case, args: argparse.Namespace) -> dict:
 
 def segment_smoulder(case: dict, work: Path, device: str, threads: int) -> dict:
     """Child process: run smoulder's ``segment``, save its maps in ``work``, return the costs."""
+    from smoulder.devices import torch_threads
+
+    with torch_threads(threads):
+        return _segment_smoulder(case, work, cuda_or_skip(device), threads)
+
+
+def _segment_smoulder(case: dict, work: Path, device: str, threads: int) -> dict:
+    """:func:`segment_smoulder` with ``threads`` set and the device checked."""
     import torch
 
-    torch.set_num_threads(threads)
     label, note = f"cpu ({threads} threads)", ""
     if device == "cuda":
-        if not torch.cuda.is_available():
-            raise Skipped("CUDA is not available")
         label = f"cuda ({torch.cuda.get_device_name()})"
         # the CUDA context is created once per process: timed apart, not in wall_s
         tic = time.perf_counter()
@@ -474,19 +446,13 @@ def segment_smoulder(case: dict, work: Path, device: str, threads: int) -> dict:
 
 def worker(method: str, case_json: Path, work: Path, device: str, threads: int) -> int:
     """Child process entry: run one method, write ``result.json`` (status and costs) in ``work``."""
-    case = json.loads(case_json.read_text())
-    result: dict = {"status": "ok", "note": ""}
-    try:
+
+    def run() -> dict:
         if method != "smoulder":
             raise ValueError(f"no worker for method {method!r}")
-        result.update(segment_smoulder(case, work, device, threads))
-    except Skipped as exc:
-        result.update(status="skipped", note=str(exc))
-    except Exception as exc:  # noqa: BLE001 - an import or run failure is a result to record
-        traceback.print_exc()
-        result.update(status="failed", note=f"{type(exc).__name__}: {exc}"[:400])
-    (work / "result.json").write_text(json.dumps(result))
-    return 0
+        return segment_smoulder(json.loads(case_json.read_text()), work, device, threads)
+
+    return benchenv.worker_main(work, run)
 
 
 def run_smoulder(case: Case, args: argparse.Namespace) -> dict:
@@ -496,32 +462,16 @@ def run_smoulder(case: Case, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "smoulder"]
     cmd += ["--case-json", str(work / "case.json"), "--work", str(work)]
     cmd += ["--device", args.device, "--threads", str(args.threads)]
-    try:
-        with (work / "log.txt").open("w") as log:
-            subprocess.run(
-                ["taskset", "-c", ",".join(map(str, cpus(args.threads))), *cmd]
-                if shutil.which("taskset")
-                else cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=child_env(args.threads),
-                timeout=args.timeout,
-                check=False,
-            )
-        if not (work / "result.json").is_file():
-            raise RuntimeError(f"worker died: {(work / 'log.txt').read_text()[-300:]}")
-        result = json.loads((work / "result.json").read_text())
-        if result["status"] != "ok":
-            return result
+    if shutil.which("taskset"):
+        cmd = ["taskset", "-c", ",".join(map(str, benchenv.cpus(args.threads))), *cmd]
+
+    def read(result: dict) -> dict:
         for key, name in (("dseg", "dseg"), ("brain", "brain_mask")):
-            img = nib.load(work / f"{name}.nii.gz")  # read now: the work folder goes below
+            img = nib.load(work / f"{name}.nii.gz")  # read now: the work folder goes
             result[key] = nib.Nifti1Image(np.asarray(img.dataobj), img.affine)
         return result
-    except subprocess.TimeoutExpired:
-        return {"status": "failed", "note": f"timeout after {args.timeout} s"}
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+
+    return benchenv.child_result(cmd, work, child_env(args.threads), args, read)
 
 
 # ============================================================================ metrics
@@ -531,13 +481,14 @@ def on_grid(
     img: nib.spatialimages.SpatialImage, like: nib.spatialimages.SpatialImage
 ) -> np.ndarray:
     """Return the labels of ``img`` on the grid of ``like`` (nearest neighbour if they differ)."""
+    from smoulder.grids import resample_to_grid
+
     data = np.rint(np.asarray(img.dataobj)).astype(np.int32)
     if data.shape == like.shape[:3] and np.allclose(img.affine, like.affine, atol=1e-4):
         return data
-    vox = np.linalg.inv(img.affine) @ like.affine  # truth voxel -> prediction voxel
-    return ndimage.affine_transform(
-        data, vox[:3, :3], vox[:3, 3], output_shape=like.shape[:3], order=0, mode="constant"
-    )
+    # labels are exact in float32 (fewer than 2**24 of them)
+    moved = resample_to_grid(data, img.affine, like.shape[:3], like.affine, order=0)
+    return np.rint(moved).astype(np.int32)
 
 
 def evaluate(
@@ -672,26 +623,14 @@ def selected_methods(args: argparse.Namespace) -> list[str]:
     return list(QUICK_METHODS if args.quick else METHODS)
 
 
-def selected_cases(args: argparse.Namespace) -> list[str]:
-    cases = all_cases(args.quick)
-    if args.cases:
-        patterns = [p.strip() for p in args.cases.split(",") if p.strip()]
-        cases = [c for c in all_cases(False) if any(fnmatch.fnmatch(c, p) for p in patterns)]
-        cases += [p for p in patterns if not any(ch in p for ch in "*?[") and p not in cases]
-    return cases
-
-
 def run_benchmark(args: argparse.Namespace) -> list[dict]:
-    records: list[dict] = []
-    previous = args.out / "segmentation.json"
-    if args.append and previous.exists():
-        # keep the rows of earlier invocations (other cases, methods or resolutions)
-        records = json.loads(previous.read_text())
+    # keep the rows of earlier invocations (other cases, methods or resolutions)
+    records = benchenv.previous_records(args.out / "segmentation.json", args.append)
     notes: list[str] = []
     methods = selected_methods(args)
     res_mm = QUICK_RES_MM if args.quick else 1.0
     (args.cache / "work").mkdir(parents=True, exist_ok=True)
-    for name in selected_cases(args):
+    for name in benchenv.selected_cases(args.cases, all_cases(args.quick), all_cases(False)):
         t0 = time.perf_counter()
         case = build_case(name, args.cache, res_mm, args.seed)
         if case is None:
@@ -724,14 +663,6 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
 def versions() -> str:
     samseg = f"samseg {samseg_version() or '(not installed)'} ({RUN_SAMSEG.parents[1]})"
     return f"{benchenv.versions(('smoulder', 'torch', 'monai'))}, {samseg}"
-
-
-def fmt(value: object) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1000 else f"{value:.0f}"
-    return str(value)
 
 
 def mean_of(records: list[dict], key: str) -> float | None:
@@ -827,15 +758,9 @@ def target_lines(records: list[dict]) -> list[str]:
 
 
 def write_outputs(args: argparse.Namespace, records: list[dict], notes: list[str]) -> None:
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "segmentation.json").write_text(json.dumps(records, indent=1))
     cols = [k for k in RECORD_KEYS if k not in ("status", "note")]
     lines = [
-        "# smoulder segmentation benchmark",
-        "",
-        f"Machine: {machine()}. Date: {datetime.now().isoformat(timespec='minutes')}. "
-        f"Versions: {versions()}. Threads per method: {args.threads}. "
-        f"Run: `python benchmarks/segmentation.py{' --quick' if args.quick else ''}`.",
+        *benchenv.write_json_and_head(args, "segmentation", records, versions()),
         "",
         "Cases: `real-*` — patients 07 and 19 of the open MS data set (Lesjak et al., *A novel "
         "public MR image dataset of multiple sclerosis patients with lesion segmentations based "
@@ -859,59 +784,18 @@ def write_outputs(args: argparse.Namespace, records: list[dict], notes: list[str
         "",
         "## Results",
         "",
-        "| " + " | ".join(cols) + " |",
-        "|" + "---|" * len(cols),
+        *benchenv.results_table(records, cols),
     ]
-    for rec in records:
-        if rec["status"] == "ok":
-            lines.append("| " + " | ".join(fmt(rec.get(c)) for c in cols) + " |")
     cached = [r for r in records if r["status"] == "ok" and r["note"]]
-    other = [r for r in records if r["status"] != "ok"]
     if cached:
         lines += ["", "Notes:", ""]
         lines += [f"- {r['method']} on {r['case']}: {r['note']}" for r in cached]
-    if other or notes:
-        lines += ["", "Not run:", ""]
-        lines += [f"- {r['method']} on {r['case']}: {r['status']} — {r['note']}" for r in other]
-        lines += [f"- {n}" for n in notes]
+    lines += benchenv.not_run_lines(records, notes)
     (args.out / "segmentation.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path)
-    parser.add_argument(
-        "--quick", action="store_true", help=f"phantom at {QUICK_RES_MM:g} mm, smoulder only"
-    )
-    parser.add_argument("--methods", help=f"comma-separated, of {', '.join(METHODS)}")
-    parser.add_argument("--cases", help="comma-separated case names or globs, e.g. 'real-*'")
-    parser.add_argument(
-        "--cache", type=Path, default=Path(tempfile.gettempdir()) / "smoulder-segmentation-cache"
-    )
-    parser.add_argument(
-        "--device", choices=("cpu", "cuda"), default="cpu", help="smoulder's device"
-    )
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=1, help="phantom seed")
-    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per method run")
-    parser.add_argument(
-        "--keep", action="store_true", help="keep the smoulder children's work folders"
-    )
-    parser.add_argument(
-        "--append", action="store_true", help="add to (replace same method/case in) DIR's JSON"
-    )
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--case-json", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        return worker(args.worker, args.case_json, args.work, args.device, args.threads)
-    if args.out is None:
-        parser.error("--out is required")
-    start = time.perf_counter()
-    records = run_benchmark(args)
-    print(f"{len(records)} records in {time.perf_counter() - start:.0f} s -> {args.out}")
-    return 0
+    return benchenv.main(argv, "segmentation", __doc__, HELP, "--case-json", worker, run_benchmark)
 
 
 if __name__ == "__main__":

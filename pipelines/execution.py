@@ -1,5 +1,9 @@
 """Running the participant workflow: plugin, live progress, crash reports and node timings.
 
+:func:`run_participant` is the participant level of the BIDS App: it checks the inputs, builds
+the workflow of the usable sessions, runs it, and leaves the resolved configuration, a log, a
+run report and a provenance record beside the outputs.
+
 :func:`run_workflow` runs a workflow with the Nipype plugin of the configuration and returns a
 :class:`RunResult`: one :class:`NodeRecord` per node (ran, cached, failed or not run, with
 timings, memory when the resource monitor is on, and the error of a failed node). The work
@@ -27,7 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
-from smoulder.config import Config
+from smoulder.config import Config, as_dict, omp_threads
 from smoulder.devices import available_cpus
 
 LOG = logging.getLogger("smoulder.run")
@@ -58,15 +62,15 @@ def plugin_settings(cfg: Config, *, device: str = "cpu") -> tuple[str, dict[str,
         >>> name, args["n_procs"], args["mp_context"]
         ('MultiProc', 3, 'spawn')
     """
-    ex = cfg["execution"]
-    plugin = ex["plugin"]
-    args = dict(ex["plugin_args"])
+    ex = cfg.execution
+    plugin = ex.plugin
+    args = dict(ex.plugin_args)
     if plugin in ("MultiProc", "LegacyMultiProc"):
-        args["n_procs"] = int(ex["nprocs"] or args.get("n_procs") or available_cpus())
-        if ex["mem_gb"]:
-            args["memory_gb"] = float(ex["mem_gb"])
-        if ex["gpu_slots"]:
-            args["n_gpu_procs"] = int(ex["gpu_slots"])
+        args["n_procs"] = int(ex.nprocs or args.get("n_procs") or available_cpus())
+        if ex.mem_gb:
+            args["memory_gb"] = float(ex.mem_gb)
+        if ex.gpu_slots:
+            args["n_gpu_procs"] = int(ex.gpu_slots)
         elif device == "cuda" and "n_gpu_procs" not in args:
             import torch
 
@@ -162,17 +166,20 @@ def _jsonable(value: Any) -> bool:
 
 
 def _location(path: str) -> tuple[str | None, str | None]:
-    """Return ``(subject, session)`` of a node path.
+    """Return ``(subject, session)`` of a node path (``longitudinal``: the subject workflow).
 
     Examples:
         >>> _location("sub_01_wf.ses_02_wf.conform_flair")
         ('01', '02')
-        >>> _location("sub_01_wf.longitudinal_wf.halfway_01_02")
+        >>> _location("sub_01_wf.subject_wf.halfway_01_02")
         ('01', 'longitudinal')
     """
+    # deferred: the workflow modules import Nipype, which a reader of run records needs not
+    from smoulder.pipelines.subject import SUBJECT_WF
+
     subject = _SUBJECT.search(path)
     session = _SESSION.search(path)
-    if ".longitudinal_wf." in f".{path}.":
+    if f".{SUBJECT_WF}." in f".{path}.":
         return (subject.group(1) if subject else None, LONGITUDINAL)
     return (subject.group(1) if subject else None, session.group(1) if session else None)
 
@@ -513,7 +520,7 @@ def run_workflow(
         live: redraw progress in place (default: when ``stream`` is a terminal).
         verbose: 2 or more lets Nipype's own INFO messages through.
     """
-    ex = cfg["execution"]
+    ex = cfg.execution
     plugin, args = plugin_settings(cfg, device=device)
     monitor = RunMonitor(wf, progress=progress, stream=stream, live=live)
     if plugin not in GRAPH_PLUGINS:
@@ -525,7 +532,7 @@ def run_workflow(
         {
             "crashdump_dir": str(crash_dir),
             "crashfile_format": "txt",
-            "stop_on_first_crash": str(bool(ex["stop_on_first_crash"])).lower(),
+            "stop_on_first_crash": str(bool(ex.stop_on_first_crash)).lower(),
             "poll_sleep_duration": "0.1",
             "check_version": "false",
             "hash_method": "timestamp",
@@ -536,7 +543,7 @@ def run_workflow(
     start = time.perf_counter()
     with nipype_environment(
         work_dir / ".nipype",
-        resource_monitor=bool(ex["resource_monitor"]),
+        resource_monitor=bool(ex.resource_monitor),
         verbose=verbose,
         here=plugin == "Linear",
     ):
@@ -657,3 +664,233 @@ def failure_lines(result: RunResult) -> list[str]:
     if blocked and result.failures:
         lines.append(f"{len(blocked)} node(s) not run because of these failures")
     return lines
+
+
+# ------------------------------------------------------------------------- participant level
+
+
+def run_participant(
+    cfg: Config,
+    *,
+    bids_dir: Path,
+    output_dir: Path,
+    work_dir: Path | None = None,
+    participant_labels: list[str] | None = None,
+    session_labels: list[str] | None = None,
+    argv: Sequence[str],
+    verbose: int = 0,
+) -> int:
+    """Return the exit status of the participant level: 1 when an input or a step failed, else 0.
+
+    Checks every selected session's inputs, runs the workflow of the usable sessions
+    (:func:`run_sessions`) and rebuilds the QA reports. The work directory is Nipype's cache, so
+    the same call after an interruption resumes; a step that fails is reported (session, step,
+    inputs, error) and the other sessions go on. The resolved configuration (with the work
+    directory) and the run's log are saved under ``<output_dir>/smoulder/logs``.
+
+    Args:
+        cfg: the resolved configuration.
+        bids_dir: the input BIDS dataset.
+        output_dir: the BIDS-App output folder (derivatives go to ``<output_dir>/smoulder``).
+        work_dir: Nipype's cache (default: ``<output_dir>/work``).
+        participant_labels: subjects to process, without ``sub-`` (default: all).
+        session_labels: sessions to process, without ``ses-`` (default: all).
+        argv: the command line, for the provenance record.
+        verbose: console verbosity (``-v`` count); the log file gets every event.
+    """
+    from smoulder.derivatives import DerivativesWriter
+
+    writer = DerivativesWriter(output_dir, raw_dir=bids_dir)
+    work_dir = Path(work_dir or output_dir / "work").absolute()
+    saved = as_dict(cfg)
+    saved["execution"]["work_dir"] = str(work_dir)  # the run's record says where its cache is
+    writer.save_config(saved, argv=list(argv))
+    with run_log(writer.logs / f"run-{writer.stamp}.log", verbose=verbose):
+        checked, inputs_page = check_inputs(
+            writer,
+            bids_dir,
+            participant_labels=participant_labels,
+            session_labels=session_labels,
+            read_data=cfg.inputs.read_data,
+        )
+        failed_nodes = run_sessions(
+            cfg,
+            checked,
+            writer=writer,
+            bids_dir=bids_dir,
+            output_dir=output_dir,
+            work_dir=work_dir,
+            argv=list(argv),
+            verbose=verbose,
+        )
+        _build_reports(output_dir, participant_labels)
+    print(f"outputs: {writer.root}")
+    print(f"report:  {writer.root / 'report.html'} (inputs: {inputs_page})")
+    input_errors = [s for s in checked if s.errors]
+    return 1 if input_errors or failed_nodes else 0
+
+
+def check_inputs(
+    writer: Any,
+    bids_dir: Path,
+    *,
+    participant_labels: list[str] | None,
+    session_labels: list[str] | None,
+    read_data: bool,
+) -> tuple[list[Any], Path]:
+    """Return the checked sessions and the inputs page, once the check is printed and saved.
+
+    Saves each subject's inputs table, the dataset description and the inputs report.
+    """
+    from smoulder.inputs import discover, sessions_to_records, summarize, validate_session
+
+    sessions = discover(
+        bids_dir,
+        participant_labels=participant_labels,
+        session_labels=session_labels,
+    )
+    checked = [validate_session(s, read_data=read_data) for s in sessions]
+    print(summarize(checked))
+    records = sessions_to_records(checked)
+    for subject in sorted({s.subject for s in checked}):
+        writer.save_subject_inputs(subject, [r for r in records if r["subject"] == subject])
+    writer.save_description()
+    return checked, writer.save_inputs_report(records)
+
+
+def run_sessions(
+    cfg: Config,
+    checked: Sequence[Any],
+    *,
+    writer: Any,
+    bids_dir: Path,
+    output_dir: Path,
+    work_dir: Path,
+    argv: list[str],
+    verbose: int = 0,
+) -> int:
+    """Return the number of failed steps once the usable sessions' workflow has run.
+
+    Sessions without a usable FLAIR are skipped (and listed as such). Prints the summary table
+    and the failures, and saves them in the run report and the provenance record.
+    """
+    from smoulder.pipelines.participant import init_participant_wf, plan_sessions
+    from smoulder.registration.engines import resolve_engine
+
+    plans = plan_sessions(checked, modalities=cfg.registration.session.modalities)
+    engine, device = resolve_engine(cfg.registration.engine, cfg.execution.device)
+    runnable = [p for p in plans if not p.skipped]
+    result = None
+    if runnable:
+        wf = init_participant_wf(
+            plans=runnable,
+            cfg=cfg,
+            omp_nthreads=omp_threads(cfg),
+            output_dir=output_dir,
+            bids_dir=bids_dir,
+            work_dir=work_dir,
+            engine=engine,
+            device=device,
+        )
+        print(f"processing {len(runnable)} session(s) with {cfg.execution.plugin} ...")
+        crash_dir = writer.logs / f"crash-{writer.stamp}"
+        result = run_workflow(wf, cfg, device=device, crash_dir=crash_dir, verbose=verbose)
+    run: dict[str, Any] = {
+        "device": device_info(device),
+        "engine": engine,
+        "omp_nthreads": omp_threads(cfg),
+        "cpus": available_cpus(),
+        "work_dir": str(work_dir),
+    }
+    record_run(writer, result, [p for p in plans if p.skipped], run, argv=argv)
+    return 0 if result is None else len(result.failures)
+
+
+def record_run(
+    writer: Any,
+    result: RunResult | None,
+    skipped: Sequence[Any],
+    run: dict[str, Any],
+    *,
+    argv: list[str],
+) -> None:
+    """Print the summary table and the failures; save the run report and the provenance record.
+
+    Args:
+        writer: the run's :class:`~smoulder.derivatives.DerivativesWriter`.
+        result: what happened to every node (``None`` when nothing ran).
+        skipped: the session plans left out, with their reason.
+        run: what the provenance record says of the run (device, engine, threads, ...).
+        argv: the command line.
+    """
+    rows = summary_rows(result, skipped)
+    failures = failure_lines(result) if result else []
+    table = format_table(rows)
+    print()
+    print(table)
+    LOG.info("summary\n%s", table)
+    if failures:
+        print("\nFailures:")
+        print("\n".join(f"  {line}" for line in failures))
+        LOG.info("failures:\n%s", "\n".join(failures))
+    writer.save_run_report(rows, failures, nodes=[] if result is None else result.records)
+    run = {**run, "summary": rows, "failures": failures}
+    if result is not None:
+        run.update(result.to_json())
+    writer.save_provenance(run, argv=argv)
+
+
+def device_info(device: str) -> dict[str, Any]:
+    """Return the device a run used, the processor, and on CUDA the GPU and CUDA version."""
+    import platform
+
+    info: dict[str, Any] = {"device": device, "processor": platform.processor() or "unknown"}
+    if device == "cuda":
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _build_reports(output_dir: Path, participants: list[str] | None) -> None:
+    """Build the QA reports; a failure is logged and does not fail the run (outputs stand)."""
+    from smoulder.report.command import build_reports
+
+    try:
+        pages = build_reports(output_dir, participants)
+        print(f"QA reports: {', '.join(p.name for p in pages)}")
+    except Exception:  # noqa: BLE001 - the run's outputs are complete; the report can be rebuilt
+        LOG.exception("building the QA reports failed; rerun 'smoulder report %s'", output_dir)
+        print(f"warning: QA reports not built; see the log, then 'smoulder report {output_dir}'")
+
+
+@contextmanager
+def run_log(path: Path, *, verbose: int) -> Iterator[None]:
+    """Copy the run's events (``smoulder.run``) and Nipype's warnings to ``path``.
+
+    Step-by-step events go to the file only; on the console they show from ``-vv``, failures
+    always (as errors).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    file_handler = logging.FileHandler(path)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(max(logging.WARNING - 10 * verbose, logging.DEBUG))
+    console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    nipype_log = logging.getLogger("nipype.workflow")
+    saved = (LOG.level, LOG.propagate)
+    LOG.setLevel(logging.INFO)
+    LOG.propagate = False
+    LOG.addHandler(file_handler)
+    LOG.addHandler(console)
+    nipype_log.addHandler(file_handler)
+    try:
+        yield
+    finally:
+        LOG.removeHandler(file_handler)
+        LOG.removeHandler(console)
+        nipype_log.removeHandler(file_handler)
+        LOG.setLevel(saved[0])
+        LOG.propagate = saved[1]
+        file_handler.close()

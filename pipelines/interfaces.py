@@ -6,7 +6,8 @@ them reruns the node); ``num_threads`` is not (the result does not depend on it)
 
 GPU steps: Nipype's MultiProc counts a node against ``n_gpu_procs`` when its interface has a
 true ``use_gpu`` (or ``use_cuda``) input — ``Node.is_gpu_node()`` in nipype ≥ 1.9. The
-registration interfaces carry ``use_gpu``; the workflows set it when the step runs on CUDA.
+device steps (registrations, segmentation, QSM) carry ``use_gpu``; the workflows set it when
+the step runs on CUDA.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from smoulder.registration import ENGINES
+
 
 def _stem(path: str | os.PathLike[str]) -> str:
     name = Path(path).name
@@ -33,11 +36,26 @@ def _stem(path: str | os.PathLike[str]) -> str:
     return Path(name).stem
 
 
-def _coarse(img: Any, resolution_mm: float) -> Any:
-    """Return ``img`` coarsened to ``resolution_mm`` (:func:`smoulder.images.coarsen`), or as is."""
-    from smoulder.images import coarsen
+def _load_coarse(paths: list[str], resolution_mm: float) -> tuple[list[Any], list[Any]]:
+    """Return the images at ``paths`` and their copies coarsened to ``resolution_mm`` (0: as is).
 
-    return coarsen(img, resolution_mm) if resolution_mm > 0 else img
+    The registrations estimate on the coarse copies (:func:`smoulder.images.coarsen`); the
+    transforms map world points, so they apply to the originals unchanged.
+    """
+    from smoulder.images import coarsen, load_image
+
+    images = [load_image(path) for path in paths]
+    return images, [coarsen(img, resolution_mm) if resolution_mm > 0 else img for img in images]
+
+
+def _engine_options(inputs: Any) -> dict[str, Any]:
+    """Return the engine keywords of a registration's inputs (engine, device, seed, threads)."""
+    return {
+        "engine": inputs.engine,
+        "device": inputs.device,
+        "seed": inputs.seed,
+        "threads": inputs.num_threads,
+    }
 
 
 # ------------------------------------------------------------------------------------- conform
@@ -72,14 +90,24 @@ class Conform(SimpleInterface):
 # -------------------------------------------------------------------------------- registration
 
 
-class _RegistrationInputSpec(BaseInterfaceInputSpec):
-    engine = traits.Enum("greedy", "torch", "ants", usedefault=True, desc="registration engine")
+class _DeviceInputSpec(BaseInterfaceInputSpec):
+    """Inputs of a step that may run on the GPU (the workflows' ``device_inputs``)."""
+
     device = traits.Enum("cpu", "cuda", usedefault=True, desc="where the torch code runs")
-    seed = traits.Int(0, usedefault=True, desc="random seed")
     use_gpu = traits.Bool(
         False, usedefault=True, desc="the step runs on the GPU (MultiProc counts it in n_gpu_procs)"
     )
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc="CPU threads")
+
+
+class _RegistrationInputSpec(_DeviceInputSpec):
+    engine = traits.Enum(
+        *(e for e in ENGINES if e != "auto"), usedefault=True, desc="registration engine, resolved"
+    )
+    seed = traits.Int(0, usedefault=True, desc="random seed")
+    resolution_mm = traits.Float(
+        0.0, usedefault=True, desc="estimate on images coarsened to this voxel size; 0: native"
+    )
 
 
 class _CoRegisterInputSpec(_RegistrationInputSpec):
@@ -87,9 +115,6 @@ class _CoRegisterInputSpec(_RegistrationInputSpec):
     moving_file = File(exists=True, mandatory=True, desc="the image to align to it")
     transform = traits.Enum("rigid", "affine", usedefault=True, desc="transform model")
     metric = traits.Enum("mi", "ncc", usedefault=True, desc="similarity metric")
-    resolution_mm = traits.Float(
-        0.0, usedefault=True, desc="estimate on images coarsened to this voxel size; 0: native"
-    )
 
 
 class _CoRegisterOutputSpec(TraitedSpec):
@@ -117,21 +142,17 @@ class CoRegister(SimpleInterface):
         import numpy as np
 
         from smoulder.errors import RegistrationError
-        from smoulder.images import load_image, save_nifti
+        from smoulder.images import save_nifti
         from smoulder.registration.engines import register
         from smoulder.registration.transforms import AffineTransform, resample
 
-        fixed = load_image(self.inputs.fixed_file)
-        moving = load_image(self.inputs.moving_file)
+        files = [self.inputs.fixed_file, self.inputs.moving_file]
+        (fixed, moving), coarse = _load_coarse(files, self.inputs.resolution_mm)
         reg = register(
-            _coarse(fixed, self.inputs.resolution_mm),
-            _coarse(moving, self.inputs.resolution_mm),
+            *coarse,
             transform=self.inputs.transform,
             metric=self.inputs.metric,
-            engine=self.inputs.engine,
-            device=self.inputs.device,
-            seed=self.inputs.seed,
-            threads=self.inputs.num_threads,
+            **_engine_options(self.inputs),
         )
         steps = reg.forward.steps
         if len(steps) != 1 or not isinstance(steps[0], AffineTransform):
@@ -156,9 +177,6 @@ class _HalfwayInputSpec(_RegistrationInputSpec):
     in_b = File(exists=True, mandatory=True, desc="later session's reference image (B)")
     transform = traits.Enum(
         "deformable", "affine", "rigid", usedefault=True, desc="transform model"
-    )
-    resolution_mm = traits.Float(
-        0.0, usedefault=True, desc="estimate on images coarsened to this voxel size; 0: native"
     )
 
 
@@ -185,25 +203,16 @@ class HalfwayRegister(SimpleInterface):
     output_spec = _HalfwayOutputSpec
 
     def _run_interface(self, runtime: Any) -> Any:
-        from smoulder.images import load_image
         from smoulder.registration.engines import halfway
 
-        a = load_image(self.inputs.in_a)
-        b = load_image(self.inputs.in_b)
-        result = halfway(
-            _coarse(a, self.inputs.resolution_mm),
-            _coarse(b, self.inputs.resolution_mm),
-            transform=self.inputs.transform,
-            engine=self.inputs.engine,
-            device=self.inputs.device,
-            seed=self.inputs.seed,
-            threads=self.inputs.num_threads,
+        (a, b), coarse = _load_coarse(
+            [self.inputs.in_a, self.inputs.in_b], self.inputs.resolution_mm
         )
+        result = halfway(*coarse, transform=self.inputs.transform, **_engine_options(self.inputs))
         cwd = Path(runtime.cwd)
-        a_to_b = result.a_to_b.to_displacement(a).save(cwd / "a_to_b.nii.gz")
-        b_to_a = result.b_to_a.to_displacement(b).save(cwd / "b_to_a.nii.gz")
-        self._results["xfm_a_to_b"] = str(a_to_b)
-        self._results["xfm_b_to_a"] = str(b_to_a)
+        for direction, chain, grid in (("a_to_b", result.a_to_b, a), ("b_to_a", result.b_to_a, b)):
+            field = chain.to_displacement(grid).save(cwd / f"{direction}.nii.gz")
+            self._results[f"xfm_{direction}"] = str(field)
         return runtime
 
 
@@ -251,23 +260,8 @@ class JacobianMaps(SimpleInterface):
 
 # -------------------------------------------------------------------------------- segmentation
 
-#: Outputs of :class:`Segment`: trait name → file written by
-#: :func:`smoulder.segmentation.command.write_outputs` (after the prefix).
-SEGMENT_OUTPUTS = {
-    "brain_mask": "desc-brain_mask.nii.gz",
-    "dseg": "dseg.nii.gz",
-    "dseg_tsv": "dseg.tsv",
-    "probseg_csf": "label-CSF_probseg.nii.gz",
-    "probseg_gm": "label-GM_probseg.nii.gz",
-    "probseg_wm": "label-WM_probseg.nii.gz",
-    "probseg_lesion": "label-lesion_probseg.nii.gz",
-    "lesions": "desc-lesions_dseg.nii.gz",
-    "lesions_tsv": "desc-lesions_dseg.tsv",
-    "lesion_stats": "desc-lesions_stats.tsv",
-}
 
-
-class _SegmentInputSpec(BaseInterfaceInputSpec):
+class _SegmentInputSpec(_DeviceInputSpec):
     flair_file = File(exists=True, mandatory=True, desc="the session's FLAIR (reference grid)")
     t1_file = File(exists=True, desc="T1w or UNIT1 resampled onto the FLAIR grid")
     model = traits.Str("", usedefault=True, desc="MONAI bundle folder; empty: the shipped one")
@@ -275,14 +269,10 @@ class _SegmentInputSpec(BaseInterfaceInputSpec):
     refine = traits.Bool(
         True, usedefault=True, desc="fit the subject's intensities with the network as prior"
     )
-    device = traits.Enum("cpu", "cuda", usedefault=True, desc="where the network runs")
-    use_gpu = traits.Bool(
-        False, usedefault=True, desc="the step runs on the GPU (MultiProc counts it in n_gpu_procs)"
-    )
-    num_threads = traits.Int(1, usedefault=True, nohash=True, desc="CPU threads")
 
 
 class _SegmentOutputSpec(TraitedSpec):
+    # one trait per key of smoulder.segmentation.outputs.OUTPUTS
     brain_mask = File(exists=True, desc="brain (parenchyma) mask")
     dseg = File(exists=True, desc="tissue classes")
     dseg_tsv = File(exists=True, desc="index → class name of dseg")
@@ -304,33 +294,32 @@ class Segment(SimpleInterface):
     output_spec = _SegmentOutputSpec
 
     def _run_interface(self, runtime: Any) -> Any:
-        import torch
-
+        from smoulder.devices import torch_threads
         from smoulder.images import load_image
-        from smoulder.segmentation.command import write_outputs
         from smoulder.segmentation.inference import segment
+        from smoulder.segmentation.outputs import OUTPUTS, file_name, write_outputs
 
-        torch.set_num_threads(max(1, self.inputs.num_threads))
-        flair = load_image(self.inputs.flair_file)
-        t1 = load_image(self.inputs.t1_file) if isdefined(self.inputs.t1_file) else None
-        result = segment(
-            flair,
-            t1,
-            device=self.inputs.device,
-            model=self.inputs.model or None,
-            min_lesion_ul=self.inputs.min_lesion_ul,
-            refine=self.inputs.refine,
-        )
-        sources = [self.inputs.flair_file] + ([self.inputs.t1_file] if t1 is not None else [])
-        write_outputs(result, Path(runtime.cwd), "seg_", sources)
-        for trait, name in SEGMENT_OUTPUTS.items():
-            self._results[trait] = str(Path(runtime.cwd) / f"seg_{name}")
+        with torch_threads(self.inputs.num_threads):
+            flair = load_image(self.inputs.flair_file)
+            t1 = load_image(self.inputs.t1_file) if isdefined(self.inputs.t1_file) else None
+            result = segment(
+                flair,
+                t1,
+                device=self.inputs.device,
+                model=self.inputs.model or None,
+                min_lesion_ul=self.inputs.min_lesion_ul,
+                refine=self.inputs.refine,
+            )
+            sources = [self.inputs.flair_file] + ([self.inputs.t1_file] if t1 is not None else [])
+            write_outputs(result, Path(runtime.cwd), "seg_", sources)
+        for out in OUTPUTS:
+            self._results[out.key] = str(Path(runtime.cwd) / file_name(out.key, "seg_"))
         self._results["used_t1"] = result.used_t1
         self._results["model_version"] = result.model_version
         return runtime
 
 
-class _QSMInputSpec(BaseInterfaceInputSpec):
+class _QSMInputSpec(_DeviceInputSpec):
     magnitude_files = traits.List(File(exists=True), mandatory=True, desc="GRE magnitude, per echo")
     phase_files = traits.List(File(exists=True), mandatory=True, desc="GRE phase, per echo")
     brain_mask = File(exists=True, mandatory=True, desc="the session's brain mask (FLAIR grid)")
@@ -340,9 +329,6 @@ class _QSMInputSpec(BaseInterfaceInputSpec):
     )
     method = traits.Enum("tv", "tkd", usedefault=True, desc="dipole inversion")
     csf_probseg = File(exists=True, desc="CSF probability (FLAIR grid): reference χ to the CSF")
-    device = traits.Enum("cpu", "cuda", usedefault=True, desc="where the reconstruction runs")
-    use_gpu = traits.Bool(False, usedefault=True, desc="a GPU step (counted in n_gpu_procs)")
-    num_threads = traits.Int(1, usedefault=True, nohash=True, desc="CPU threads")
 
 
 class _QSMOutputSpec(TraitedSpec):
@@ -363,35 +349,32 @@ class QSM(SimpleInterface):
     def _run_interface(self, runtime: Any) -> Any:
         import nibabel as nib
         import numpy as np
-        import torch
-        from scipy import ndimage as ndi
 
+        from smoulder.devices import torch_threads
         from smoulder.images import write_nifti
-        from smoulder.qsm.reconstruct import load_echoes, magnitude_mask, reconstruct
+        from smoulder.qsm.masks import session_masks
+        from smoulder.qsm.reconstruct import load_echoes, reconstruct
         from smoulder.registration.transforms import AffineTransform, resample
 
-        torch.set_num_threads(max(1, self.inputs.num_threads))
         mags = [Path(p) for p in self.inputs.magnitude_files]
-        echoes = load_echoes(mags, [Path(p) for p in self.inputs.phase_files])
-        gre = nib.load(mags[0])
         to_gre = AffineTransform.load(self.inputs.xfm)  # FLAIR points → GRE points
-        brain = resample(
-            nib.load(self.inputs.brain_mask), gre, to_gre.inverse(), interpolation="nearest"
-        )
-        # the brain mask is parenchyma: fill the ventricles (enclosed CSF) back in for QSM
-        inside = ndi.binary_fill_holes(np.asarray(brain.dataobj) > 0)
-        mask = inside & magnitude_mask(echoes.magnitude)
-        reference = None
-        if isdefined(self.inputs.csf_probseg):  # ventricular CSF: sure CSF inside the brain
-            csf = resample(nib.load(self.inputs.csf_probseg), gre, to_gre.inverse())
-            reference = np.asarray(csf.dataobj) >= 0.9
-        result = reconstruct(
-            echoes,
-            mask,
-            method=self.inputs.method,
-            device=self.inputs.device,
-            reference_mask=reference,
-        )
+        csf = self.inputs.csf_probseg
+        with torch_threads(self.inputs.num_threads):
+            echoes = load_echoes(mags, [Path(p) for p in self.inputs.phase_files])
+            mask, reference = session_masks(
+                echoes.magnitude,
+                nib.load(mags[0]),
+                nib.load(self.inputs.brain_mask),
+                to_gre,
+                csf_probseg=nib.load(csf) if isdefined(csf) else None,
+            )
+            result = reconstruct(
+                echoes,
+                mask,
+                method=self.inputs.method,
+                device=self.inputs.device,
+                reference_mask=reference,
+            )
         cwd = Path(runtime.cwd)
         outputs = {
             "chimap": result.chi_ppm,
@@ -444,6 +427,7 @@ class MapChimap(SimpleInterface):
         import nibabel as nib
 
         from smoulder.images import write_nifti
+        from smoulder.inputs import sidecar_path
         from smoulder.registration.transforms import AffineTransform, resample
 
         through = isdefined(self.inputs.xfm)
@@ -452,7 +436,7 @@ class MapChimap(SimpleInterface):
         out = Path(runtime.cwd) / "chimap_flair.nii.gz"
         write_nifti(resample(chi, nib.load(self.inputs.flair_file), transform), out)
         self._results["chimap_flair"] = str(out)
-        side = Path(str(self.inputs.chimap).removesuffix(".gz").removesuffix(".nii") + ".json")
+        side = sidecar_path(Path(self.inputs.chimap))
         given = json.loads(side.read_text()) if side.is_file() else {}
         self._results["parameters"] = {
             **{k: given[k] for k in ("Method", "Reference") if k in given},
@@ -486,8 +470,8 @@ class FillLesions(SimpleInterface):
         import numpy as np
 
         from smoulder.images import load_image, save_nifti
+        from smoulder.segmentation.classes import CLASSES
         from smoulder.segmentation.lesions import fill_lesions
-        from smoulder.segmentation.synth import CLASSES
 
         t1 = load_image(self.inputs.t1_file)
         lesions = np.asarray(load_image(self.inputs.lesions).dataobj) > 0

@@ -5,21 +5,24 @@ Layout of the graph (and of the work directory, Nipype's cache)::
     smoulder_wf/
       sub_<s>_wf/
         ses_<y>_wf/         init_session_wf, one per usable session
-        longitudinal_wf/    init_subject_wf, when the subject has two or more usable sessions
+        subject_wf/         init_subject_wf, when the subject has two or more usable sessions
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from nipype.pipeline import engine as pe
 
-from smoulder.inputs import SessionInputs
-from smoulder.pipelines.session import REFERENCE, init_session_wf
+from smoulder.inputs import SessionInputs, session_label
+from smoulder.pipelines.session import REFERENCE, WorkflowContext, init_session_wf
 from smoulder.pipelines.subject import init_subject_wf
+
+if TYPE_CHECKING:
+    from smoulder.config import Config
 
 #: The :class:`SessionInputs` attribute holding each modality.
 _ATTRIBUTE = {"FLAIR": "flair", "T1w": "t1w", "UNIT1": "unit1", "MEGRE": "megre_mag"}
@@ -40,7 +43,7 @@ class SessionPlan:
     @property
     def label(self) -> str:
         """Return ``sub-<s>[_ses-<y>]``."""
-        return f"sub-{self.subject}" + (f"_ses-{self.session}" if self.session else "")
+        return session_label(self.subject, self.session)
 
 
 def plan_sessions(
@@ -83,7 +86,7 @@ def plan_sessions(
 def init_participant_wf(
     *,
     plans: Sequence[SessionPlan],
-    cfg: dict[str, Any],
+    cfg: Config,
     output_dir: str | Path,
     bids_dir: str | Path,
     work_dir: str | Path,
@@ -96,72 +99,69 @@ def init_participant_wf(
 
     Args:
         plans: from :func:`plan_sessions`.
-        cfg: the resolved configuration (its ``registration`` section is used).
+        cfg: the resolved configuration (its ``registration``, ``segmentation`` and ``qsm``
+            sections are used).
         output_dir: the BIDS-App output folder.
         bids_dir: the input BIDS dataset.
         work_dir: Nipype's cache; reusing it resumes a run.
-        engine: registration engine, resolved (``greedy``, ``torch`` or ``ants``).
+        engine: registration engine, resolved (``greedy``, ``torch``, ``fireants`` or ``ants``).
         device: ``cpu`` or ``cuda``, resolved.
         omp_nthreads: threads per registration on the CPU.
         name: workflow name.
     """
-    reg = cfg["registration"]
-    # absolute: Nipype runs every node in its own folder
-    output_dir, bids_dir = Path(output_dir).absolute(), Path(bids_dir).absolute()
+    context = WorkflowContext(
+        output_dir,
+        bids_dir,
+        engine=engine,
+        device=device,
+        seed=cfg.registration.seed,
+        omp_nthreads=omp_nthreads,
+    )
     wf = pe.Workflow(name=name, base_dir=str(Path(work_dir).absolute()))
     subjects = sorted({p.subject for p in plans if not p.skipped})
     for subject in subjects:
         runnable = [p for p in plans if p.subject == subject and not p.skipped]
         volume_gb = max(_volume_gb(p) for p in runnable)
-        subject_wf = pe.Workflow(name=f"sub_{subject}_wf")
-        session_wfs = {}
-        for plan in runnable:
-            session_wfs[plan.session] = init_session_wf(
-                subject=subject,
-                session=plan.session,
-                images=plan.images,
-                output_dir=output_dir,
-                bids_dir=bids_dir,
-                engine=engine,
-                device=device,
-                transform=reg["session"]["transform"],
-                metric=reg["session"]["metric"],
-                resolution_mm=reg["session"]["resolution_mm"],
-                seed=reg["seed"],
-                omp_nthreads=omp_nthreads,
-                volume_gb=volume_gb,
-                segmentation=cfg["segmentation"] if cfg["segmentation"]["enabled"] else None,
-                qsm=cfg["qsm"] if cfg["qsm"]["enabled"] else None,
-                megre_echoes=plan.megre_echoes,
-                chimap=plan.chimap,
-                name=f"ses_{plan.session}_wf" if plan.session else "session_wf",
-            )
-            subject_wf.add_nodes([session_wfs[plan.session]])
-        labels = [s for s in session_wfs if s is not None]
-        if len(labels) >= 2:
-            longitudinal = init_subject_wf(
-                subject=subject,
-                sessions=labels,
-                output_dir=output_dir,
-                bids_dir=bids_dir,
-                engine=engine,
-                device=device,
-                pairs=reg["longitudinal"]["pairs"],
-                transform=reg["longitudinal"]["transform"],
-                resolution_mm=reg["longitudinal"]["resolution_mm"],
-                seed=reg["seed"],
-                omp_nthreads=omp_nthreads,
-                volume_gb=volume_gb,
-            )
-            for label in labels:
-                subject_wf.connect(
-                    session_wfs[label],
-                    "outputnode.reference",
-                    longitudinal,
-                    f"inputnode.reference_{label}",
-                )
-        wf.add_nodes([subject_wf])
+        wf.add_nodes([_init_sub_wf(subject, runnable, cfg, replace(context, volume_gb=volume_gb))])
     return wf
+
+
+def _init_sub_wf(
+    subject: str, plans: Sequence[SessionPlan], cfg: Config, context: WorkflowContext
+) -> pe.Workflow:
+    """Return the workflow of one subject: its sessions', then its longitudinal one."""
+    sub_wf = pe.Workflow(name=f"sub_{subject}_wf")
+    session_wfs = {}
+    for plan in plans:
+        session_wfs[plan.session] = init_session_wf(
+            subject=subject,
+            session=plan.session,
+            images=plan.images,
+            context=context,
+            registration=cfg.registration.session,
+            segmentation=cfg.segmentation if cfg.segmentation.enabled else None,
+            qsm=cfg.qsm if cfg.qsm.enabled else None,
+            megre_echoes=plan.megre_echoes,
+            chimap=plan.chimap,
+            name=f"ses_{plan.session}_wf" if plan.session else "session_wf",
+        )
+        sub_wf.add_nodes([session_wfs[plan.session]])
+    labels = [s for s in session_wfs if s is not None]
+    if len(labels) >= 2:
+        longitudinal = init_subject_wf(
+            subject=subject,
+            sessions=labels,
+            context=context,
+            registration=cfg.registration.longitudinal,
+        )
+        for label in labels:
+            sub_wf.connect(
+                session_wfs[label],
+                "outputnode.reference",
+                longitudinal,
+                f"inputnode.reference_{label}",
+            )
+    return sub_wf
 
 
 def _volume_gb(plan: SessionPlan) -> float:

@@ -10,15 +10,19 @@ Methods, as they stand (later steps add their nodes here):
 3. Brain, tissue and lesion segmentation of the FLAIR, with the T1w (else the UNIT1) resampled
    onto it when present (:func:`smoulder.segmentation.inference.segment`): brain mask, tissue
    classes and probabilities, numbered lesions and the per-lesion table.
-4. Derivatives: the conformed reference, each transform (ITK ``.mat``), each resampled image and
-   the segmentation outputs, all on the FLAIR grid.
+4. QSM of the multi-echo GRE on its own grid, inside the brain mask mapped into GRE space
+   (:func:`smoulder.qsm.masks.session_masks`, :func:`smoulder.qsm.reconstruct.reconstruct`),
+   or the session's ready susceptibility map used as is; either resampled onto the FLAIR.
+5. Derivatives: the conformed reference, each transform (ITK ``.mat``), each resampled image and
+   the segmentation and QSM outputs, on the FLAIR grid unless named otherwise.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nipype.interfaces.utility import IdentityInterface
 from nipype.pipeline import engine as pe
@@ -33,6 +37,12 @@ from smoulder.pipelines.interfaces import (
     Segment,
     derivatives_node,
 )
+from smoulder.segmentation.outputs import OUTPUTS
+
+if TYPE_CHECKING:
+    import os
+
+    from smoulder.config import QSMSettings, SegmentationSettings, SessionRegistration
 
 #: The modality every other image of a session is aligned to.
 REFERENCE = "FLAIR"
@@ -57,20 +67,6 @@ MEMORY_GB = {
     "segment": (1.5, 20.0),
 }
 
-#: Segmentation derivatives: Segment output → (entities beyond sub/ses, suffix, description).
-SEGMENT_DERIVATIVES: dict[str, tuple[dict[str, Any], str, str]] = {
-    "brain_mask": ({"desc": "brain"}, "mask", "brain (parenchyma) mask"),
-    "dseg": ({}, "dseg", "tissue classes"),
-    "dseg_tsv": ({}, "dseg", "index and name of each tissue class"),
-    "probseg_csf": ({"label": "CSF"}, "probseg", "CSF probability"),
-    "probseg_gm": ({"label": "GM"}, "probseg", "grey-matter (cortical and deep) probability"),
-    "probseg_wm": ({"label": "WM"}, "probseg", "white-matter probability"),
-    "probseg_lesion": ({"label": "lesion"}, "probseg", "lesion probability"),
-    "lesions": ({"desc": "lesions"}, "dseg", "lesion instances, one index per lesion"),
-    "lesions_tsv": ({"desc": "lesions"}, "dseg", "index and name of each lesion"),
-    "lesion_stats": ({"desc": "lesions"}, "stats", "one row per lesion"),
-}
-
 
 def step_memory_gb(step: str, volume_gb: float) -> float:
     """Return the memory estimate of ``step`` for a reference volume of ``volume_gb``.
@@ -88,23 +84,121 @@ def reference_entities(subject: str, session: str | None) -> dict[str, Any]:
     return {"sub": subject, "ses": session, "desc": "preproc"}
 
 
+@dataclass(frozen=True)
+class WorkflowContext:
+    """What every workflow of a run shares: its folders, engine, device, seed and resources.
+
+    Args:
+        output_dir: the BIDS-App output folder (made absolute: Nipype runs every node in its own
+            folder).
+        bids_dir: the input BIDS dataset, for the ``Sources`` of sidecars (made absolute).
+        engine: registration engine, resolved (``greedy``, ``torch``, ``fireants`` or ``ants``).
+        device: ``cpu`` or ``cuda``, resolved; ``cuda`` makes the device steps GPU nodes.
+        seed: registration seed.
+        omp_nthreads: threads per step on the CPU.
+        volume_gb: size of one float32 reference volume, for the memory estimates.
+
+    Examples:
+        >>> ctx = WorkflowContext("out", "bids", engine="torch", device="cuda", omp_nthreads=4)
+        >>> ctx.output_dir.is_absolute(), ctx.n_procs
+        (True, 1)
+        >>> ctx.reference_file("01", "02").name
+        'sub-01_ses-02_desc-preproc_FLAIR.nii.gz'
+    """
+
+    output_dir: Path
+    bids_dir: Path
+    engine: str
+    device: str
+    seed: int = 0
+    omp_nthreads: int = 1
+    volume_gb: float = 0.0
+
+    def __post_init__(self) -> None:
+        # absolute: Nipype runs every node in its own folder
+        object.__setattr__(self, "output_dir", Path(self.output_dir).absolute())
+        object.__setattr__(self, "bids_dir", Path(self.bids_dir).absolute())
+
+    @property
+    def use_gpu(self) -> bool:
+        """Return whether the device steps run on the GPU."""
+        return self.device == "cuda"
+
+    @property
+    def n_procs(self) -> int:
+        """Return the processors a device step takes: one GPU slot, else its CPU threads."""
+        return 1 if self.use_gpu else self.omp_nthreads
+
+    def memory_gb(self, step: str, *, volumes: int = 1) -> float:
+        """Return the memory estimate of ``step`` on ``volumes`` reference volumes."""
+        return step_memory_gb(step, self.volume_gb * volumes)
+
+    def device_inputs(self) -> dict[str, Any]:
+        """Return the inputs of a device step: ``device``, ``use_gpu`` and ``num_threads``."""
+        return {"device": self.device, "use_gpu": self.use_gpu, "num_threads": self.omp_nthreads}
+
+    def registration_inputs(self) -> dict[str, Any]:
+        """Return the inputs of a registration step: engine and seed, then the device's."""
+        return {"engine": self.engine, "seed": self.seed, **self.device_inputs()}
+
+    def reference_file(self, subject: str, session: str | None) -> Path:
+        """Return the path of a session's published reference (its conformed FLAIR)."""
+        writer = DerivativesWriter(self.output_dir, raw_dir=self.bids_dir)
+        entities = reference_entities(subject, session)
+        return writer.path(entities, suffix=REFERENCE, extension=".nii.gz")
+
+    def sink(
+        self,
+        name: str,
+        *,
+        entities: dict[str, Any],
+        suffix: str,
+        sources: Sequence[str | os.PathLike[str]],
+        spatial_reference: str | os.PathLike[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> pe.Node:
+        """Return a node publishing its ``in_file`` under this run's output folder."""
+        return derivatives_node(
+            name,
+            output_dir=self.output_dir,
+            raw_dir=self.bids_dir,
+            entities=entities,
+            suffix=suffix,
+            sources=list(sources),
+            spatial_reference=spatial_reference,
+            metadata=metadata,
+        )
+
+
+@dataclass(frozen=True)
+class _SessionFiles:
+    """One session's labels, input images and published reference, which its sinks cite."""
+
+    subject: str
+    session: str | None
+    images: dict[str, Path]
+    reference_file: Path
+
+    @property
+    def entities(self) -> dict[str, Any]:
+        """Return the session's entities, ``sub`` and ``ses``."""
+        return {"sub": self.subject, "ses": self.session}
+
+    @property
+    def sources(self) -> list[Path]:
+        """Return every input image of the session."""
+        return list(self.images.values())
+
+
 def init_session_wf(
     *,
     subject: str,
     session: str | None,
     images: Mapping[str, str | Path],
-    output_dir: str | Path,
-    bids_dir: str | Path,
-    engine: str,
-    device: str,
-    transform: str = "rigid",
-    metric: str = "mi",
-    resolution_mm: float | None = None,
-    seed: int = 0,
-    omp_nthreads: int = 1,
-    volume_gb: float = 0.0,
-    segmentation: Mapping[str, Any] | None = None,
-    qsm: Mapping[str, Any] | None = None,
+    context: WorkflowContext,
+    registration: SessionRegistration,
+    segmentation: SegmentationSettings | None = None,
+    qsm: QSMSettings | None = None,
     megre_echoes: tuple[list[Path], list[Path]] | None = None,
     chimap: str | Path | None = None,
     name: str = "session_wf",
@@ -116,21 +210,15 @@ def init_session_wf(
         session: session label (without ``ses-``), ``None`` in a dataset without sessions.
         images: input files by modality: ``FLAIR`` (required), and any of ``T1w``, ``UNIT1``,
             ``MEGRE`` (the echo-1 magnitude). Only the modalities given get nodes.
-        output_dir: the BIDS-App output folder.
-        bids_dir: the input BIDS dataset (for the ``Sources`` of sidecars).
-        engine: registration engine, resolved (``greedy``, ``torch`` or ``ants``).
-        device: ``cpu`` or ``cuda``, resolved; ``cuda`` makes registrations GPU nodes.
-        transform: co-registration model, ``rigid`` or ``affine``.
-        metric: co-registration metric, ``mi`` or ``ncc``.
-        resolution_mm: estimate the transforms on images coarsened to this voxel size (mm);
-            ``None``: on the images as they are.
-        seed: registration seed.
-        omp_nthreads: threads per registration on the CPU.
-        volume_gb: size of one float32 reference volume, for the memory estimates.
+        context: the run's folders, engine, device, seed, threads and reference volume size.
+        registration: the co-registration settings: ``transform`` (``rigid`` or ``affine``),
+            ``metric`` (``mi`` or ``ncc``), ``resolution_mm`` (estimate the transforms on images
+            coarsened to this voxel size; ``None``: on the images as they are).
         segmentation: ``model`` (bundle folder, ``None``: shipped), ``min_lesion_ul`` and
             ``refine``; the segmentation step is absent when this is ``None``.
-        qsm: ``method`` (``tv`` or ``tkd``); QSM runs when this is given, the session has
-            ``megre_echoes`` and a co-registered MEGRE, and segmentation runs (its brain mask).
+        qsm: ``method`` (``tv`` or ``tkd``) and ``reference``; QSM runs when this is given, the
+            session has ``megre_echoes`` and a co-registered MEGRE, and segmentation runs (its
+            brain mask).
         megre_echoes: ``(magnitudes, phases)`` of every echo of the session's GRE.
         chimap: a ready susceptibility map of the session: used as is (resampled onto the
             FLAIR) instead of reconstructing QSM, when ``qsm`` is given.
@@ -141,34 +229,26 @@ def init_session_wf(
     """
     if REFERENCE not in images:
         raise ValueError(f"init_session_wf: expected a {REFERENCE} image, found {sorted(images)}")
-    # absolute: Nipype runs every node in its own folder
-    output_dir, bids_dir = Path(output_dir).absolute(), Path(bids_dir).absolute()
-    images = {modality: Path(path).absolute() for modality, path in images.items()}
-    writer = DerivativesWriter(output_dir, raw_dir=bids_dir)
-    ses = {"sub": subject, "ses": session}
-    use_gpu = device == "cuda"
-    reg_procs = 1 if use_gpu else omp_nthreads
-
+    files = _SessionFiles(
+        subject,
+        session,
+        # absolute: Nipype runs every node in its own folder
+        images={modality: Path(path).absolute() for modality, path in images.items()},
+        reference_file=context.reference_file(subject, session),
+    )
     wf = pe.Workflow(name=name)
-    fields = [m.lower() for m in images]
-    inputnode = pe.Node(IdentityInterface(fields=fields), name="inputnode")
-    for modality, path in images.items():
+    inputnode = pe.Node(IdentityInterface(fields=[m.lower() for m in images]), name="inputnode")
+    for modality, path in files.images.items():
         setattr(inputnode.inputs, modality.lower(), str(path))
     outputnode = pe.Node(IdentityInterface(fields=["reference"]), name="outputnode")
-
     conform_ref = pe.Node(
-        Conform(), name=f"conform_{REFERENCE.lower()}", mem_gb=step_memory_gb("conform", volume_gb)
+        Conform(), name=f"conform_{REFERENCE.lower()}", mem_gb=context.memory_gb("conform")
     )
-    reference_file = writer.path(
-        reference_entities(subject, session), suffix=REFERENCE, extension=".nii.gz"
-    )
-    ds_reference = derivatives_node(
+    ds_reference = context.sink(
         f"ds_{REFERENCE.lower()}",
-        output_dir=output_dir,
-        raw_dir=bids_dir,
         entities=reference_entities(subject, session),
         suffix=REFERENCE,
-        sources=[images[REFERENCE]],
+        sources=[files.images[REFERENCE]],
         metadata={"Description": "session reference: RAS+ voxel axes, float32, not resampled"},
     )
     wf.connect([
@@ -177,106 +257,170 @@ def init_session_wf(
         (conform_ref, outputnode, [("out_file", "reference")]),
     ])  # fmt: skip
 
-    coregs: dict[str, pe.Node] = {}
-    for modality in images:
-        if modality == REFERENCE:
-            continue
-        key = modality.lower()
-        extra, suffix = MODALITY_ENTITIES[modality]
-        conform_mov = pe.Node(
-            Conform(), name=f"conform_{key}", mem_gb=step_memory_gb("conform", volume_gb)
+    coregs = {
+        modality: _add_coregistration(
+            wf, inputnode, conform_ref, context, files, modality, registration
         )
-        coreg = pe.Node(
-            CoRegister(
-                transform=transform,
-                metric=metric,
-                resolution_mm=resolution_mm or 0.0,
-                engine=engine,
-                device=device,
-                seed=seed,
-                use_gpu=use_gpu,
-                num_threads=omp_nthreads,
-            ),
-            name=f"coreg_{key}",
-            n_procs=reg_procs,
-            mem_gb=step_memory_gb("coregister", volume_gb),
-        )
-        coregs[modality] = coreg
-        ds_xfm = derivatives_node(
-            f"ds_{key}_xfm",
-            output_dir=output_dir,
-            raw_dir=bids_dir,
-            entities={**ses, "from": modality, "to": REFERENCE, "mode": "image"},
-            suffix="xfm",
-            sources=[images[modality], images[REFERENCE]],
-            metadata={
-                "Description": f"{transform} transform ({metric.upper()}) resampling the "
-                f"{modality} onto the {REFERENCE}; ITK convention (maps {REFERENCE} points to "
-                f"{modality} points)",
-            },
-        )
-        ds_moved = derivatives_node(
-            f"ds_{key}_space_{REFERENCE.lower()}",
-            output_dir=output_dir,
-            raw_dir=bids_dir,
-            entities={**ses, **extra, "space": REFERENCE, "desc": "preproc"},
-            suffix=suffix,
-            sources=[images[modality], images[REFERENCE]],
-            spatial_reference=reference_file,
-            metadata={"Description": f"{modality} resampled onto the {REFERENCE} (linear)"},
-        )
-        wf.connect([
-            (inputnode, conform_mov, [(key, "in_file")]),
-            (conform_ref, coreg, [("out_file", "fixed_file")]),
-            (conform_mov, coreg, [("out_file", "moving_file")]),
-            (coreg, ds_xfm, [("out_xfm", "in_file")]),
-            (coreg, ds_moved, [("out_file", "in_file")]),
-        ])  # fmt: skip
-    if segmentation is not None:
-        _add_segmentation(
-            wf, conform_ref, coregs, subject=subject, session=session, output_dir=output_dir,
-            bids_dir=bids_dir, device=device, omp_nthreads=omp_nthreads, volume_gb=volume_gb,
-            reference_file=reference_file, sources=[images[m] for m in images],
-            settings=segmentation,
-        )  # fmt: skip
-        if qsm is not None and chimap is not None:
-            _add_ready_chimap(
-                wf, conform_ref, coregs.get("MEGRE"), Path(chimap).absolute(), subject=subject,
-                session=session, output_dir=output_dir, bids_dir=bids_dir,
-                reference_file=reference_file,
-            )  # fmt: skip
-        elif qsm is not None and megre_echoes is not None and "MEGRE" in coregs:
-            _add_qsm(
-                wf, conform_ref, coregs["MEGRE"], wf.get_node("segment"), subject=subject,
-                session=session, output_dir=output_dir, bids_dir=bids_dir, device=device,
-                omp_nthreads=omp_nthreads, volume_gb=volume_gb, reference_file=reference_file,
-                echoes=megre_echoes, settings=qsm,
-            )  # fmt: skip
+        for modality in files.images
+        if modality != REFERENCE
+    }
+    if segmentation is None:
+        return wf
+    seg = _add_segmentation(wf, conform_ref, coregs, context, files, segmentation)
+    if qsm is not None and chimap is not None:
+        _add_ready_chimap(wf, conform_ref, coregs.get("MEGRE"), context, files, Path(chimap))
+    elif qsm is not None and megre_echoes is not None and "MEGRE" in coregs:
+        _add_qsm(wf, conform_ref, coregs["MEGRE"], seg, context, files, megre_echoes, qsm)
     return wf
+
+
+def _add_coregistration(
+    wf: pe.Workflow,
+    inputnode: pe.Node,
+    conform_ref: pe.Node,
+    context: WorkflowContext,
+    files: _SessionFiles,
+    modality: str,
+    settings: SessionRegistration,
+) -> pe.Node:
+    """Return the node registering ``modality`` to the reference, after adding it and its sinks.
+
+    Its own conform step feeds it; the transform and the resampled image are published.
+    """
+    key = modality.lower()
+    extra, suffix = MODALITY_ENTITIES[modality]
+    transform, metric = settings.transform, settings.metric
+    conform = pe.Node(Conform(), name=f"conform_{key}", mem_gb=context.memory_gb("conform"))
+    coreg = pe.Node(
+        CoRegister(
+            transform=transform,
+            metric=metric,
+            resolution_mm=settings.resolution_mm or 0.0,
+            **context.registration_inputs(),
+        ),
+        name=f"coreg_{key}",
+        n_procs=context.n_procs,
+        mem_gb=context.memory_gb("coregister"),
+    )
+    sources = [files.images[modality], files.images[REFERENCE]]
+    ds_xfm = context.sink(
+        f"ds_{key}_xfm",
+        entities={**files.entities, "from": modality, "to": REFERENCE, "mode": "image"},
+        suffix="xfm",
+        sources=sources,
+        metadata={
+            "Description": f"{transform} transform ({metric.upper()}) resampling the "
+            f"{modality} onto the {REFERENCE}; ITK convention (maps {REFERENCE} points to "
+            f"{modality} points)",
+        },
+    )
+    ds_moved = context.sink(
+        f"ds_{key}_space_{REFERENCE.lower()}",
+        entities={**files.entities, **extra, "space": REFERENCE, "desc": "preproc"},
+        suffix=suffix,
+        sources=sources,
+        spatial_reference=files.reference_file,
+        metadata={"Description": f"{modality} resampled onto the {REFERENCE} (linear)"},
+    )
+    wf.connect([
+        (inputnode, conform, [(key, "in_file")]),
+        (conform_ref, coreg, [("out_file", "fixed_file")]),
+        (conform, coreg, [("out_file", "moving_file")]),
+        (coreg, ds_xfm, [("out_xfm", "in_file")]),
+        (coreg, ds_moved, [("out_file", "in_file")]),
+    ])  # fmt: skip
+    return coreg
+
+
+def _add_segmentation(
+    wf: pe.Workflow,
+    conform_ref: pe.Node,
+    coregs: dict[str, pe.Node],
+    context: WorkflowContext,
+    files: _SessionFiles,
+    settings: SegmentationSettings,
+) -> pe.Node:
+    """Return the segmentation node (FLAIR + T1w, else UNIT1), after adding it and its sinks."""
+    seg = pe.Node(
+        Segment(
+            model=str(settings.model or ""),
+            min_lesion_ul=float(settings.min_lesion_ul),
+            refine=bool(settings.refine),
+            **context.device_inputs(),
+        ),
+        name="segment",
+        n_procs=context.n_procs,
+        mem_gb=context.memory_gb("segment"),
+    )
+    wf.connect(conform_ref, "out_file", seg, "flair_file")
+    for t1 in ("T1w", "UNIT1"):
+        if t1 in coregs:
+            wf.connect(coregs[t1], "out_file", seg, "t1_file")
+            break
+    if "T1w" in coregs:  # the lesion-filled T1w: for tissue volumes unbiased by lesions
+        _add_lesion_filling(wf, coregs["T1w"], seg, context, files)
+    from smoulder.segmentation.lesions import LESION_COLUMNS
+
+    for out in OUTPUTS:
+        meta: dict[str, Any] = {"Description": out.description}
+        if out.key == "lesion_stats":
+            meta.update(LESION_COLUMNS)
+        sink = context.sink(
+            f"ds_{out.key}",
+            entities={**files.entities, **out.entities},
+            suffix=out.suffix,
+            sources=files.sources,
+            spatial_reference=None if out.extension == ".tsv" else files.reference_file,
+            metadata=meta,
+        )
+        wf.connect(seg, out.key, sink, "in_file")
+    return seg
+
+
+def _add_lesion_filling(
+    wf: pe.Workflow,
+    coreg_t1w: pe.Node,
+    seg: pe.Node,
+    context: WorkflowContext,
+    files: _SessionFiles,
+) -> None:
+    """Add the T1w with its lesions filled by white matter, and its sink."""
+    fill = pe.Node(FillLesions(), name="fill_lesions", mem_gb=context.memory_gb("conform"))
+    ds_fill = context.sink(
+        "ds_t1w_lesionfilled",
+        entities={**files.entities, "space": REFERENCE, "desc": "lesionfilled"},
+        suffix="T1w",
+        sources=files.sources,
+        spatial_reference=files.reference_file,
+        metadata={
+            "Description": "T1w on the FLAIR grid, lesion voxels replaced by "
+            "normal-appearing white matter drawn from around each lesion"
+        },
+    )
+    wf.connect([
+        (coreg_t1w, fill, [("out_file", "t1_file")]),
+        (seg, fill, [("lesions", "lesions"), ("dseg", "dseg")]),
+        (fill, ds_fill, [("out_file", "in_file")]),
+    ])  # fmt: skip
 
 
 def _add_ready_chimap(
     wf: pe.Workflow,
     conform_ref: pe.Node,
     coreg: pe.Node | None,
+    context: WorkflowContext,
+    files: _SessionFiles,
     chimap: Path,
-    *,
-    subject: str,
-    session: str | None,
-    output_dir: Path,
-    bids_dir: Path,
-    reference_file: Path,
 ) -> None:
     """Add the session's ready ``_Chimap``, used as is, on the FLAIR grid."""
+    chimap = chimap.absolute()
     node = pe.Node(MapChimap(chimap=str(chimap)), name="map_chimap")
-    ds = derivatives_node(
+    ds = context.sink(
         "ds_chimap_flair",
-        output_dir=output_dir,
-        raw_dir=bids_dir,
-        entities={"sub": subject, "ses": session, "space": REFERENCE},
+        entities={**files.entities, "space": REFERENCE},
         suffix="Chimap",
         sources=[str(chimap)],
-        spatial_reference=reference_file,
+        spatial_reference=files.reference_file,
     )
     wf.connect([
         (conform_ref, node, [("out_file", "flair_file")]),
@@ -291,52 +435,32 @@ def _add_qsm(
     conform_ref: pe.Node,
     coreg: pe.Node,
     seg: pe.Node,
-    *,
-    subject: str,
-    session: str | None,
-    output_dir: Path,
-    bids_dir: Path,
-    device: str,
-    omp_nthreads: int,
-    volume_gb: float,
-    reference_file: Path,
+    context: WorkflowContext,
+    files: _SessionFiles,
     echoes: tuple[list[Path], list[Path]],
-    settings: Mapping[str, Any],
+    settings: QSMSettings,
 ) -> None:
     """Add QSM of the session's GRE (native grid) and its copy on the FLAIR grid."""
-    use_gpu = device == "cuda"
     mags, phases = ([str(Path(p).absolute()) for p in group] for group in echoes)
     node = pe.Node(
         QSM(
             magnitude_files=mags,
             phase_files=phases,
-            method=str(settings.get("method", "tv")),
-            device=device,
-            use_gpu=use_gpu,
-            num_threads=omp_nthreads,
+            method=str(settings.method),
+            **context.device_inputs(),
         ),
         name="qsm",
-        n_procs=1 if use_gpu else omp_nthreads,
-        mem_gb=step_memory_gb("segment", volume_gb * len(mags)),
+        n_procs=context.n_procs,
+        mem_gb=context.memory_gb("segment", volumes=len(mags)),
     )
     sources = [*mags, *phases]
-    ses = {"sub": subject, "ses": session}
-    ds_chi = derivatives_node(
-        "ds_chimap",
-        output_dir=output_dir,
-        raw_dir=bids_dir,
-        entities=ses,
-        suffix="Chimap",
-        sources=sources,
-    )
-    ds_chi_flair = derivatives_node(
+    ds_chi = context.sink("ds_chimap", entities=files.entities, suffix="Chimap", sources=sources)
+    ds_chi_flair = context.sink(
         "ds_chimap_flair",
-        output_dir=output_dir,
-        raw_dir=bids_dir,
-        entities={**ses, "space": REFERENCE},
+        entities={**files.entities, "space": REFERENCE},
         suffix="Chimap",
         sources=sources,
-        spatial_reference=reference_file,
+        spatial_reference=files.reference_file,
     )
     wf.connect([
         (conform_ref, node, [("out_file", "flair_file")]),
@@ -345,82 +469,5 @@ def _add_qsm(
         (node, ds_chi, [("chimap", "in_file"), ("parameters", "metadata")]),
         (node, ds_chi_flair, [("chimap_flair", "in_file"), ("parameters", "metadata")]),
     ])  # fmt: skip
-    if settings.get("reference", "csf") == "csf":
+    if settings.reference == "csf":
         wf.connect(seg, "probseg_csf", node, "csf_probseg")
-
-
-def _add_segmentation(
-    wf: pe.Workflow,
-    conform_ref: pe.Node,
-    coregs: dict[str, pe.Node],
-    *,
-    subject: str,
-    session: str | None,
-    output_dir: Path,
-    bids_dir: Path,
-    device: str,
-    omp_nthreads: int,
-    volume_gb: float,
-    reference_file: Path,
-    sources: list[Path],
-    settings: Mapping[str, Any],
-) -> None:
-    """Add the segmentation node (FLAIR + T1w, else UNIT1, when present) and its sinks."""
-    use_gpu = device == "cuda"
-    seg = pe.Node(
-        Segment(
-            model=str(settings.get("model") or ""),
-            min_lesion_ul=float(settings.get("min_lesion_ul", 10.0)),
-            refine=bool(settings.get("refine", True)),
-            device=device,
-            use_gpu=use_gpu,
-            num_threads=omp_nthreads,
-        ),
-        name="segment",
-        n_procs=1 if use_gpu else omp_nthreads,
-        mem_gb=step_memory_gb("segment", volume_gb),
-    )
-    wf.connect(conform_ref, "out_file", seg, "flair_file")
-    for t1 in ("T1w", "UNIT1"):
-        if t1 in coregs:
-            wf.connect(coregs[t1], "out_file", seg, "t1_file")
-            break
-    if "T1w" in coregs:  # the lesion-filled T1w: for tissue volumes unbiased by lesions
-        fill = pe.Node(
-            FillLesions(), name="fill_lesions", mem_gb=step_memory_gb("conform", volume_gb)
-        )
-        ds_fill = derivatives_node(
-            "ds_t1w_lesionfilled",
-            output_dir=output_dir,
-            raw_dir=bids_dir,
-            entities={"sub": subject, "ses": session, "space": REFERENCE, "desc": "lesionfilled"},
-            suffix="T1w",
-            sources=sources,
-            spatial_reference=reference_file,
-            metadata={
-                "Description": "T1w on the FLAIR grid, lesion voxels replaced by "
-                "normal-appearing white matter drawn from around each lesion"
-            },
-        )
-        wf.connect([
-            (coregs["T1w"], fill, [("out_file", "t1_file")]),
-            (seg, fill, [("lesions", "lesions"), ("dseg", "dseg")]),
-            (fill, ds_fill, [("out_file", "in_file")]),
-        ])  # fmt: skip
-    from smoulder.segmentation.lesions import LESION_COLUMNS
-
-    for trait, (extra, suffix, description) in SEGMENT_DERIVATIVES.items():
-        meta: dict[str, Any] = {"Description": description}
-        if trait == "lesion_stats":
-            meta.update(LESION_COLUMNS)
-        sink = derivatives_node(
-            f"ds_{trait}",
-            output_dir=output_dir,
-            raw_dir=bids_dir,
-            entities={"sub": subject, "ses": session, **extra},
-            suffix=suffix,
-            sources=sources,
-            spatial_reference=None if trait.endswith(("_tsv", "_stats")) else reference_file,
-            metadata=meta,
-        )
-        wf.connect(seg, trait, sink, "in_file")

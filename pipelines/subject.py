@@ -16,13 +16,19 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from nipype.interfaces.utility import IdentityInterface
 from nipype.pipeline import engine as pe
 
-from smoulder.derivatives import DerivativesWriter
-from smoulder.pipelines.interfaces import HalfwayRegister, JacobianMaps, derivatives_node
-from smoulder.pipelines.session import REFERENCE, reference_entities, step_memory_gb
+from smoulder.pipelines.interfaces import HalfwayRegister, JacobianMaps
+from smoulder.pipelines.session import REFERENCE, WorkflowContext
+
+if TYPE_CHECKING:
+    from smoulder.config import LongitudinalRegistration
+
+#: Name of the subject's longitudinal workflow in the graph (and of its work-directory folder).
+SUBJECT_WF = "subject_wf"
 
 
 def session_order(sessions: Sequence[str]) -> list[str]:
@@ -69,34 +75,21 @@ def init_subject_wf(
     *,
     subject: str,
     sessions: Sequence[str],
-    output_dir: str | Path,
-    bids_dir: str | Path,
-    engine: str,
-    device: str,
-    pairs: str = "baseline",
-    transform: str = "deformable",
-    resolution_mm: float | None = None,
-    seed: int = 0,
-    omp_nthreads: int = 1,
-    volume_gb: float = 0.0,
-    name: str = "longitudinal_wf",
+    context: WorkflowContext,
+    registration: LongitudinalRegistration,
+    name: str = SUBJECT_WF,
 ) -> pe.Workflow:
     """Return the longitudinal workflow of one subject with two or more sessions.
 
     Args:
         subject: subject label (without ``sub-``).
         sessions: session labels (at least two).
-        output_dir: the BIDS-App output folder.
-        bids_dir: the input BIDS dataset.
-        engine: registration engine, resolved (``greedy``, ``torch`` or ``ants``).
-        device: ``cpu`` or ``cuda``, resolved; ``cuda`` with ``torch`` makes GPU nodes.
-        pairs: ``baseline`` or ``consecutive`` (see :func:`session_pairs`).
-        transform: ``deformable``, ``affine`` or ``rigid``.
-        resolution_mm: estimate the registration on images coarsened to this voxel size (mm);
-            ``None``: on the images as they are. The outputs keep each session's grid.
-        seed: registration seed.
-        omp_nthreads: threads per registration on the CPU.
-        volume_gb: size of one float32 reference volume, for the memory estimates.
+        context: the run's folders, engine, device, seed, threads and reference volume size.
+        registration: the longitudinal registration settings: ``pairs`` (``baseline`` or
+            ``consecutive``, see :func:`session_pairs`), ``transform`` (``deformable``,
+            ``affine`` or ``rigid``), ``resolution_mm`` (estimate the registration on images
+            coarsened to this voxel size; ``None``: on the images as they are; the outputs keep
+            each session's grid).
         name: workflow name.
 
     Inputs (``inputnode``):
@@ -104,105 +97,96 @@ def init_subject_wf(
     """
     if len(sessions) < 2:
         raise ValueError(f"init_subject_wf: expected two or more sessions, found {list(sessions)}")
-    # absolute: Nipype runs every node in its own folder
-    output_dir, bids_dir = Path(output_dir).absolute(), Path(bids_dir).absolute()
-    writer = DerivativesWriter(output_dir, raw_dir=bids_dir)
-    use_gpu = device == "cuda"
-
-    def reference(session: str) -> Path:
-        return writer.path(
-            reference_entities(subject, session), suffix=REFERENCE, extension=".nii.gz"
-        )
-
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(
         IdentityInterface(fields=[f"reference_{s}" for s in sessions]), name="inputnode"
     )
-    for a, b in session_pairs(sessions, mode=pairs):
-        pair = f"{a}_{b}"
-        sa, sb = f"ses{a}", f"ses{b}"
-        later = {"sub": subject, "ses": b}
-        derived = [reference(a), reference(b)]
-        halfway = pe.Node(
-            HalfwayRegister(
-                transform=transform,
-                resolution_mm=resolution_mm or 0.0,
-                engine=engine,
-                device=device,
-                seed=seed,
-                use_gpu=use_gpu,
-                num_threads=omp_nthreads,
-            ),
-            name=f"halfway_{pair}",
-            n_procs=1 if use_gpu else omp_nthreads,
-            mem_gb=step_memory_gb("halfway", volume_gb),
-        )
-        jacobian = pe.Node(
-            JacobianMaps(), name=f"jacobian_{pair}", mem_gb=step_memory_gb("jacobian", volume_gb)
-        )
-        ds_a_onto_b = derivatives_node(
-            f"ds_xfm_{a}_to_{b}",
-            output_dir=output_dir,
-            raw_dir=bids_dir,
-            entities={**later, "from": sa, "to": sb, "mode": "image"},
-            suffix="xfm",
-            sources=derived,
-            spatial_reference=reference(b),
-            metadata={
-                "Description": f"{transform} halfway registration of ses-{a} and ses-{b} "
-                f"({REFERENCE}); ITK displacement field on the ses-{b} reference grid, "
-                f"resampling ses-{a} images onto it"
-            },
-        )
-        ds_b_onto_a = derivatives_node(
-            f"ds_xfm_{b}_to_{a}",
-            output_dir=output_dir,
-            raw_dir=bids_dir,
-            entities={**later, "from": sb, "to": sa, "mode": "image"},
-            suffix="xfm",
-            sources=derived,
-            spatial_reference=reference(a),
-            metadata={
-                "Description": f"{transform} halfway registration of ses-{a} and ses-{b} "
-                f"({REFERENCE}); ITK displacement field on the ses-{a} reference grid, "
-                f"resampling ses-{b} images onto it"
-            },
-        )
-        jacobian_meta = (
-            f"of the ses-{a} -> ses-{b} point map on the ses-{a} reference grid "
-            f"(> 1: local expansion from ses-{a} to ses-{b})"
-        )
-        ds_det = derivatives_node(
-            f"ds_jacobian_{pair}",
-            output_dir=output_dir,
-            raw_dir=bids_dir,
-            entities={**later, "space": sa, "desc": "det"},
-            suffix="jacobian",
-            sources=derived,
-            spatial_reference=reference(a),
-            metadata={"Description": f"Jacobian determinant {jacobian_meta}", "Units": "1"},
-        )
-        ds_logdet = derivatives_node(
-            f"ds_logjacobian_{pair}",
-            output_dir=output_dir,
-            raw_dir=bids_dir,
-            entities={**later, "space": sa, "desc": "logdet"},
-            suffix="jacobian",
-            sources=derived,
-            spatial_reference=reference(a),
-            metadata={
-                "Description": f"natural log of the Jacobian determinant {jacobian_meta}; "
-                "determinants below 1e-6 (folds) are clipped there",
-                "Units": "1",
-            },
-        )
-        wf.connect([
-            (inputnode, halfway, [(f"reference_{a}", "in_a"), (f"reference_{b}", "in_b")]),
-            (inputnode, jacobian, [(f"reference_{a}", "reference")]),
-            (halfway, jacobian, [("xfm_a_to_b", "in_xfm")]),
-            (halfway, ds_a_onto_b, [("xfm_b_to_a", "in_file")]),
-            (halfway, ds_b_onto_a, [("xfm_a_to_b", "in_file")]),
-            (jacobian, ds_det, [("det_file", "in_file")]),
-            (jacobian, ds_logdet, [("logdet_file", "in_file")]),
-        ])  # fmt: skip
+    for a, b in session_pairs(sessions, mode=registration.pairs):
+        _add_pair(wf, inputnode, context, registration, subject, a, b)
     return wf
+
+
+def _add_pair(
+    wf: pe.Workflow,
+    inputnode: pe.Node,
+    context: WorkflowContext,
+    settings: LongitudinalRegistration,
+    subject: str,
+    a: str,
+    b: str,
+) -> None:
+    """Add the halfway registration of sessions ``a`` and ``b`` (earlier, later) and its sinks.
+
+    The Jacobian maps of the ``a`` → ``b`` map are on ``a``'s grid.
+    """
+    pair = f"{a}_{b}"
+    halfway = pe.Node(
+        HalfwayRegister(
+            transform=settings.transform,
+            resolution_mm=settings.resolution_mm or 0.0,
+            **context.registration_inputs(),
+        ),
+        name=f"halfway_{pair}",
+        n_procs=context.n_procs,
+        mem_gb=context.memory_gb("halfway"),
+    )
+    jacobian = pe.Node(
+        JacobianMaps(), name=f"jacobian_{pair}", mem_gb=context.memory_gb("jacobian")
+    )
+    wf.connect([
+        (inputnode, halfway, [(f"reference_{a}", "in_a"), (f"reference_{b}", "in_b")]),
+        (inputnode, jacobian, [(f"reference_{a}", "reference")]),
+        (halfway, jacobian, [("xfm_a_to_b", "in_xfm")]),
+    ])  # fmt: skip
+    references = {s: context.reference_file(subject, s) for s in (a, b)}
+    later = {"sub": subject, "ses": b}
+    # each direction is published on the grid of the session it resamples onto
+    for src, dst, output in ((a, b, "xfm_b_to_a"), (b, a, "xfm_a_to_b")):
+        sink = context.sink(
+            f"ds_xfm_{src}_to_{dst}",
+            entities={**later, "from": f"ses{src}", "to": f"ses{dst}", "mode": "image"},
+            suffix="xfm",
+            sources=list(references.values()),
+            spatial_reference=references[dst],
+            metadata={
+                "Description": f"{settings.transform} halfway registration of ses-{a} and "
+                f"ses-{b} ({REFERENCE}); ITK displacement field on the ses-{dst} reference "
+                f"grid, resampling ses-{src} images onto it"
+            },
+        )
+        wf.connect(halfway, output, sink, "in_file")
+    _add_jacobian_sinks(wf, jacobian, context, later, a, b, references)
+
+
+def _add_jacobian_sinks(
+    wf: pe.Workflow,
+    jacobian: pe.Node,
+    context: WorkflowContext,
+    later: dict[str, Any],
+    a: str,
+    b: str,
+    references: dict[str, Path],
+) -> None:
+    """Add the sinks of the Jacobian determinant of the ``a`` → ``b`` map and of its log."""
+    about = (
+        f"of the ses-{a} -> ses-{b} point map on the ses-{a} reference grid "
+        f"(> 1: local expansion from ses-{a} to ses-{b})"
+    )
+    determinant = f"Jacobian determinant {about}"
+    for node, desc, description in (
+        ("jacobian", "det", determinant),
+        (
+            "logjacobian",
+            "logdet",
+            f"natural log of the {determinant}; determinants below 1e-6 (folds) are clipped there",
+        ),
+    ):
+        sink = context.sink(
+            f"ds_{node}_{a}_{b}",
+            entities={**later, "space": f"ses{a}", "desc": desc},
+            suffix="jacobian",
+            sources=list(references.values()),
+            spatial_reference=references[a],
+            metadata={"Description": description, "Units": "1"},
+        )
+        wf.connect(jacobian, f"{desc}_file", sink, "in_file")

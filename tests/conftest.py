@@ -27,3 +27,12 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def label_map_dir(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Return a folder holding one SynthSeg label map (``training_seg_01``): enough to train on."""
+    folder = tmp_path_factory.mktemp("label_maps")
+    name = "training_seg_01.nii.gz"
+    (folder / name).symlink_to(shared_data / "synthseg_label_maps" / name)
+    return folder

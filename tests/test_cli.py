@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
 import shutil
 import subprocess
@@ -20,6 +21,11 @@ from smoulder.errors import ConfigError
 def copy_phantom(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("derivatives"))
     return dst
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
 
 
 def truncate(path: Path) -> None:
@@ -61,8 +67,8 @@ def test_participant_continues_past_a_corrupt_session(
     bad = bids / "sub-01/ses-02/anat/sub-01_ses-02_FLAIR.nii.gz"
     truncate(bad)
     out = tmp_path / "out"
-    settings = tmp_path / "settings.yaml"  # no co-registration: this test is about the inputs
-    settings.write_text("registration:\n  session:\n    modalities: []\n")
+    # no co-registration: this test is about the inputs
+    settings = write(tmp_path / "settings.yaml", "registration:\n  session:\n    modalities: []\n")
     argv = [
         str(bids),
         str(out),
@@ -154,30 +160,43 @@ def test_gzip_truncation_detected(
 
 
 def test_precedence_defaults_fast_file_cli(tmp_path: Path) -> None:
-    preset = tmp_path / "site.yaml"
-    preset.write_text("execution:\n  nprocs: 3\n  device: cpu\nphantom:\n  lesions: 5\n")
+    preset = write(
+        tmp_path / "site.yaml", "execution:\n  nprocs: 3\n  device: cpu\nphantom:\n  lesions: 5\n"
+    )
     cfg = cfgmod.resolve(config_file=preset, fast=True, overrides={"execution": {"nprocs": 7}})
-    assert cfg["execution"]["nprocs"] == 7  # command line wins
-    assert cfg["execution"]["device"] == "cpu"  # file beats default
-    assert cfg["phantom"]["lesions"] == 5  # file beats fast
-    assert cfg["phantom"]["resolution_mm"] == 3.0  # fast beats default
+    assert cfg.execution.nprocs == 7  # command line wins
+    assert cfg.execution.device == "cpu"  # file beats default
+    assert cfg.phantom.lesions == 5  # file beats fast
+    assert cfg.phantom.resolution_mm == 3.0  # fast beats default
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("execution:\n  nprocz: 2\n", "nprocz"),
-        ("execution:\n  device: tpu\n", "tpu"),
-        ("execution:\n  nprocs: -1\n", "nprocs"),
-        ("- just\n- a list\n", "mapping"),
-        ("execution: [unclosed\n", "YAML"),
+        pytest.param("execution:\n  nprocz: 2\n", "nprocz", id="unknown key"),
+        pytest.param(
+            "registration:\n  session:\n    foo: 1\n",
+            r"unknown configuration key 'registration\.session\.foo' \(known: metric, ",
+            id="unknown nested key",
+        ),
+        pytest.param(
+            "execution:\n  device: tpu\n",
+            "execution.device: expected one of auto, cpu, cuda, found 'tpu'",
+            id="choice",
+        ),
+        pytest.param("execution:\n  nprocs: -1\n", "nprocs", id="bound"),
+        pytest.param(
+            "registration:\n  session:\n    modalities: T1w\n",
+            "registration.session.modalities: expected a list drawn from T1w, UNIT1, MEGRE",
+            id="list",
+        ),
+        pytest.param("- just\n- a list\n", "mapping", id="not a mapping"),
+        pytest.param("execution: [unclosed\n", "YAML", id="syntax"),
     ],
 )
 def test_bad_config_named(tmp_path: Path, text: str, message: str) -> None:
-    path = tmp_path / "bad.yaml"
-    path.write_text(text)
     with pytest.raises(ConfigError, match=message):
-        cfgmod.resolve(config_file=path)
+        cfgmod.resolve(config_file=write(tmp_path / "bad.yaml", text))
 
 
 def test_shipped_presets_resolve() -> None:
@@ -185,3 +204,12 @@ def test_shipped_presets_resolve() -> None:
         cfgmod.resolve(config_file=name)
     with pytest.raises(ConfigError, match="presets"):
         cfgmod.resolve(config_file="no-such-preset")
+
+
+def test_config_is_typed_frozen_and_saved_as_its_yaml() -> None:
+    cfg = cfgmod.resolve(fast=True)
+    assert cfg.registration.session.modalities == ("T1w", "UNIT1", "MEGRE")  # lists: tuples
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.execution.nprocs = 2  # type: ignore[misc]
+    merged = cfgmod.merge(cfgmod.load_yaml("default"), cfgmod.load_yaml("fast"))
+    assert cfgmod.dump(cfg) == yaml.safe_dump(merged, sort_keys=False)  # the same text as before

@@ -264,14 +264,15 @@ def test_infratentorial_candidates_lie_below_the_tentorium() -> None:
     """The phantom's infratentorial lesions go into cerebellum and brainstem, not into the
     temporal lobes' white matter, which reaches as low; checked against the shipped prior
     (built independently, from 20 SynthSeg label maps)."""
+    from smoulder.grids import sample_world
     from smoulder.phantom.anatomy import load_anatomy
     from smoulder.phantom.lesions import location_candidates
-    from smoulder.segmentation.atlas import _sample, infratentorial_prior
+    from smoulder.segmentation.atlas import infratentorial_prior
 
     candidates = location_candidates(load_anatomy(2.0))
     prior = infratentorial_prior()
-    below = _sample(prior, candidates["infratentorial"]) >= 0.5
+    below = sample_world(prior, candidates["infratentorial"]) >= 0.5
     assert len(below) > 500
     assert below.mean() > 0.98, below.mean()
     for location in ("periventricular", "juxtacortical", "deep"):
-        assert (_sample(prior, candidates[location]) >= 0.5).mean() < 0.02, location
+        assert (sample_world(prior, candidates[location]) >= 0.5).mean() < 0.02, location

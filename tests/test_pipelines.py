@@ -60,7 +60,7 @@ def test_pipelines_doctests(module: str) -> None:
 def build(phantom_dir: Path, tmp_path: Path, *, device: str, engine: str, **cfg: Any) -> Any:
     config = cfgmod.resolve(overrides=cfg or None)
     sessions = [validate_session(s, read_data=False) for s in discover(phantom_dir)]
-    plans = plan_sessions(sessions, modalities=config["registration"]["session"]["modalities"])
+    plans = plan_sessions(sessions, modalities=config.registration.session.modalities)
     return init_participant_wf(
         plans=plans,
         cfg=config,
@@ -78,8 +78,6 @@ def test_graph_has_only_real_steps(phantom_dir: Path, tmp_path: Path) -> None:
     nodes = workflow_nodes(build(phantom_dir, tmp_path, device="cpu", engine="greedy", **config))
     steps = sorted(n for n in nodes if ".ds_" not in n)
     assert steps == [
-        "sub_01_wf.longitudinal_wf.halfway_01_02",
-        "sub_01_wf.longitudinal_wf.jacobian_01_02",
         "sub_01_wf.ses_01_wf.conform_flair",
         "sub_01_wf.ses_01_wf.conform_t1w",
         "sub_01_wf.ses_01_wf.coreg_t1w",
@@ -90,6 +88,8 @@ def test_graph_has_only_real_steps(phantom_dir: Path, tmp_path: Path) -> None:
         "sub_01_wf.ses_02_wf.coreg_t1w",
         "sub_01_wf.ses_02_wf.fill_lesions",
         "sub_01_wf.ses_02_wf.segment",
+        "sub_01_wf.subject_wf.halfway_01_02",
+        "sub_01_wf.subject_wf.jacobian_01_02",
     ]
     assert not any(n.is_gpu_node() for n in nodes.values())
     assert nodes["sub_01_wf.ses_01_wf.coreg_t1w"].n_procs == 2
@@ -305,6 +305,46 @@ def test_coarsen_keeps_world_positions(voxel_mm: float) -> None:
     np.testing.assert_allclose(centroid(out), centre, atol=0.2)
 
 
+# ----------------------------------------------------------------------------------- QSM masks
+
+
+def test_session_masks_map_the_brain_into_gre_space() -> None:
+    """The hollow brain mask is filled and cut to the head; sure CSF (≥ 0.9) is the reference.
+
+    The FLAIR-grid masks are centred 4 mm left of the GRE's head: the co-registration (FLAIR
+    points → GRE points, a 4 mm shift) brings them onto it only when applied the right way.
+    """
+    from smoulder.qsm.masks import session_masks
+    from smoulder.registration.transforms import AffineTransform
+
+    def world_radius_mm(shape: tuple[int, ...], affine: np.ndarray, centre: list[float]) -> Any:
+        points = nib.affines.apply_affine(affine, np.stack(np.indices(shape), axis=-1))
+        return np.linalg.norm(points - centre, axis=-1)
+
+    gre_affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    gre_affine[:3, 3] = -22.0  # voxel 11 at world 0
+    r_gre = world_radius_mm((24, 24, 24), gre_affine, [0.0, 0.0, 0.0])
+    magnitude = np.where(r_gre < 20, 100.0, 1.0).astype(np.float32)
+    gre = nib.Nifti1Image(magnitude, gre_affine)
+    flair_affine = np.eye(4)
+    flair_affine[:3, 3] = -24.0
+    r_flair = world_radius_mm((48, 48, 48), flair_affine, [-4.0, 0.0, 0.0])
+    brain = nib.Nifti1Image(((r_flair >= 6) & (r_flair < 24)).astype(np.uint8), flair_affine)
+    csf = nib.Nifti1Image(np.where(r_flair < 6, 0.95, 0.5).astype(np.float32), flair_affine)
+    shift = np.eye(4)
+    shift[0, 3] = 4.0  # a FLAIR point p is the GRE point p + 4 mm (x)
+
+    mask, reference = session_masks(magnitude, gre, brain, AffineTransform(shift), csf_probseg=csf)
+    assert reference is not None and mask.shape == reference.shape == (24, 24, 24)
+    assert mask[11, 11, 11] and reference[11, 11, 11]  # the ventricles, filled back in
+    assert mask[15, 11, 11] and not reference[15, 11, 11]  # 8 mm from the centre: tissue
+    assert mask[20, 11, 11]  # 18 mm: brain, inside the head
+    assert not mask[11, 22, 11]  # 22 mm: in the (shifted) brain mask, outside the head
+    assert not mask[0, 0, 0]
+    _, none = session_masks(magnitude, gre, brain, AffineTransform(shift))
+    assert none is None
+
+
 # ----------------------------------------------------------------------------------- runs
 
 
@@ -409,8 +449,8 @@ def test_corrupt_session_is_reported_and_the_others_finish(runs: Runs) -> None:
         "sub_02_wf.ses_02_wf.segment",
         "sub_02_wf.ses_02_wf.fill_lesions",
         "sub_02_wf.ses_02_wf.qsm",
-        "sub_02_wf.longitudinal_wf.halfway_01_02",
-        "sub_02_wf.longitudinal_wf.jacobian_01_02",
+        "sub_02_wf.subject_wf.halfway_01_02",
+        "sub_02_wf.subject_wf.jacobian_01_02",
     }
     finished = _steps(run, "ran")
     assert {k for k in finished if k.startswith("sub_01_wf")} == {
@@ -450,8 +490,8 @@ def test_changed_setting_reruns_exactly_the_affected_steps(runs: Runs) -> None:
     run = runs.changed
     assert run.status == 0, run.out
     assert _steps(run, "ran") == {
-        "sub_01_wf.longitudinal_wf.halfway_01_02",
-        "sub_01_wf.longitudinal_wf.jacobian_01_02",
+        "sub_01_wf.subject_wf.halfway_01_02",
+        "sub_01_wf.subject_wf.jacobian_01_02",
     }
     assert len(_steps(run, "cached")) == 16
     assert not _steps(run, "failed") and not _steps(run, "not run")

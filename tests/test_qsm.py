@@ -15,7 +15,7 @@ from smoulder.cli import main
 from smoulder.errors import InputError
 from smoulder.images import phase_to_radians
 from smoulder.qsm import core
-from smoulder.qsm.reconstruct import load_echoes, reconstruct
+from smoulder.qsm.reconstruct import InversionSettings, load_echoes, reconstruct
 
 
 def _grid(n: int) -> torch.Tensor:
@@ -183,7 +183,7 @@ def test_reconstruct_on_a_small_head(tmp_path: Path, weight: str) -> None:
     mags, phases, mask, chi = _write_echoes(tmp_path)
     echoes = load_echoes(mags, phases)
     assert echoes.echo_times_ms == pytest.approx([5.0, 10.0, 15.0])
-    result = reconstruct(echoes, mask, method="tv", data_weight=weight)
+    result = reconstruct(echoes, mask, method="tv", settings=InversionSettings(data_weight=weight))
     assert result.parameters["data_weight"] == weight
     assert ("mu" in result.parameters) == (weight == "reliability")
     inside = chi > 0

@@ -31,12 +31,9 @@ def phantom_2mm(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def label_maps(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
-    folder = tmp_path_factory.mktemp("maps")
-    src = shared_data / "synthseg_label_maps" / "training_seg_01.nii.gz"
-    (folder / src.name).symlink_to(src)
+def label_maps(shared_data: Path, label_map_dir: Path):
     shapes = synth.load_lesion_shapes(shared_data / "open_ms" / "lesion_masks_mni")
-    return synth.load_label_maps(folder), shapes
+    return synth.load_label_maps(label_map_dir), shapes
 
 
 def _truth(root: Path, name: str) -> np.ndarray:
@@ -183,6 +180,9 @@ def test_inference_finds_the_phantom_lesions(phantom_2mm: Path, phantom_result) 
         big = [i for i in np.unique(truth) if i > 0 and (truth == i).sum() * 8 >= 100]
         hit = [i for i in big if found[truth == i].any()]
         assert len(hit) >= 0.7 * len(big), (len(hit), len(big))
+        # the lesion table describes the instance map: one row per lesion, by ID
+        ids = [int(i) for i in np.unique(np.asarray(result.instances.dataobj)) if i > 0]
+        assert [row["index"] for row in result.lesion_rows] == ids
     assert with_t1.used_t1 and not flair_only.used_t1
 
 
@@ -251,16 +251,11 @@ def test_segment_command_writes_bids_outputs(phantom_2mm: Path, tmp_path: Path) 
     assert side["lesion_prior_floor"] == 0.0 and side["min_lesion_ul"] == 1e9
 
 
-def test_train_command_resumes_and_refuses_another_recipe(shared_data: Path, tmp_path: Path,
-                                                          label_maps) -> None:  # fmt: skip
-    maps = tmp_path / "maps"
-    maps.mkdir()
-    (maps / "training_seg_01.nii.gz").symlink_to(
-        shared_data / "synthseg_label_maps" / "training_seg_01.nii.gz"
-    )
+def test_train_command_resumes_and_refuses_another_recipe(tmp_path: Path,
+                                                          label_map_dir: Path) -> None:  # fmt: skip
     args = ["train", "segmentation", str(tmp_path / "run"), "--iterations", "2", "--batch", "1",
             "--patch", "32", "--channels", "4,8", "--validate-every", "2", "--label-maps",
-            str(maps), "--threads", "1"]  # fmt: skip
+            str(label_map_dir), "--threads", "1"]  # fmt: skip
     assert main(args) == 0
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert ckpt["iteration"] == 2
@@ -277,7 +272,7 @@ def test_train_command_resumes_and_refuses_another_recipe(shared_data: Path, tmp
 def test_resampling_shortcuts_match_the_general_interpolation(case: str) -> None:
     from scipy import ndimage as ndi
 
-    from smoulder.segmentation.inference import _resample
+    from smoulder.grids import resample_to_grid
 
     rng = np.random.default_rng(3)
     data = rng.random((9, 11, 7)).astype(np.float32)
@@ -299,4 +294,4 @@ def test_resampling_shortcuts_match_the_general_interpolation(case: str) -> None
     m = np.linalg.inv(src) @ dst
     shape = (10, 12, 9)
     general = ndi.affine_transform(data, m[:3, :3], m[:3, 3], output_shape=shape, order=1)
-    np.testing.assert_allclose(_resample(data, src, shape, dst), general, atol=1e-5)
+    np.testing.assert_allclose(resample_to_grid(data, src, shape, dst), general, atol=1e-5)

@@ -8,9 +8,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from smoulder.grids import sample_world
 from smoulder.segmentation.atlas import (
     PRIOR,
-    _sample,
     build_prior,
     infratentorial_prior,
     read_prior,
@@ -35,7 +35,7 @@ def test_the_shipped_prior_puts_cerebellum_and_brainstem_below_the_tentorium() -
     assert PRIOR.is_file()
     prior = infratentorial_prior()
     for name, (point, below) in POINTS.items():
-        value = float(_sample(prior, np.array([point]))[0])
+        value = float(sample_world(prior, np.array([point]))[0])
         assert (value >= 0.5) == below, (name, value)
     volume_ml = float((np.asarray(prior.dataobj) >= 0.5).sum()) * 8 / 1000  # 2 mm voxels
     assert 150 < volume_ml < 260  # cerebellum + brainstem; measured 202 ml

@@ -10,8 +10,8 @@ import pytest
 
 from smoulder.cli import main
 from smoulder.errors import InputError
+from smoulder.segmentation.classes import LESION
 from smoulder.segmentation.real import RealCase, case_images, cases_seen_by, prepare_case
-from smoulder.segmentation.synth import LESION
 
 
 def _case(folder: Path, with_gold: bool = True) -> np.ndarray:
@@ -52,16 +52,11 @@ def test_targets_take_lesions_from_the_expert(tmp_path: Path) -> None:
     assert prepare_case(tmp_path / "patient99", None, tmp_path / "cache") == path  # cached
 
 
-def test_fine_tuning_records_the_cases_it_saw(shared_data: Path, tmp_path: Path) -> None:
+def test_fine_tuning_records_the_cases_it_saw(label_map_dir: Path, tmp_path: Path) -> None:
     _case(tmp_path / "patient99")
-    maps = tmp_path / "maps"
-    maps.mkdir()
-    (maps / "training_seg_01.nii.gz").symlink_to(
-        shared_data / "synthseg_label_maps" / "training_seg_01.nii.gz"
-    )
     args = ["train", "segmentation", str(tmp_path / "run"), "--iterations", "2", "--batch", "1",
             "--patch", "32", "--channels", "4,8", "--validate-every", "2", "--label-maps",
-            str(maps), "--threads", "1", "--real-case", str(tmp_path / "patient99"),
+            str(label_map_dir), "--threads", "1", "--real-case", str(tmp_path / "patient99"),
             "--real-fraction", "1.0"]  # fmt: skip
     assert main(args) == 0
     assert cases_seen_by(tmp_path / "run" / "bundle") == ["patient99"]

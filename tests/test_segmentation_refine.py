@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from smoulder.segmentation.classes import CLASSES, LESION
 from smoulder.segmentation.refine import (
     CSF,
     WM,
@@ -12,7 +13,6 @@ from smoulder.segmentation.refine import (
     em_refine,
     smooth_coarse,
 )
-from smoulder.segmentation.synth import CLASSES, LESION
 
 GM = CLASSES.index("cortical_GM")
 

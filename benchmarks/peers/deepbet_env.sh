@@ -12,18 +12,9 @@
 # Known to work (2026-12): Python 3.11, deepbet 1.0.2, torch 2.13.0+cpu.
 # Check: `$VENV/bin/python -c "from deepbet import run_bet"`.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-PEERS="${SMOULDER_PEERS:-$HOME/.cache/smoulder-peers}"
-VENV="$PEERS/deepbet-venv"
-PYTHON="${PYTHON:-python3}"
-
-if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "from deepbet import run_bet" 2>/dev/null; then
-    echo "deepbet already installed: $VENV"
-    exit 0
-fi
-mkdir -p "$PEERS"
-"$PYTHON" -m venv "$VENV"
-"$VENV/bin/pip" install --upgrade pip
-"$VENV/bin/pip" install "torch==2.13.0" "deepbet==1.0.2"
+peer_venv deepbet deepbet-venv '"$VENV/bin/python" -c "from deepbet import run_bet"' \
+    "torch==2.13.0" "deepbet==1.0.2"
 "$VENV/bin/python" -c "from deepbet import run_bet; import deepbet; print('deepbet ready:', deepbet.__file__)"
 echo "deepbet installed: $VENV"

@@ -8,17 +8,7 @@
 # kept out of smoulder's environment so that its pins never meet ours.
 # Known to work (2026-12): Python 3.12, qsm-forward 0.32, numpy 2.4, scipy 1.17, nibabel 5.4.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-PEERS="${SMOULDER_PEERS:-$HOME/.cache/smoulder-peers}"
-VENV="$PEERS/qsm-forward-venv"
-PYTHON="${PYTHON:-python3}"
-
-if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import qsm_forward" 2>/dev/null; then
-    echo "qsm-forward already installed: $VENV"
-    exit 0
-fi
-mkdir -p "$PEERS"
-"$PYTHON" -m venv "$VENV"
-"$VENV/bin/pip" install --upgrade pip
-"$VENV/bin/pip" install qsm-forward
+peer_venv qsm-forward qsm-forward-venv '"$VENV/bin/python" -c "import qsm_forward"' qsm-forward
 "$VENV/bin/python" -c "import qsm_forward; print('qsm-forward ready:', qsm_forward.get_version())"

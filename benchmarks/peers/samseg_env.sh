@@ -13,19 +13,9 @@
 # (built from its sdist: needs a C compiler and Python headers), numpy 1.26.4,
 # tensorflow-cpu 2.21.0. Check: `$VENV/bin/run_samseg --help`.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-PEERS="${SMOULDER_PEERS:-$HOME/.cache/smoulder-peers}"
-VENV="$PEERS/samseg-venv"
-PYTHON="${PYTHON:-python3}"
-
-if [ -x "$VENV/bin/run_samseg" ] && "$VENV/bin/run_samseg" --help >/dev/null 2>&1; then
-    echo "SAMSEG already installed: $VENV"
-    exit 0
-fi
-mkdir -p "$PEERS"
-"$PYTHON" -m venv "$VENV"
-"$VENV/bin/pip" install --upgrade pip
-"$VENV/bin/pip" install samseg "numpy<2" tensorflow-cpu
+peer_venv SAMSEG samseg-venv '"$VENV/bin/run_samseg" --help' samseg "numpy<2" tensorflow-cpu
 "$VENV/bin/run_samseg" --help >/dev/null
 "$VENV/bin/python" -c "import tensorflow.compat.v1, samseg, surfa; print('samseg ready:', samseg.__file__)"
 "$VENV/bin/pip" list 2>/dev/null | grep -iE '^(samseg|surfa|numpy|tensorflow-cpu) '

@@ -10,13 +10,12 @@ import argparse
 import logging
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from smoulder.devices import DEVICES
+
 TOOLS = ("phantom", "validate", "demo", "register", "segment", "train", "report", "review", "qsm")
-LOG = logging.getLogger("smoulder.run")
 
 USAGE = """\
 smoulder BIDS_DIR OUTPUT_DIR {participant,group} [options]
@@ -90,7 +89,7 @@ def bids_app_parser() -> argparse.ArgumentParser:
         "--omp-nthreads", type=int, help="threads per step (default: half of --nprocs, at most 8)"
     )
     p.add_argument("--mem-gb", type=float, help="memory budget in GB")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where GPU-capable steps run")
+    p.add_argument("--device", choices=DEVICES, help="where GPU-capable steps run")
     p.add_argument(
         "--gpu-slots",
         type=int,
@@ -136,6 +135,21 @@ def bids_app_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: ``smoulder phantom`` options that set a key of the configuration's ``phantom`` section (the
+#: flag's name with underscores): flag, type, help.
+PHANTOM_OPTIONS: tuple[tuple[str, type, str], ...] = (
+    ("--subjects", int, "number of subjects (default 1)"),
+    ("--sessions", int, "sessions per subject (default 2)"),
+    ("--interval-years", float, "years between sessions (default 1)"),
+    ("--seed", int, "random seed (default 0): same seed, same dataset"),
+    ("--flair-slice-mm", float, "FLAIR slice thickness (default: MM)"),
+    ("--gre-voxel-mm", float, "isotropic GRE voxel (default: MM)"),
+    ("--lesions", int, "baseline lesions per subject (default 12)"),
+    ("--new-lesions-per-session", int, "new lesions per follow-up"),
+    ("--pbvc-per-year", float, "whole-brain volume change, %%/year"),
+)
+
+
 def phantom_parser() -> argparse.ArgumentParser:
     """Return the parser of ``smoulder phantom``."""
     p = argparse.ArgumentParser(
@@ -144,10 +158,6 @@ def phantom_parser() -> argparse.ArgumentParser:
         "derivatives/truth (lesions, rims, SELs, atrophy, cord CSA, deformations).",
     )
     p.add_argument("output_dir", type=Path)
-    p.add_argument("--subjects", type=int, help="number of subjects (default 1)")
-    p.add_argument("--sessions", type=int, help="sessions per subject (default 2)")
-    p.add_argument("--interval-years", type=float, help="years between sessions (default 1)")
-    p.add_argument("--seed", type=int, help="random seed (default 0): same seed, same dataset")
     p.add_argument(
         "--resolution",
         type=float,
@@ -155,11 +165,8 @@ def phantom_parser() -> argparse.ArgumentParser:
         metavar="MM",
         help="voxel size of the truth and T1w grids (default 1 mm)",
     )
-    p.add_argument("--flair-slice-mm", type=float, help="FLAIR slice thickness (default: MM)")
-    p.add_argument("--gre-voxel-mm", type=float, help="isotropic GRE voxel (default: MM)")
-    p.add_argument("--lesions", type=int, help="baseline lesions per subject (default 12)")
-    p.add_argument("--new-lesions-per-session", type=int, help="new lesions per follow-up")
-    p.add_argument("--pbvc-per-year", type=float, help="whole-brain volume change, %%/year")
+    for flag, kind, text in PHANTOM_OPTIONS:
+        p.add_argument(flag, type=kind, help=text)
     p.add_argument(
         "--anatomy",
         type=Path,
@@ -240,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             if tool == "segment":
                 from smoulder.segmentation import command as seg
 
-                return seg.run_segment(seg.segment_parser().parse_args(rest))
+                return seg.run(seg.parser().parse_args(rest))
             if tool == "qsm":
                 from smoulder.qsm import command as qsm
 
@@ -249,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                 from smoulder.report import command as rep
 
                 if tool == "report":
-                    return rep.run_report(rep.report_parser().parse_args(rest))
+                    return rep.run(rep.parser().parse_args(rest))
                 return rep.run_review(rep.review_parser().parse_args(rest))
             if tool == "train":
                 from smoulder.segmentation import command as seg
@@ -271,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_phantom(args: argparse.Namespace) -> int:
     """Generate a phantom dataset (``smoulder phantom``)."""
-    from dataclasses import fields
+    from dataclasses import asdict, fields
 
     from smoulder import config as cfgmod
     from smoulder.phantom.dataset import generate_dataset
@@ -282,8 +289,7 @@ def run_phantom(args: argparse.Namespace) -> int:
     for key in ("anatomy", "lesion_masks"):
         if key in overrides:
             overrides[key] = str(overrides[key])
-    section = cfgmod.resolve(config_file=args.config, fast=args.fast)["phantom"]
-    section["echo_times_ms"] = tuple(section["echo_times_ms"])
+    section = asdict(cfgmod.resolve(config_file=args.config, fast=args.fast).phantom)
     try:
         phantom_cfg = PhantomConfig(**{**section, **overrides})
     except ValueError as exc:
@@ -318,20 +324,40 @@ def run_validate(args: argparse.Namespace) -> int:
 
 
 def run_participant(args: argparse.Namespace) -> int:
-    """Run the participant level: check inputs, then process every usable session.
+    """Run the participant level (:func:`smoulder.pipelines.execution.run_participant`).
 
-    The per-session and per-subject workflows run under Nipype (``smoulder.pipelines``); the
-    work directory is their cache, so the same command after an interruption resumes. A step
-    that fails is reported (session, step, inputs, error) and the other sessions go on.
+    Returns:
+        The exit status: 1 when an input had errors or a step failed, else 0.
     """
     from smoulder import config as cfgmod
-    from smoulder.derivatives import DerivativesWriter
-    from smoulder.inputs import discover, sessions_to_records, summarize, validate_session
+    from smoulder.pipelines.execution import run_participant as run_level
 
     logging.basicConfig(
         level=max(logging.WARNING - 10 * args.verbose, logging.DEBUG),
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
     )
+    overrides = _participant_overrides(args)
+    if args.reports_only:
+        from smoulder.report import command as rep
+
+        return rep.run(args)  # the same output_dir and participant_label arguments
+    cfg = cfgmod.resolve(config_file=args.config, fast=args.fast, overrides=overrides)
+    return run_level(
+        cfg,
+        bids_dir=args.bids_dir,
+        output_dir=args.output_dir,
+        work_dir=args.work_dir,
+        participant_labels=_labels(args.participant_label, "sub-"),
+        session_labels=_labels(args.session_label, "ses-"),
+        argv=getattr(args, "argv", sys.argv),
+        verbose=args.verbose,
+    )
+
+
+def _participant_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Return the configuration sections set on the command line (and by ``--plugin-config``)."""
+    from smoulder import config as cfgmod
+
     execution: dict[str, Any] = {
         "nprocs": args.nprocs,
         "omp_nthreads": args.omp_nthreads,
@@ -349,164 +375,7 @@ def run_participant(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {"execution": execution}
     if args.skip_data_check:
         overrides["inputs"] = {"read_data": False}
-    if args.reports_only:
-        from smoulder.report.command import build_reports
-
-        for page in build_reports(args.output_dir, _labels(args.participant_label, "sub-")):
-            print(f"report: {page}")
-        return 0
-    cfg = cfgmod.resolve(config_file=args.config, fast=args.fast, overrides=overrides)
-    writer = DerivativesWriter(args.output_dir, raw_dir=args.bids_dir)
-    work_dir = Path(args.work_dir or args.output_dir / "work").absolute()
-    cfg["execution"]["work_dir"] = str(work_dir)
-    argv = getattr(args, "argv", sys.argv)
-    writer.save_config(cfg, argv=argv)
-    with _run_log(writer.logs / f"run-{writer.stamp}.log", verbose=args.verbose):
-        sessions = discover(
-            args.bids_dir,
-            participant_labels=_labels(args.participant_label, "sub-"),
-            session_labels=_labels(args.session_label, "ses-"),
-        )
-        checked = [validate_session(s, read_data=cfg["inputs"]["read_data"]) for s in sessions]
-        print(summarize(checked))
-        records = sessions_to_records(checked)
-        for subject in sorted({s.subject for s in checked}):
-            writer.save_subject_inputs(subject, [r for r in records if r["subject"] == subject])
-        writer.save_description()
-        inputs_page = writer.save_inputs_report(records)
-        failed_nodes = _process(args, cfg, writer, checked, work_dir, argv)
-        _build_reports(args.output_dir, _labels(args.participant_label, "sub-"))
-    print(f"outputs: {writer.root}")
-    print(f"report:  {writer.root / 'report.html'} (inputs: {inputs_page})")
-    input_errors = [s for s in checked if s.errors]
-    return 1 if input_errors or failed_nodes else 0
-
-
-def _build_reports(output_dir: Path, participants: list[str] | None) -> None:
-    """Build the QA reports; a failure is logged and does not fail the run (outputs stand)."""
-    from smoulder.report.command import build_reports
-
-    try:
-        pages = build_reports(output_dir, participants)
-        print(f"QA reports: {', '.join(p.name for p in pages)}")
-    except Exception:  # noqa: BLE001 - the run's outputs are complete; the report can be rebuilt
-        LOG.exception("building the QA reports failed; rerun 'smoulder report %s'", output_dir)
-        print(f"warning: QA reports not built; see the log, then 'smoulder report {output_dir}'")
-
-
-@contextmanager
-def _run_log(path: Path, *, verbose: int) -> Iterator[None]:
-    """Copy the run's events (``smoulder.run``) and Nipype's warnings to ``path``.
-
-    Step-by-step events go to the file only; on the console they show from ``-vv``, failures
-    always (as errors).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    file_handler = logging.FileHandler(path)
-    file_handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
-    console = logging.StreamHandler(sys.stderr)
-    console.setLevel(max(logging.WARNING - 10 * verbose, logging.DEBUG))
-    console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-    run_log = logging.getLogger("smoulder.run")
-    nipype_log = logging.getLogger("nipype.workflow")
-    saved = (run_log.level, run_log.propagate)
-    run_log.setLevel(logging.INFO)
-    run_log.propagate = False
-    run_log.addHandler(file_handler)
-    run_log.addHandler(console)
-    nipype_log.addHandler(file_handler)
-    try:
-        yield
-    finally:
-        run_log.removeHandler(file_handler)
-        run_log.removeHandler(console)
-        nipype_log.removeHandler(file_handler)
-        run_log.setLevel(saved[0])
-        run_log.propagate = saved[1]
-        file_handler.close()
-
-
-def _process(
-    args: argparse.Namespace,
-    cfg: dict[str, Any],
-    writer: Any,
-    checked: list[Any],
-    work_dir: Path,
-    argv: list[str],
-) -> int:
-    """Build and run the participant workflow; write the report; return the failed steps."""
-    from smoulder.config import omp_threads
-    from smoulder.devices import available_cpus
-    from smoulder.pipelines.execution import (
-        failure_lines,
-        format_table,
-        run_workflow,
-        summary_rows,
-    )
-    from smoulder.pipelines.participant import init_participant_wf, plan_sessions
-    from smoulder.registration.engines import resolve_engine
-
-    plans = plan_sessions(checked, modalities=cfg["registration"]["session"]["modalities"])
-    engine, device = resolve_engine(cfg["registration"]["engine"], cfg["execution"]["device"])
-    threads = omp_threads(cfg)
-    runnable = [p for p in plans if not p.skipped]
-    result = None
-    if runnable:
-        wf = init_participant_wf(
-            plans=runnable,
-            cfg=cfg,
-            output_dir=args.output_dir,
-            bids_dir=args.bids_dir,
-            work_dir=work_dir,
-            engine=engine,
-            device=device,
-            omp_nthreads=threads,
-        )
-        print(f"processing {len(runnable)} session(s) with {cfg['execution']['plugin']} ...")
-        result = run_workflow(
-            wf,
-            cfg,
-            device=device,
-            crash_dir=writer.logs / f"crash-{writer.stamp}",
-            verbose=args.verbose,
-        )
-    skipped = [p for p in plans if p.skipped]
-    rows = summary_rows(result, skipped)
-    failures = failure_lines(result) if result else []
-    table = format_table(rows)
-    print()
-    print(table)
-    LOG.info("summary\n%s", table)
-    if failures:
-        print("\nFailures:")
-        print("\n".join(f"  {line}" for line in failures))
-        LOG.info("failures:\n%s", "\n".join(failures))
-    writer.save_run_report(rows, failures, nodes=[] if result is None else result.records)
-    run: dict[str, Any] = {
-        "device": _device_info(device),
-        "engine": engine,
-        "omp_nthreads": threads,
-        "cpus": available_cpus(),
-        "work_dir": str(work_dir),
-        "summary": rows,
-        "failures": failures,
-    }
-    if result is not None:
-        run.update(result.to_json())
-    writer.save_provenance(run, argv=argv)
-    return 0 if result is None else len(result.failures)
-
-
-def _device_info(device: str) -> dict[str, Any]:
-    import platform
-
-    info: dict[str, Any] = {"device": device, "processor": platform.processor() or "unknown"}
-    if device == "cuda":
-        import torch
-
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["cuda"] = torch.version.cuda
-    return info
+    return overrides
 
 
 def run_group(args: argparse.Namespace) -> int:

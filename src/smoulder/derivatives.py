@@ -30,7 +30,6 @@ Every image has a JSON sidecar with ``Sources`` and, where its grid is another f
 from __future__ import annotations
 
 import csv
-import html
 import platform
 import re
 import shutil
@@ -42,6 +41,7 @@ from typing import Any
 
 from smoulder import __version__
 from smoulder.images import atomic_path, save_json, save_text, save_tsv
+from smoulder.inputs import MODALITY_NAMES
 
 BIDS_VERSION = "1.10.0"
 PIPELINE = "smoulder"
@@ -114,6 +114,16 @@ def bids_name(entities: Mapping[str, str | int | None], *, suffix: str, extensio
     if not extension.startswith(".") or "/" in extension:
         raise ValueError(f"extension: expected a leading dot (.nii.gz), found {extension!r}")
     return "_".join([*parts, suffix]) + extension
+
+
+def is_bids_label(text: str) -> bool:
+    """Return whether ``text`` is a BIDS label (alphanumeric), as :func:`bids_name` requires.
+
+    Examples:
+        >>> is_bids_label("01"), is_bids_label("01_old"), is_bids_label("")
+        (True, False, False)
+    """
+    return bool(_LABEL.match(text))
 
 
 def extension_of(path: str | Path) -> str:
@@ -321,31 +331,9 @@ class DerivativesWriter:
 
     def save_inputs_report(self, records: list[dict[str, Any]]) -> Path:
         """Return the path of an HTML page listing each session's inputs, analyses and errors."""
-        rows = []
-        for r in records:
-            status = "fail" if r["n_errors"] else "pass"
-            errors = "".join(f"<li>{html.escape(e)}</li>" for e in r["errors"])
-            warnings = "".join(f"<li>{html.escape(w)}</li>" for w in r["warnings"])
-            rows.append(
-                f"<tr class='{status}'><td>sub-{html.escape(r['subject'])}</td>"
-                f"<td>{html.escape(_ses(r))}</td><td>{html.escape(', '.join(_found(r)))}</td>"
-                f"<td>{html.escape(', '.join(r['analyses']))}</td><td>{status}</td>"
-                f"<td><ul>{errors}{warnings}</ul></td></tr>"
-            )
-        page = (
-            "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
-            "<title>smoulder inputs</title><style>"
-            "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}"
-            ".fail{background:#fde2e2}.pass{background:#e6f5e6}</style></head><body>"
-            f"<h1>smoulder {html.escape(__version__)}: inputs</h1>"
-            f"<p>{len(records)} session(s); "
-            f"{sum(1 for r in records if r['n_errors'])} with errors.</p>"
-            "<table><thead><tr><th>subject</th><th>session</th><th>found</th><th>analyses</th>"
-            "<th>status</th><th>messages</th></tr></thead><tbody>"
-            + "".join(rows)
-            + "</tbody></table></body></html>\n"
-        )
+        from smoulder.report.pages import inputs_page
+
+        page = inputs_page([input_summary(r) for r in records])
         return save_text(page, self.root / "inputs.html")
 
     def save_run_report(
@@ -358,59 +346,11 @@ class DerivativesWriter:
         """Return the path of ``report.html``: what each session produced and what failed.
 
         ``report.html`` shows the latest run; ``logs/report-<stamp>.html`` keeps each run's.
-
-        Args:
-            rows: one per subject and session (``subject``, ``session``, ``steps``, ``ran``,
-                ``cached``, ``outputs``, ``status``), as the console summary shows them.
-            failures: one line per failed step (session, step, inputs, error, crash file).
-            nodes: per-node records (``node``, ``status``, ``duration_s``, ``mem_peak_gb``...)
-                for the timing table.
+        The arguments are those of :func:`smoulder.report.pages.run_page`.
         """
-        header = list(rows[0]) if rows else []
+        from smoulder.report.pages import run_page
 
-        def cell(key: str, value: Any) -> str:
-            css = ""
-            if key == "status":
-                text = str(value)
-                css = (
-                    " class='pass'"
-                    if text == "ok"
-                    else " class='fail'"
-                    if text.startswith(("failed", "skipped", "not run", "incomplete"))
-                    else ""
-                )
-            return f"<td{css}>{html.escape(str(value))}</td>"
-
-        summary = "".join("<tr>" + "".join(cell(k, r[k]) for k in header) + "</tr>" for r in rows)
-        failed = "".join(f"<li>{html.escape(line)}</li>" for line in failures) or "<li>none</li>"
-        timing_rows = []
-        for n in nodes:
-            if getattr(n, "kind", "step") != "step":
-                continue
-            duration = "" if n.duration_s is None else f"{n.duration_s:.1f}"
-            memory = "" if n.mem_peak_gb is None else f"{n.mem_peak_gb * 1024:.0f}"
-            timing_rows.append(
-                f"<tr><td>{html.escape(n.node)}</td><td>{html.escape(n.status)}</td>"
-                f"<td>{duration}</td><td>{memory}</td></tr>"
-            )
-        page = (
-            "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
-            "<title>smoulder run</title><style>"
-            "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}"
-            ".fail{background:#fde2e2}.pass{background:#e6f5e6}</style></head><body>"
-            f"<h1>smoulder {html.escape(__version__)}: run {html.escape(self.stamp)}</h1>"
-            "<p>Inputs and their checks: <a href='inputs.html'>inputs.html</a>; "
-            f"configuration, provenance, log and crash files: <code>logs/</code>.</p>"
-            "<h2>Sessions</h2><table><thead><tr>"
-            + "".join(f"<th>{html.escape(k)}</th>" for k in header)
-            + f"</tr></thead><tbody>{summary}</tbody></table>"
-            f"<h2>Failures</h2><ul>{failed}</ul>"
-            "<h2>Steps</h2><table><thead><tr><th>step</th><th>status</th><th>seconds</th>"
-            "<th>peak MiB</th></tr></thead><tbody>"
-            + "".join(timing_rows)
-            + "</tbody></table></body></html>\n"
-        )
+        page = run_page(rows, failures, run=self.stamp, nodes=nodes)
         save_text(page, self.logs / f"report-{self.stamp}.html")
         return save_text(page, self.root / "report.html")
 
@@ -421,35 +361,50 @@ def _token() -> str:
     return secrets.token_hex(3)
 
 
-def _ses(record: dict[str, Any]) -> str:
-    return f"ses-{record['session']}" if record.get("session") else "n/a"
+def input_summary(record: Mapping[str, Any]) -> dict[str, Any]:
+    """Return what the inputs table and page show of one session's inputs record.
 
+    Args:
+        record: :meth:`smoulder.inputs.SessionInputs.to_record` of the session.
 
-def _found(record: dict[str, Any]) -> list[str]:
-    names = {
-        "flair": "FLAIR",
-        "t1w": "T1w",
-        "unit1": "UNIT1",
-        "mp2rage_inv1": "inv-1",
-        "mp2rage_inv2": "inv-2",
-        "chimap": "Chimap",
-    }
-    found = [label for key, label in names.items() if record.get(key)]
+    Returns:
+        ``subject`` (``sub-X``), ``session`` (``ses-Y`` or ``n/a``), ``found`` (modality
+        names; MEGRE with its numbers of magnitude and phase images), ``analyses``,
+        ``n_errors``, ``errors`` and ``warnings``.
+
+    Examples:
+        >>> record = {"subject": "01", "session": None, "flair": "f.nii.gz", "megre_mag": ["m"],
+        ...           "analyses": [], "n_errors": 0, "errors": [], "warnings": []}
+        >>> s = input_summary(record)
+        >>> s["subject"], s["session"], s["found"]
+        ('sub-01', 'n/a', ['FLAIR', 'MEGRE(1 mag, 0 phase)'])
+    """
+    found = [name for key, name in MODALITY_NAMES.items() if record.get(key)]
     if record.get("megre_mag"):
         found.append(
             f"MEGRE({len(record['megre_mag'])} mag, {len(record.get('megre_phase') or [])} phase)"
         )
-    return found
+    return {
+        "subject": f"sub-{record['subject']}",
+        "session": f"ses-{record['session']}" if record.get("session") else "n/a",
+        "found": found,
+        "analyses": list(record["analyses"]),
+        "n_errors": record["n_errors"],
+        "errors": list(record["errors"]),
+        "warnings": list(record.get("warnings", [])),
+    }
 
 
 def _input_row(record: dict[str, Any]) -> dict[str, Any]:
+    """Return the inputs-table row (:data:`INPUT_COLUMNS`) of one session's record."""
+    s = input_summary(record)
     return {
-        "participant_id": f"sub-{record['subject']}",
-        "session_id": _ses(record),
-        "found": " ".join(_found(record)),
-        "analyses": " ".join(record["analyses"]) or "n/a",
-        "n_errors": record["n_errors"],
-        "errors": " | ".join(record["errors"]) or "n/a",
+        "participant_id": s["subject"],
+        "session_id": s["session"],
+        "found": " ".join(s["found"]),
+        "analyses": " ".join(s["analyses"]) or "n/a",
+        "n_errors": s["n_errors"],
+        "errors": " | ".join(s["errors"]) or "n/a",
     }
 
 

@@ -9,7 +9,30 @@ class SmoulderError(Exception):
     """Base class of every error smoulder raises on purpose."""
 
 
-class InputError(SmoulderError, ValueError):
+class ExpectedFoundError(SmoulderError, ValueError):
+    """Something is not what smoulder needs: says what, what was expected and what was found.
+
+    The message is one line: ``<subject>: expected <expected>, found <found>[; <hint>]``.
+    :class:`InputError` (a file) and :class:`RegistrationError` (a transform or grid) are the
+    kinds raised; catch this class to handle both.
+
+    Examples:
+        >>> err = ExpectedFoundError("mask", expected="0/1 values", found="3", hint="binarise it")
+        >>> str(err), err.hint
+        ('mask: expected 0/1 values, found 3; binarise it', 'binarise it')
+    """
+
+    def __init__(self, subject: str, *, expected: str, found: str, hint: str | None = None) -> None:
+        self.expected = expected
+        self.found = found
+        self.hint = hint
+        message = f"{subject}: expected {expected}, found {found}"
+        if hint:
+            message += f"; {hint}"
+        super().__init__(message)
+
+
+class InputError(ExpectedFoundError):
     """An input file is not what smoulder needs.
 
     The message is one line: ``<file>: expected <expected>, found <found>[; <hint>]``.
@@ -24,20 +47,14 @@ class InputError(SmoulderError, ValueError):
         self, path: str | Path, *, expected: str, found: str, hint: str | None = None
     ) -> None:
         self.path = str(path)
-        self.expected = expected
-        self.found = found
-        self.hint = hint
-        message = f"{self.path}: expected {expected}, found {found}"
-        if hint:
-            message += f"; {hint}"
-        super().__init__(message)
+        super().__init__(self.path, expected=expected, found=found, hint=hint)
 
 
 class ConfigError(SmoulderError, ValueError):
     """A configuration value or file is invalid (names the key and the bad value)."""
 
 
-class RegistrationError(SmoulderError, ValueError):
+class RegistrationError(ExpectedFoundError):
     """A transform, image grid or resampling request cannot be honoured.
 
     The message is one line: ``<what>: expected <expected>, found <found>[; <hint>]``.
@@ -49,10 +66,4 @@ class RegistrationError(SmoulderError, ValueError):
 
     def __init__(self, what: str, *, expected: str, found: str, hint: str | None = None) -> None:
         self.what = what
-        self.expected = expected
-        self.found = found
-        self.hint = hint
-        message = f"{what}: expected {expected}, found {found}"
-        if hint:
-            message += f"; {hint}"
-        super().__init__(message)
+        super().__init__(what, expected=expected, found=found, hint=hint)

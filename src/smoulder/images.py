@@ -19,6 +19,7 @@ import nibabel as nib
 import numpy as np
 
 from smoulder.errors import InputError
+from smoulder.grids import voxel_sizes
 
 
 @contextmanager
@@ -221,7 +222,7 @@ def coarsen(img: nib.Nifti1Image, voxel_mm: float) -> nib.Nifti1Image:
 
     if not voxel_mm > 0:
         raise ValueError(f"voxel_mm: expected a positive size, found {voxel_mm!r}")
-    zooms = np.sqrt((np.asarray(img.affine, float)[:3, :3] ** 2).sum(axis=0))
+    zooms = voxel_sizes(img.affine)
     factors = np.maximum(voxel_mm / zooms, 1.0)
     if np.all(factors < 1.0 + 1e-6):
         return img
@@ -297,15 +298,6 @@ def load_image(
     out = nib.Nifti1Image(data, affine, header=img.header)
     out.set_data_dtype(data.dtype)
     return out
-
-
-def load_checked(path: str | Path, *, ndim: int | None = 3) -> tuple[np.ndarray, np.ndarray]:
-    """Return ``(data, affine)`` from ``path``: float32 voxels and the 4×4 affine, checked.
-
-    Same checks as :func:`load_image` (NaN and Inf voxels are errors).
-    """
-    img = load_image(path, ndim=ndim)
-    return np.asarray(img.dataobj, dtype=np.float32), np.asarray(img.affine, dtype=float)
 
 
 def phase_to_radians(data: np.ndarray, path: str | Path) -> np.ndarray:
@@ -414,7 +406,7 @@ def _checked_affine(img: nib.Nifti1Image, path: Path) -> np.ndarray:
     if not np.all(np.isfinite(affine)):
         raise InputError(path, expected="a finite affine", found="NaN/Inf in the affine")
     linear = affine[:3, :3]
-    voxel = np.sqrt((linear**2).sum(axis=0))
+    voxel = voxel_sizes(affine)
     if np.any(voxel < 1e-6):
         sizes = ", ".join(f"{v:.3g}" for v in voxel)
         raise InputError(path, expected="non-zero voxel sizes", found=f"voxel sizes ({sizes}) mm")

@@ -36,7 +36,8 @@ ANALYSES = ("lesion_segmentation", "prl", "qsm_reconstruction", "atrophy", "cord
 """Every analysis a session can allow, in the order :attr:`SessionInputs.analyses` lists them."""
 
 _SINGLE = ("flair", "t1w", "unit1", "mp2rage_inv1", "mp2rage_inv2", "chimap")
-_DISPLAY = {
+#: How a person reads each single-file modality key (summaries and the inputs table).
+MODALITY_NAMES: dict[str, str] = {
     "flair": "FLAIR",
     "t1w": "T1w",
     "unit1": "UNIT1",
@@ -59,6 +60,16 @@ _GROUP_ENTITIES = {
 _ECHO_RE = re.compile(r"_echo-(\d+)_")
 _MAX_ECHO_TIME_S = 1.0  # beyond this the value is surely milliseconds
 _AFFINE_ATOL_MM = 1e-3
+
+
+def session_label(subject: str, session: str | None) -> str:
+    """Return ``sub-<subject>[_ses-<session>]``, the BIDS prefix of a session's file names.
+
+    Examples:
+        >>> session_label("01", "02"), session_label("01", None)
+        ('sub-01_ses-02', 'sub-01')
+    """
+    return f"sub-{subject}" + (f"_ses-{session}" if session else "")
 
 
 @dataclass
@@ -91,7 +102,7 @@ class SessionInputs:
     @property
     def label(self) -> str:
         """Return ``sub-<subject>[_ses-<session>]``, the BIDS prefix of this session's files."""
-        return f"sub-{self.subject}" + (f"_ses-{self.session}" if self.session else "")
+        return session_label(self.subject, self.session)
 
     @property
     def found(self) -> list[str]:
@@ -442,7 +453,7 @@ def _echo_metadata(s: SessionInputs) -> tuple[list[float], float | None, list[In
                 InputError(
                     mag,
                     expected="an EchoTime (seconds) in its JSON sidecar",
-                    found="no EchoTime" if _sidecar(mag).is_file() else "no JSON sidecar",
+                    found="no EchoTime" if sidecar_path(mag).is_file() else "no JSON sidecar",
                 )
             )
             continue
@@ -558,15 +569,22 @@ def _metadata(s: SessionInputs, path: Path) -> dict[str, Any]:
     known = s.metadata.get(str(path))
     if known is not None:
         return known
-    sidecar = _sidecar(path)
     try:
-        content = json.loads(sidecar.read_text())
+        content = json.loads(sidecar_path(path).read_text())
     except (OSError, ValueError):
         return {}
     return content if isinstance(content, dict) else {}
 
 
-def _sidecar(path: Path) -> Path:
+def sidecar_path(path: Path) -> Path:
+    """Return the path of the JSON sidecar beside the image ``path`` (same name, ``.json``).
+
+    Examples:
+        >>> sidecar_path(Path("anat/sub-01_FLAIR.nii.gz")).as_posix()
+        'anat/sub-01_FLAIR.json'
+        >>> sidecar_path(Path("sub-01_echo-1_part-mag_MEGRE.nii")).name
+        'sub-01_echo-1_part-mag_MEGRE.json'
+    """
     name = path.name
     for ext in (".nii.gz", ".nii"):
         if name.endswith(ext):
@@ -628,7 +646,7 @@ def summarize(sessions: Sequence[SessionInputs]) -> str:
 
 
 def _found_text(s: SessionInputs) -> str:
-    parts = [_DISPLAY[key] for key in _SINGLE if getattr(s, key) is not None]
+    parts = [MODALITY_NAMES[key] for key in _SINGLE if getattr(s, key) is not None]
     if s.megre_mag or s.megre_phase:
         parts.append(f"MEGRE({len(s.megre_mag)} mag, {len(s.megre_phase)} phase)")
     return " ".join(parts) or "nothing"

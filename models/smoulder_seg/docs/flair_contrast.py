@@ -20,8 +20,8 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from smoulder.registration.itk import load_affine
+from smoulder.segmentation.classes import CLASSES
 from smoulder.segmentation.inference import segment
-from smoulder.segmentation.synth import CLASSES
 
 
 def lesion_contrast(case: Path) -> dict[str, np.ndarray]:

@@ -18,6 +18,7 @@ import numpy as np
 from scipy import ndimage
 
 from smoulder.errors import InputError
+from smoulder.grids import voxel_sizes
 
 #: Tissue classes held in :attr:`Anatomy.fractions`, in order. Air is ``1 - sum(fractions)``.
 CLASSES: tuple[str, ...] = ("csf", "gm", "deep_gm", "wm", "soft_tissue", "bone")
@@ -60,7 +61,7 @@ class Anatomy:
     @property
     def spacing_mm(self) -> tuple[float, float, float]:
         """Voxel size in millimetres."""
-        return tuple(float(s) for s in np.sqrt((self.affine[:3, :3] ** 2).sum(0)))  # type: ignore[return-value]
+        return tuple(float(s) for s in voxel_sizes(self.affine))  # type: ignore[return-value]
 
     def channel(self, name: str) -> np.ndarray:
         """Return the fraction map of class ``name``."""
@@ -107,6 +108,12 @@ def resample_box(
     variance matches the box of a destination voxel (an anti-alias filter), so that sampled
     values approximate voxel averages, as an acquisition with larger voxels would record them.
     Complex data are resampled as real and imaginary parts (so intravoxel dephasing shows).
+
+    This simulates an acquisition (box-averaging into larger voxels) and is not
+    :func:`smoulder.grids.resample_to_grid`, which only interpolates: the phantom keeps its
+    own trilinear step (one general ``affine_transform``) because the shared function's fast
+    path for axis-aligned grids rounds differently (by ~1e-8 on GRE echoes), and the phantom's
+    images must stay bit-identical for a given seed.
     """
     if data.dtype.kind == "c":
         re = resample_box(data.real, src_affine, dst_affine, dst_shape)
@@ -114,9 +121,7 @@ def resample_box(
         return (re + 1j * im).astype(np.complex64)
     if tuple(data.shape) == tuple(dst_shape) and np.allclose(src_affine, dst_affine):
         return data.astype(np.float32, copy=False)
-    src_vox = np.sqrt((src_affine[:3, :3] ** 2).sum(0))
-    dst_vox = np.sqrt((dst_affine[:3, :3] ** 2).sum(0))
-    ratio = dst_vox / src_vox
+    ratio = voxel_sizes(dst_affine) / voxel_sizes(src_affine)
     sigma = np.where(ratio > 1, np.sqrt(np.maximum(ratio**2 - 1, 0)) / np.sqrt(12) * 1.0, 0.0)
     src = data.astype(np.float32)
     if np.any(sigma > 0):
@@ -260,7 +265,6 @@ def build_anatomy(
     return Anatomy(
         fractions=out,
         affine=affine,
-        classes=CLASSES,
         cord_top_mm=cord_top,
         source=source,
         canal_radius_mm=canal_radius_mm,

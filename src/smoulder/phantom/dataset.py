@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import NamedTuple
 
 import nibabel as nib
 import numpy as np
 
 from smoulder import __version__
+from smoulder.derivatives import BIDS_VERSION, bids_name
 from smoulder.images import save_json, save_nifti, save_text, save_tsv
 from smoulder.phantom import physics
 from smoulder.phantom.anatomy import Anatomy, load_anatomy, resample_box
@@ -29,7 +31,6 @@ from smoulder.phantom.generate import (
 )
 from smoulder.registration.itk import save_displacement_field
 
-BIDS_VERSION = "1.10.0"
 BASELINE_DATE = datetime(2020, 1, 6, 9, 0, 0)
 FLAIR_PARAMS = {"tr_ms": 9000.0, "ti_ms": 2500.0, "te_ms": 90.0}
 GRE_PARAMS = {"tr_ms": 30.0, "flip_deg": 15.0}
@@ -67,6 +68,11 @@ LESION_COLUMNS: dict[str, str] = {
     "center_x_mm": "template-space centre, mm",
     "center_y_mm": "template-space centre, mm",
     "center_z_mm": "template-space centre, mm",
+}
+LESION_VOLUME_COLUMNS: dict[str, str] = {
+    "lesion_id": "lesion index",
+    "session": "session label",
+    "volume_ml": "partial-volume lesion volume from the probseg maps, ml",
 }
 
 
@@ -175,18 +181,20 @@ def write_subject(
     baseline_rigid = subject.rigid[0]
     for k in range(config.sessions):
         ses = f"ses-{k + 1:02d}"
+        entities = {"sub": subject.label, "ses": f"{k + 1:02d}"}
         t0 = time.perf_counter()
         truth = session_truth(anatomy, subject, k)
         rng = np.random.default_rng((config.seed, int(subject.label), k, 7))
         chi = chi_map_ppm(truth, subject.tissues)
         images = render_session(truth, chi, anatomy, subject, config, rng)
         anat = out / sub / ses / "anat"
-        for suffix, (data, affine, sidecar) in images.items():
-            writer.nifti(data, affine, anat / f"{sub}_{ses}_{suffix}.nii.gz", np.float32)
-            save_json(sidecar, anat / f"{sub}_{ses}_{suffix}.json")
+        for image in images:
+            names = {**entities, **image.entities}
+            writer.nifti(image.data, image.affine, _path(anat, names, image.suffix), np.float32)
+            save_json(image.sidecar, _path(anat, names, image.suffix, ".json"))
         write_session_truth(
             truth_dir / ses / "anat",
-            f"{sub}_{ses}",
+            entities,
             truth,
             chi,
             anatomy,
@@ -207,15 +215,37 @@ def write_subject(
             f"{sub} {ses}: {len(images)} images, {len(truth.lesion_fractions)} lesions "
             f"({time.perf_counter() - t0:.1f} s)"
         )
-    save_tsv(sessions_rows, out / sub / f"{sub}_sessions.tsv")
+    subject_only = {"sub": subject.label}
+    save_tsv(sessions_rows, _path(out / sub, subject_only, "sessions", ".tsv"))
     _finish_atrophy_table(volumes, config)
-    save_tsv(volumes, truth_dir / f"{sub}_desc-atrophy_truth.tsv")
-    save_json(
-        {c: {"Description": d} for c, d in ATROPHY_COLUMNS.items()},
-        truth_dir / f"{sub}_desc-atrophy_truth.json",
-    )
-    _write_lesion_tables(truth_dir, sub, subject, per_lesion, config)
-    params = {
+    atrophy = {**subject_only, "desc": "atrophy"}
+    save_tsv(volumes, _path(truth_dir, atrophy, "truth", ".tsv"))
+    save_json(_data_dictionary(ATROPHY_COLUMNS), _path(truth_dir, atrophy, "truth", ".json"))
+    _write_lesion_tables(truth_dir, subject, per_lesion, config)
+    params = _phantom_record(anatomy, subject, config)
+    save_json(params, _path(truth_dir, subject_only, "phantom", ".json"))
+
+
+def _path(
+    folder: Path, entities: Mapping[str, str | int], suffix: str, extension: str = ".nii.gz"
+) -> Path:
+    """Return the path in ``folder`` of the BIDS file of ``entities`` and ``suffix``.
+
+    Examples:
+        >>> _path(Path("anat"), {"sub": "01", "desc": "lesions"}, "dseg").as_posix()
+        'anat/sub-01_desc-lesions_dseg.nii.gz'
+    """
+    return folder / bids_name(entities, suffix=suffix, extension=extension)
+
+
+def _data_dictionary(columns: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """Return the JSON data dictionary of a table: ``{column: {"Description": text}}``."""
+    return {c: {"Description": d} for c, d in columns.items()}
+
+
+def _phantom_record(anatomy: Anatomy, subject: Subject, config: PhantomConfig) -> dict[str, object]:
+    """Return what made ``subject``: seed, configuration, tissues, head positions, lesions."""
+    return {
         "seed": list(subject.rng_seed),
         "config": asdict(config),
         "tissues_3T": {k: asdict(v) for k, v in subject.tissues.items()},
@@ -232,7 +262,80 @@ def write_subject(
         "anatomy": anatomy.source,
         "lesions": [les.truth_record() for les in subject.lesions],
     }
-    save_json(params, truth_dir / f"{sub}_phantom.json")
+
+
+class RawImage(NamedTuple):
+    """One image of a session's raw data: its BIDS entities and suffix, voxels, grid, sidecar."""
+
+    entities: dict[str, str | int]
+    suffix: str
+    data: np.ndarray
+    affine: np.ndarray
+    sidecar: dict[str, object]
+
+
+@dataclass
+class _Scanner:
+    """What every contrast of one session is acquired with: the truth, its grid and the noise.
+
+    All contrasts draw their bias fields and noise from the one ``rng``, in the order they are
+    acquired, so a seed gives the same images.
+    """
+
+    truth: SessionTruth
+    anatomy: Anatomy
+    tissues: dict[str, physics.Tissue]
+    config: PhantomConfig
+    rng: np.random.Generator
+
+    def __post_init__(self) -> None:
+        # noise levels are set against the signal of (nearly) pure white matter
+        self.wm_mask = self.truth.channel("wm") > 0.9
+        self.common: dict[str, object] = {
+            "MagneticFieldStrength": self.config.b0_tesla,
+            "Manufacturer": "smoulder phantom",
+            "ManufacturersModelName": f"smoulder {__version__}",
+        }
+
+    def grid(self, voxel: tuple[float, float, float]) -> tuple[np.ndarray, tuple[int, ...]]:
+        """Return ``(affine, shape)`` of the acquisition grid of ``voxel`` (mm) voxels.
+
+        It has the truth grid's field of view: the first voxel's corner coincides with the
+        truth grid's.
+        """
+        aff, shape, sp = self.anatomy.affine, self.anatomy.shape, self.anatomy.spacing_mm
+        if np.allclose(voxel, sp):
+            return aff, shape
+        extent = np.array(shape) * np.array(sp)
+        new_shape = tuple(int(round(e / v)) for e, v in zip(extent, voxel, strict=True))
+        new_aff = np.diag([*voxel, 1.0])
+        new_aff[:3, 3] = aff[:3, 3] - np.array(sp) / 2 + np.array(voxel) / 2
+        return new_aff, new_shape
+
+    def per_class(self, fn: Callable[[physics.Tissue], object]) -> dict[str, object]:
+        """Return ``{tissue name: fn(tissue)}`` over the subject's tissues."""
+        return {name: fn(t) for name, t in self.tissues.items()}
+
+    def signal(self, fn: Callable[[physics.Tissue], object]) -> np.ndarray:
+        """Return the noise-free image of the per-tissue signal ``fn`` (partial volumes mixed)."""
+        return mix(self.truth, self.per_class(fn))
+
+    def bias_field(self) -> np.ndarray:
+        """Return a new receive bias field on the truth grid."""
+        return physics.smooth_bias_field(
+            self.anatomy.shape, self.rng, strength=self.config.bias_strength
+        )
+
+    def acquire(
+        self, signal: np.ndarray, voxel: tuple[float, float, float]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``(magnitude image, affine)`` of ``signal`` seen with a new bias field,
+        averaged into ``voxel`` (mm) voxels and with Rician noise (float32)."""
+        bias = self.bias_field()
+        sigma = float(np.abs(signal[self.wm_mask]).mean()) / self.config.snr
+        g_aff, g_shape = self.grid(voxel)
+        data = resample_box(signal * bias, self.anatomy.affine, g_aff, g_shape)
+        return physics.add_rician_noise(data, sigma, self.rng).astype(np.float32), g_aff
 
 
 def render_session(
@@ -242,153 +345,132 @@ def render_session(
     subject: Subject,
     config: PhantomConfig,
     rng: np.random.Generator,
-) -> dict[str, tuple[np.ndarray, np.ndarray, dict[str, object]]]:
-    """Return ``{BIDS suffix: (data, affine, sidecar)}`` for every contrast of a session."""
-    tis = subject.tissues
-    aff, shape, sp = anatomy.affine, anatomy.shape, anatomy.spacing_mm
-    wm_mask = truth.channel("wm") > 0.9
-    common = {
-        "MagneticFieldStrength": config.b0_tesla,
-        "Manufacturer": "smoulder phantom",
-        "ManufacturersModelName": f"smoulder {__version__}",
+) -> list[RawImage]:
+    """Return every raw image of a session: FLAIR, T1w, MP2RAGE and multi-echo GRE.
+
+    The contrasts are acquired in that order from ``rng`` (see :class:`_Scanner`).
+    """
+    scan = _Scanner(truth, anatomy, subject.tissues, config, rng)
+    return [*_flair(scan), *_t1w(scan), *_mp2rage(scan), *_megre(scan, chi)]
+
+
+def _flair(scan: _Scanner) -> list[RawImage]:
+    """Return the FLAIR (inversion-recovery TSE), with ``flair_slice_mm`` slices."""
+    sp = scan.anatomy.spacing_mm
+    voxel = (sp[0], sp[1], scan.config.flair_slice_mm or sp[2])
+    flair = scan.signal(lambda t: physics.flair_signal(t.pd, t.t1_ms, t.t2_ms, **FLAIR_PARAMS))
+    data, affine = scan.acquire(flair, voxel)
+    sidecar = {
+        **scan.common,
+        "RepetitionTime": FLAIR_PARAMS["tr_ms"] / 1000,
+        "InversionTime": FLAIR_PARAMS["ti_ms"] / 1000,
+        "EchoTime": FLAIR_PARAMS["te_ms"] / 1000,
+        "PulseSequenceType": "IR-TSE",
     }
-    out: dict[str, tuple[np.ndarray, np.ndarray, dict[str, object]]] = {}
+    return [RawImage({}, "FLAIR", data, affine, sidecar)]
 
-    def grid(voxel: tuple[float, float, float]) -> tuple[np.ndarray, tuple[int, ...]]:
-        if np.allclose(voxel, sp):
-            return aff, shape
-        extent = np.array(shape) * np.array(sp)
-        new_shape = tuple(int(round(e / v)) for e, v in zip(extent, voxel, strict=True))
-        new_aff = np.diag([*voxel, 1.0])
-        # same field of view: the first voxel's corner coincides with the truth grid's
-        new_aff[:3, 3] = aff[:3, 3] - np.array(sp) / 2 + np.array(voxel) / 2
-        return new_aff, new_shape
 
-    def acquire(
-        signal: np.ndarray, voxel: tuple[float, float, float], snr: float, bias: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        sigma = float(np.abs(signal[wm_mask]).mean()) / snr
-        g_aff, g_shape = grid(voxel)
-        data = resample_box(signal * bias, aff, g_aff, g_shape)
-        return physics.add_rician_noise(data, sigma, rng).astype(np.float32), g_aff
-
-    def per_class(fn: Callable[[physics.Tissue], object]) -> dict[str, object]:
-        return {name: fn(t) for name, t in tis.items()}
-
-    flair_vox = (sp[0], sp[1], config.flair_slice_mm or sp[2])
-    flair = mix(
-        truth, per_class(lambda t: physics.flair_signal(t.pd, t.t1_ms, t.t2_ms, **FLAIR_PARAMS))
-    )
-    bias = physics.smooth_bias_field(shape, rng, strength=config.bias_strength)
-    data, g_aff = acquire(flair, flair_vox, config.snr, bias)
-    out["FLAIR"] = (
-        data,
-        g_aff,
-        {
-            **common,
-            "RepetitionTime": FLAIR_PARAMS["tr_ms"] / 1000,
-            "InversionTime": FLAIR_PARAMS["ti_ms"] / 1000,
-            "EchoTime": FLAIR_PARAMS["te_ms"] / 1000,
-            "PulseSequenceType": "IR-TSE",
-        },
-    )
-
+def _t1w(scan: _Scanner) -> list[RawImage]:
+    """Return the T1-weighted spoiled gradient echo, on the truth grid."""
     t1p = physics.T1W_DEFAULTS
-    t1w = mix(truth, per_class(lambda t: physics.spgr_signal(t.pd, t.t1_ms, t.t2star_ms, **t1p)))
-    bias = physics.smooth_bias_field(shape, rng, strength=config.bias_strength)
-    data, g_aff = acquire(t1w, sp, config.snr, bias)
-    out["T1w"] = (
-        data,
-        g_aff,
-        {
-            **common,
-            "RepetitionTime": t1p["tr_ms"] / 1000,
-            "EchoTime": t1p["te_ms"] / 1000,
-            "FlipAngle": t1p["flip_deg"],
-            "PulseSequenceType": "SPGR",
-        },
-    )
+    t1w = scan.signal(lambda t: physics.spgr_signal(t.pd, t.t1_ms, t.t2star_ms, **t1p))
+    data, affine = scan.acquire(t1w, scan.anatomy.spacing_mm)
+    sidecar = {
+        **scan.common,
+        "RepetitionTime": t1p["tr_ms"] / 1000,
+        "EchoTime": t1p["te_ms"] / 1000,
+        "FlipAngle": t1p["flip_deg"],
+        "PulseSequenceType": "SPGR",
+    }
+    return [RawImage({}, "T1w", data, affine, sidecar)]
 
-    inv = per_class(lambda t: physics.mp2rage_signals(t.pd, t.t1_ms, t.t2star_ms, params=MP2RAGE))
-    bias = physics.smooth_bias_field(shape, rng, strength=config.bias_strength)
-    inv1 = mix(truth, {k: v[0] for k, v in inv.items()}) * bias  # type: ignore[index]
-    inv2 = mix(truth, {k: v[1] for k, v in inv.items()}) * bias  # type: ignore[index]
-    sigma = float(np.abs(inv2[wm_mask]).mean()) / config.snr
+
+def _mp2rage(scan: _Scanner) -> list[RawImage]:
+    """Return the MP2RAGE's two inversion magnitudes and its UNIT1, on the truth grid.
+
+    Both inversions share one bias field and one noise level (set on the second, brighter).
+    """
+    aff, rng = scan.anatomy.affine, scan.rng
+    inv = scan.per_class(
+        lambda t: physics.mp2rage_signals(t.pd, t.t1_ms, t.t2star_ms, params=MP2RAGE)
+    )
+    bias = scan.bias_field()
+    inv1 = mix(scan.truth, {k: v[0] for k, v in inv.items()}) * bias  # type: ignore[index]
+    inv2 = mix(scan.truth, {k: v[1] for k, v in inv.items()}) * bias  # type: ignore[index]
+    sigma = float(np.abs(inv2[scan.wm_mask]).mean()) / scan.config.snr
     inv1 = physics.add_complex_noise(inv1, sigma, rng)
     inv2 = physics.add_complex_noise(inv2, sigma, rng)
     mp = {
-        **common,
+        **scan.common,
         "RepetitionTimePreparation": MP2RAGE.tr_mp2rage_ms / 1000,
         "RepetitionTimeExcitation": MP2RAGE.tr_gre_ms / 1000,
         "EchoTime": 0.003,
         "NumberShots": MP2RAGE.n_readouts,
         "InversionEfficiency": MP2RAGE.inversion_efficiency,
     }
-    out["inv-1_part-mag_MP2RAGE"] = (
-        np.abs(inv1).astype(np.float32),
-        aff,
-        {**mp, "InversionTime": MP2RAGE.ti1_ms / 1000, "FlipAngle": MP2RAGE.flip1_deg},
-    )
-    out["inv-2_part-mag_MP2RAGE"] = (
-        np.abs(inv2).astype(np.float32),
-        aff,
-        {**mp, "InversionTime": MP2RAGE.ti2_ms / 1000, "FlipAngle": MP2RAGE.flip2_deg},
-    )
-    out["UNIT1"] = (
-        physics.mp2rage_unit1(inv1, inv2).astype(np.float32),
-        aff,
-        {**common, "BasedOn": ["inv-1_part-mag_MP2RAGE", "inv-2_part-mag_MP2RAGE"]},
-    )
-    del inv1, inv2
+    first = {**mp, "InversionTime": MP2RAGE.ti1_ms / 1000, "FlipAngle": MP2RAGE.flip1_deg}
+    second = {**mp, "InversionTime": MP2RAGE.ti2_ms / 1000, "FlipAngle": MP2RAGE.flip2_deg}
+    unit1 = {**scan.common, "BasedOn": ["inv-1_part-mag_MP2RAGE", "inv-2_part-mag_MP2RAGE"]}
+    mag = {"part": "mag"}
+    return [
+        RawImage({"inv": 1, **mag}, "MP2RAGE", np.abs(inv1).astype(np.float32), aff, first),
+        RawImage({"inv": 2, **mag}, "MP2RAGE", np.abs(inv2).astype(np.float32), aff, second),
+        RawImage({}, "UNIT1", physics.mp2rage_unit1(inv1, inv2).astype(np.float32), aff, unit1),
+    ]
 
+
+def _megre(scan: _Scanner, chi: np.ndarray) -> list[RawImage]:
+    """Return magnitude and phase of every echo of the multi-echo GRE, with ``gre_voxel_mm``
+    voxels: the field of the true susceptibility ``chi`` (ppm) sets the phase."""
+    config, rng = scan.config, scan.rng
+    aff, shape, sp = scan.anatomy.affine, scan.anatomy.shape, scan.anatomy.spacing_mm
     field_ppm = physics.field_from_chi(chi, sp).astype(np.float32)
     tes = np.asarray(config.echo_times_ms, np.float32)
-    mags = mix(
-        truth,
-        per_class(
-            lambda t: np.real(
-                physics.gre_signal(
-                    t.pd,
-                    t.t1_ms,
-                    t.t2star_ms,
-                    0.0,
-                    echo_times_ms=config.echo_times_ms,
-                    b0_tesla=config.b0_tesla,
-                    **GRE_PARAMS,
-                )
+    mags = scan.signal(
+        lambda t: np.real(
+            physics.gre_signal(
+                t.pd,
+                t.t1_ms,
+                t.t2star_ms,
+                0.0,
+                echo_times_ms=config.echo_times_ms,
+                b0_tesla=config.b0_tesla,
+                **GRE_PARAMS,
             )
-        ),
+        )
     )
     offset = physics.smooth_phase_offset(shape, rng)
-    bias = physics.smooth_bias_field(shape, rng, strength=config.bias_strength)
+    bias = scan.bias_field()
     omega = 2 * np.pi * physics.GAMMA_BAR_MHZ_PER_T * config.b0_tesla * 1e-3  # rad per ppm per ms
     gre_vox = (config.gre_voxel_mm,) * 3 if config.gre_voxel_mm else sp
-    sigma = float(mags[0][wm_mask].mean()) / config.snr
+    sigma = float(mags[0][scan.wm_mask].mean()) / config.snr
+    images = []
     for e, te in enumerate(tes):
         signal = (mags[e] * bias) * np.exp(1j * (offset + omega * field_ppm * te)).astype(
             np.complex64
         )
-        g_aff, g_shape = grid(gre_vox)  # type: ignore[arg-type]
+        g_aff, g_shape = scan.grid(gre_vox)  # type: ignore[arg-type]
         signal = physics.add_complex_noise(resample_box(signal, aff, g_aff, g_shape), sigma, rng)
         side = {
-            **common,
+            **scan.common,
             "EchoTime": float(te) / 1000,
             "RepetitionTime": GRE_PARAMS["tr_ms"] / 1000,
             "FlipAngle": GRE_PARAMS["flip_deg"],
             "EchoNumber": e + 1,
         }
-        out[f"echo-{e + 1}_part-mag_MEGRE"] = (np.abs(signal).astype(np.float32), g_aff, side)
-        out[f"echo-{e + 1}_part-phase_MEGRE"] = (
-            physics.wrap_phase(np.angle(signal)).astype(np.float32),
-            g_aff,
-            {**side, "Units": "rad"},
+        mag = np.abs(signal).astype(np.float32)
+        phase = physics.wrap_phase(np.angle(signal)).astype(np.float32)
+        echo = {"echo": e + 1}
+        images.append(RawImage({**echo, "part": "mag"}, "MEGRE", mag, g_aff, side))
+        images.append(
+            RawImage({**echo, "part": "phase"}, "MEGRE", phase, g_aff, {**side, "Units": "rad"})
         )
-    return out
+    return images
 
 
 def write_session_truth(
     folder: Path,
-    prefix: str,
+    entities: Mapping[str, str],
     truth: SessionTruth,
     chi: np.ndarray,
     anatomy: Anatomy,
@@ -397,72 +479,110 @@ def write_session_truth(
     session: int,
     writer: _BackgroundWriter,
 ) -> None:
-    """Write a session's truth maps and true deformations (all on the session's T1w grid)."""
+    """Write a session's truth maps and true deformations (all on the session's T1w grid).
+
+    ``entities`` are the session's (``sub``, ``ses``); the maps add ``space-T1w``.
+    """
     aff = anatomy.affine
-    p = f"{prefix}_space-T1w"
-    sub, ses = prefix.split("_")[:2]
-    side = {"SpatialReference": f"bids:raw:{sub}/{ses}/anat/{prefix}_T1w.nii.gz"}
-    writer.nifti(truth.lesion_ids, aff, folder / f"{p}_desc-lesions_dseg.nii.gz", np.int16)
+    space = {**entities, "space": "T1w"}
+    raw_t1w = _path(
+        Path(f"sub-{entities['sub']}", f"ses-{entities['ses']}", "anat"), entities, "T1w"
+    )
+    side = {"SpatialReference": f"bids:raw:{raw_t1w.as_posix()}"}
+    lesions = {**space, "desc": "lesions"}
+    writer.nifti(truth.lesion_ids, aff, _path(folder, lesions, "dseg"), np.int16)
     ids = sorted(int(i) for i in np.unique(truth.lesion_ids) if i > 0)
     save_tsv(
-        [{"index": i, "name": f"lesion-{i}"} for i in ids], folder / f"{p}_desc-lesions_dseg.tsv"
+        [{"index": i, "name": f"lesion-{i}"} for i in ids], _path(folder, lesions, "dseg", ".tsv")
     )
-    f = truth.channel
-    lesion = f("lesion") + f("rim")
-    maps = {
-        "label-lesion_probseg": lesion,
-        "label-rim_probseg": f("rim"),
-        "label-CSF_probseg": f("csf"),
-        "label-GM_probseg": f("gm") + f("deep_gm"),
-        "label-WM_probseg": f("wm"),
-        "label-cord_probseg": f("cord"),
-        "label-brain_probseg": f("gm") + f("deep_gm") + f("wm") + lesion,
-    }
-    for name, data in maps.items():
-        writer.nifti(data, aff, folder / f"{p}_{name}.nii.gz", np.float32)
+    maps = _probseg_maps(truth)
+    for label, data in maps.items():
+        probseg = {**space, "label": label}
+        writer.nifti(data, aff, _path(folder, probseg, "probseg"), np.float32)
         save_json(
-            {**side, "Description": f"true partial-volume fraction ({name})"},
-            folder / f"{p}_{name}.json",
+            {**side, "Description": f"true partial-volume fraction (label-{label}_probseg)"},
+            _path(folder, probseg, "probseg", ".json"),
         )
     writer.nifti(
-        (maps["label-brain_probseg"] >= 0.5).astype(np.uint8),
+        (maps["brain"] >= 0.5).astype(np.uint8),
         aff,
-        folder / f"{p}_desc-brain_mask.nii.gz",
+        _path(folder, {**space, "desc": "brain"}, "mask"),
         np.uint8,
     )
+    _write_tissue_dseg(folder, space, truth, maps, aff, writer)
+    writer.nifti(chi, aff, _path(folder, space, "Chimap"), np.float32)
+    save_json(
+        {**side, "Units": "ppm", "Description": "true susceptibility relative to CSF"},
+        _path(folder, space, "Chimap", ".json"),
+    )
+    _write_true_deformations(folder, entities, truth, anatomy, baseline_rigid, session, writer)
+
+
+def _probseg_maps(truth: SessionTruth) -> dict[str, np.ndarray]:
+    """Return the true partial-volume map of each ``label-<label>_probseg`` of the truth."""
+    f = truth.channel
+    lesion = f("lesion") + f("rim")
+    return {
+        "lesion": lesion,
+        "rim": f("rim"),
+        "CSF": f("csf"),
+        "GM": f("gm") + f("deep_gm"),
+        "WM": f("wm"),
+        "cord": f("cord"),
+        "brain": f("gm") + f("deep_gm") + f("wm") + lesion,
+    }
+
+
+def _write_tissue_dseg(
+    folder: Path,
+    space: Mapping[str, str],
+    truth: SessionTruth,
+    maps: Mapping[str, np.ndarray],
+    aff: np.ndarray,
+    writer: _BackgroundWriter,
+) -> None:
+    """Write the hard tissue segmentation (the most abundant class per voxel) and its labels."""
+    f = truth.channel
     tissue = np.argmax(
         np.stack(
             [
-                np.full(lesion.shape, 0.25, np.float32),
+                np.full(maps["lesion"].shape, 0.25, np.float32),
                 f("csf"),
-                maps["label-GM_probseg"],
+                maps["GM"],
                 f("wm"),
-                lesion,
+                maps["lesion"],
                 f("vein"),
                 f("cord"),
             ]
         ),
         0,
     )
-    writer.nifti(tissue.astype(np.uint8), aff, folder / f"{p}_desc-tissue_dseg.nii.gz", np.uint8)
+    dseg = {**space, "desc": "tissue"}
+    writer.nifti(tissue.astype(np.uint8), aff, _path(folder, dseg, "dseg"), np.uint8)
     tissue_names = ["background", "CSF", "GM", "WM", "lesion", "vein", "cord"]
     save_tsv(
         [{"index": i, "name": n} for i, n in enumerate(tissue_names)],
-        folder / f"{p}_desc-tissue_dseg.tsv",
+        _path(folder, dseg, "dseg", ".tsv"),
     )
-    writer.nifti(chi, aff, folder / f"{p}_Chimap.nii.gz", np.float32)
-    save_json(
-        {**side, "Units": "ppm", "Description": "true susceptibility relative to CSF"},
-        folder / f"{p}_Chimap.json",
-    )
-    # true deformations: each voxel's position in the phantom template, and at baseline
+
+
+def _write_true_deformations(
+    folder: Path,
+    entities: Mapping[str, str],
+    truth: SessionTruth,
+    anatomy: Anatomy,
+    baseline_rigid: tuple[np.ndarray, np.ndarray],
+    session: int,
+    writer: _BackgroundWriter,
+) -> None:
+    """Write each voxel's position in the phantom template and, after baseline, at baseline
+    (ITK displacement fields on the session's T1w grid)."""
+    aff = anatomy.affine
     tmpl_mm = np.tensordot(aff[:3, :3].astype(np.float32), truth.template_points_vox, axes=1)
     tmpl_mm += aff[:3, 3, None, None, None].astype(np.float32)
+    xfm = {**entities, "to": "T1w", "mode": "image"}
     writer.call(
-        save_displacement_field,
-        tmpl_mm,
-        aff,
-        folder / f"{prefix}_from-template_to-T1w_mode-image_xfm.nii.gz",
+        save_displacement_field, tmpl_mm, aff, _path(folder, {**xfm, "from": "template"}, "xfm")
     )
     if session > 0:
         rot, trans = baseline_rigid
@@ -473,10 +593,7 @@ def write_session_truth(
             + (center + trans).astype(np.float32)[:, None, None, None]
         )
         writer.call(
-            save_displacement_field,
-            base_mm,
-            aff,
-            folder / f"{prefix}_from-baseline_to-T1w_mode-image_xfm.nii.gz",
+            save_displacement_field, base_mm, aff, _path(folder, {**xfm, "from": "baseline"}, "xfm")
         )
 
 
@@ -495,22 +612,17 @@ def session_volumes(truth: SessionTruth, voxel_ml: float) -> dict[str, object]:
 
 
 def _finish_atrophy_table(rows: list[dict[str, object]], config: PhantomConfig) -> None:
+    """Add the volume-change columns to the per-session rows and order them, in place."""
     base = rows[0]
     for i, row in enumerate(rows):
         prev = rows[max(i - 1, 0)]
         years = float(row["years_from_baseline"])  # type: ignore[arg-type]
-        pbvc = 100 * (float(row["brain_volume_ml"]) / float(base["brain_volume_ml"]) - 1)  # type: ignore[arg-type]
+        pbvc = _change_pct(row, base, "brain_volume_ml")
         row["pbvc_from_baseline_pct"] = round(pbvc, 5)
-        row["pbvc_interval_pct"] = round(
-            100 * (float(row["brain_volume_ml"]) / float(prev["brain_volume_ml"]) - 1), 5
-        )  # type: ignore[arg-type]
+        row["pbvc_interval_pct"] = round(_change_pct(row, prev, "brain_volume_ml"), 5)
         row["pbvc_per_year_pct"] = round(pbvc / years, 5) if years > 0 else "n/a"
-        row["gm_change_from_baseline_pct"] = round(
-            100 * (float(row["gm_volume_ml"]) / float(base["gm_volume_ml"]) - 1), 5
-        )  # type: ignore[arg-type]
-        row["cord_csa_change_from_baseline_pct"] = round(
-            100 * (float(row["cord_csa_mm2"]) / float(base["cord_csa_mm2"]) - 1), 5
-        )  # type: ignore[arg-type]
+        row["gm_change_from_baseline_pct"] = round(_change_pct(row, base, "gm_volume_ml"), 5)
+        row["cord_csa_change_from_baseline_pct"] = round(_change_pct(row, base, "cord_csa_mm2"), 5)
         row["requested_pbvc_per_year_pct"] = config.pbvc_per_year
     for row in rows:
         for key, value in list(row.items()):
@@ -525,13 +637,24 @@ def _finish_atrophy_table(rows: list[dict[str, object]], config: PhantomConfig) 
     rows[:] = [{k: r[k] for k in order} for r in rows]
 
 
+def _change_pct(row: Mapping[str, object], ref: Mapping[str, object], column: str) -> float:
+    """Return the change (%) of ``column`` from the row ``ref`` to ``row``.
+
+    Examples:
+        >>> base = {"volume_ml": 100.0}
+        >>> _change_pct({"volume_ml": 150.0}, base, "volume_ml")
+        50.0
+    """
+    return 100 * (float(row[column]) / float(ref[column]) - 1)  # type: ignore[arg-type]
+
+
 def _write_lesion_tables(
     truth_dir: Path,
-    sub: str,
     subject: Subject,
     per_lesion: dict[int, dict[str, float]],
     config: PhantomConfig,
 ) -> None:
+    """Write the per-lesion truth table and the long table of lesion volumes per session."""
     sessions = [f"ses-{k + 1:02d}" for k in range(config.sessions)]
     rows, long_rows = [], []
     for les in subject.lesions:
@@ -567,20 +690,12 @@ def _write_lesion_tables(
             long_rows.append(
                 {"lesion_id": les.lesion_id, "session": s, "volume_ml": round(vols[s], 6)}
             )
-    save_tsv(rows, truth_dir / f"{sub}_desc-lesions_truth.tsv")
-    save_json(
-        {c: {"Description": d} for c, d in LESION_COLUMNS.items()},
-        truth_dir / f"{sub}_desc-lesions_truth.json",
-    )
-    save_tsv(long_rows, truth_dir / f"{sub}_desc-lesionvolumes_truth.tsv")
-    save_json(
-        {
-            "lesion_id": {"Description": "lesion index"},
-            "session": {"Description": "session label"},
-            "volume_ml": {"Description": "partial-volume lesion volume from the probseg maps, ml"},
-        },
-        truth_dir / f"{sub}_desc-lesionvolumes_truth.json",
-    )
+    lesions = {"sub": subject.label, "desc": "lesions"}
+    save_tsv(rows, _path(truth_dir, lesions, "truth", ".tsv"))
+    save_json(_data_dictionary(LESION_COLUMNS), _path(truth_dir, lesions, "truth", ".json"))
+    volumes = {"sub": subject.label, "desc": "lesionvolumes"}
+    save_tsv(long_rows, _path(truth_dir, volumes, "truth", ".tsv"))
+    save_json(_data_dictionary(LESION_VOLUME_COLUMNS), _path(truth_dir, volumes, "truth", ".json"))
 
 
 def write_dataset_files(

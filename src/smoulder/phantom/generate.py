@@ -31,7 +31,12 @@ from smoulder.phantom.lesions import (
     location_candidates,
     real_sdf,
 )
-from smoulder.registration.fields import exponentiate, gradient_of_poisson, smooth_random_velocity
+from smoulder.registration.fields import (
+    exponentiate,
+    gradient_of_poisson,
+    sample_field,
+    smooth_random_velocity,
+)
 
 #: Channels of a session's truth fractions. Air is what they leave.
 SESSION_CLASSES: tuple[str, ...] = (
@@ -241,26 +246,36 @@ def place_lesions(
                 break
         else:
             continue
-        lo, hi = sdf.bounds_mm
         patch = Patch(sdf.data, sdf.origin_mm + center, sdf.spacing_mm)
-        first = (
-            0
-            if i < config.lesions
-            else 1 + (i - config.lesions) // max(config.new_lesions_per_session, 1)
-        )
         lesions.append(
             Lesion(
                 lesion_id=len(lesions) + 1,
                 location=location,
                 sdf=patch,
                 center_mm=center,
-                first_session=first,
+                first_session=_first_session(i, config),
                 shape_source=source,
                 radius_mm=radius,
             )
         )
     assign_lesion_types(lesions, config, rng)
     return lesions
+
+
+def _first_session(i: int, config: PhantomConfig) -> int:
+    """Return the session where the ``i``-th drawn lesion appears.
+
+    The first ``config.lesions`` exist at baseline; the rest arrive
+    ``config.new_lesions_per_session`` at a time from the second session on.
+
+    Examples:
+        >>> cfg = PhantomConfig(sessions=3, lesions=2, new_lesions_per_session=2)
+        >>> [_first_session(i, cfg) for i in range(6)]
+        [0, 0, 1, 1, 2, 2]
+    """
+    if i < config.lesions:
+        return 0
+    return 1 + (i - config.lesions) // max(config.new_lesions_per_session, 1)
 
 
 def assign_lesion_types(
@@ -338,7 +353,7 @@ def atrophy_basis(anatomy: Anatomy, subject: Subject) -> np.ndarray:
     grid = np.stack(np.meshgrid(*[np.arange(n) * factor for n in coarse], indexing="ij")).astype(
         np.float32
     )
-    pts = grid + _sample_field(subject.subject_velocity, grid / factor) * factor
+    pts = grid + sample_field(subject.subject_velocity, grid / factor) * factor
     frac = [ndimage.map_coordinates(anatomy.fractions[i], pts, order=1) for i in range(4)]
     csf, gm, deep, wm = frac
     parenchyma, grey = gm + deep + wm, gm + deep
@@ -349,16 +364,6 @@ def atrophy_basis(anatomy: Anatomy, subject: Subject) -> np.ndarray:
         source = -tissue + csf_ic * (tissue.sum() / max(csf_ic.sum(), 1e-6))
         basis.append(gradient_of_poisson(source, spacing))
     return np.stack(basis)
-
-
-def _sample_field(field_: np.ndarray, coords: np.ndarray) -> np.ndarray:
-    """Return a vector field ``(3, *grid)`` sampled at voxel coordinates (nearest outside)."""
-    return np.stack(
-        [
-            ndimage.map_coordinates(c, coords, order=1, mode="nearest", prefilter=False)
-            for c in field_
-        ]
-    )
 
 
 # ----------------------------------------------------------------------------- session truth
@@ -398,11 +403,11 @@ def template_points(
     if a or b:
         vel = a * subject.atrophy_basis[0] + b * subject.atrophy_basis[1]
         # pull-back of the forward flow: first order in the (sub-voxel) velocity
-        subj_0 = subj_t - _sample_field(vel, coarse) * (sp * factor)
+        subj_0 = subj_t - sample_field(vel, coarse) * (sp * factor)
         coarse = (subj_0 - aff[:3, 3, None, None, None].astype(np.float32)) / (sp * factor)
     else:
         subj_0 = subj_t
-    tmpl = coarse * factor + _sample_field(subject.subject_velocity, coarse) * factor
+    tmpl = coarse * factor + sample_field(subject.subject_velocity, coarse) * factor
     return tmpl.astype(np.float32), subj_0.astype(np.float32), subj_t.astype(np.float32)
 
 

@@ -547,6 +547,10 @@ def gre_signal(
 ) -> NDArray[np.complex64]:
     """Return complex multi-echo spoiled-GRE signals with the module's phase convention.
 
+    Echo ``k`` is ``S_spgr(TE=0) * exp(-TE_k / T2*) * exp(i * phase(TE_k))``: the spoiled
+    steady state decaying with T2*, its phase as in the module's conventions (a paramagnetic
+    source advances it).
+
     Args:
         pd: Proton density.
         t1_ms: T1 of each class.

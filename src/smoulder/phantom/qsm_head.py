@@ -58,7 +58,22 @@ LESION_RIM = (0.06, 0.72, 25.0)
 
 @dataclass(frozen=True)
 class HeadGreConfig:
-    """What one head-model GRE looks like."""
+    """What one head-model GRE looks like.
+
+    Attributes:
+        voxel_mm: isotropic voxel the head model's label grid is taken to have.
+        echoes: number of echoes, at ``first_te_ms + k * echo_spacing_ms``.
+        first_te_ms: first echo time.
+        echo_spacing_ms: time between echoes.
+        b0_tesla: field strength.
+        snr: white-matter magnitude of the first echo over the noise sd.
+        tilt_deg: rotation of B0 about the first voxel axis (oblique acquisition).
+        rim_lesions: lesions with a paramagnetic rim.
+        plain_lesions: lesions without one.
+        radius_mm: range of the ellipsoids' semi-axes, drawn uniformly.
+        rim_mm: thickness of the rim shell inside the lesion edge.
+        seed: random seed: lesion positions, phase offset and noise.
+    """
 
     voxel_mm: float = 0.7
     echoes: int = 5

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from smoulder.devices import DEVICES
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -43,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
         help="TV's data term: weighted by the field's reliability (1/noise, from the magnitudes "
         "and echo times; default) or uniform",
     )
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto")
     return p
 
 
@@ -51,10 +53,11 @@ def run(args: argparse.Namespace) -> int:
     """Run ``smoulder qsm``; return the exit status."""
     import nibabel as nib
     import numpy as np
-    import torch
 
+    from smoulder.devices import resolve_device
     from smoulder.images import save_json
     from smoulder.qsm.reconstruct import (
+        InversionSettings,
         filtered_phase,
         load_echoes,
         magnitude_mask,
@@ -62,9 +65,7 @@ def run(args: argparse.Namespace) -> int:
         swi,
     )
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(args.device)
     echoes = load_echoes(list(args.magnitude), list(args.phase))
     grid = echoes.magnitude.shape[1:]
     mask = _mask(args.mask, grid) if args.mask else magnitude_mask(echoes.magnitude)
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         device=device,
         unwrap=args.unwrap,
         reference_mask=reference,
-        data_weight=args.data_weight,
+        settings=InversionSettings(data_weight=args.data_weight),
     )
     args.out.mkdir(parents=True, exist_ok=True)
     hp = filtered_phase(echoes)

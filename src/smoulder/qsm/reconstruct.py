@@ -24,6 +24,7 @@ from scipy import ndimage as ndi
 
 from smoulder.devices import available_cpus
 from smoulder.errors import InputError
+from smoulder.grids import voxel_sizes
 from smoulder.images import phase_to_radians, read_voxels
 from smoulder.qsm import core
 
@@ -58,10 +59,11 @@ class Echoes:
     @property
     def voxel_mm(self) -> tuple[float, float, float]:
         """Voxel size along each array axis."""
-        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+        return tuple(float(v) for v in voxel_sizes(self.affine))  # type: ignore[return-value]
 
 
-def _sidecar(path: Path) -> dict[str, Any]:
+def _read_sidecar(path: Path) -> dict[str, Any]:
+    """Return the JSON sidecar of the image ``path`` (``.nii[.gz]`` → ``.json``) as a dict."""
     side = Path(str(path).removesuffix(".gz").removesuffix(".nii") + ".json")
     if not side.exists():
         raise InputError(
@@ -106,7 +108,7 @@ def load_echoes(magnitudes: list[Path], phases: list[Path]) -> Echoes:
                 expected=f"the grid of the first echo ({shape})",
                 found=f"{m_shape} or another affine",
             )
-        side = {**_sidecar(m_path), **_sidecar(p_path)}
+        side = {**_read_sidecar(m_path), **_read_sidecar(p_path)}
         if "EchoTime" not in side:
             raise InputError(str(p_path), expected="EchoTime (s) in the sidecar", found="none")
         if "MagneticFieldStrength" not in side:
@@ -298,55 +300,85 @@ class QsmResult:
     timings: dict[str, float]
 
 
+@dataclass(frozen=True)
+class InversionSettings:
+    """Settings of the background removal and the dipole inversion of :func:`reconstruct`.
+
+    Attributes:
+        tv_lambda: TV's regularisation weight, per mm of gradient (:func:`core.tv_admm`).
+        tv_rho: ADMM's penalty of the gradient split.
+        tv_mu: ADMM's penalty of the field split (used with a data weight).
+        tv_iterations: ADMM iterations.
+        data_weight: how TV weights its data term, one of :data:`DATA_WEIGHTS`.
+        edge_share: share of the magnitude's strongest edges kept sharp (0: none).
+        tkd_threshold: TKD's truncation of the dipole kernel.
+        vsharp_radii_mm: V-SHARP's ball radii, largest first.
+
+    Examples:
+        >>> InversionSettings(data_weight="uniform").tv_iterations == TV_ITERATIONS
+        True
+    """
+
+    tv_lambda: float = TV_LAMBDA
+    tv_rho: float = TV_RHO
+    tv_mu: float = TV_MU
+    tv_iterations: int = TV_ITERATIONS
+    data_weight: str = "reliability"
+    edge_share: float = TV_EDGE_SHARE
+    tkd_threshold: float = TKD_THRESHOLD
+    vsharp_radii_mm: tuple[float, ...] = VSHARP_RADII_MM
+
+    def admm_keywords(self) -> dict[str, Any]:
+        """Return the keywords of :func:`core.tv_admm` that these settings set."""
+        lam, rho, mu = self.tv_lambda, self.tv_rho, self.tv_mu
+        return {"lam": lam, "rho": rho, "mu": mu, "iterations": self.tv_iterations}
+
+    def tv_parameters(self, *, weighted: bool) -> dict[str, Any]:
+        """Return the TV settings as the sidecar states them (``mu`` only where it was used:
+        with a data weight)."""
+        params: dict[str, Any] = {"lambda": self.tv_lambda, "rho": self.tv_rho}
+        params.update(iterations=self.tv_iterations, edge_share=self.edge_share)
+        params["data_weight"] = self.data_weight
+        if weighted:
+            params["mu"] = self.tv_mu
+        return params
+
+
 def reconstruct(
     echoes: Echoes,
     mask: np.ndarray,
     *,
     method: str = "tv",
     device: str = "cpu",
-    tv_lambda: float = TV_LAMBDA,
-    tv_rho: float = TV_RHO,
-    tv_mu: float = TV_MU,
-    tv_iterations: int = TV_ITERATIONS,
-    data_weight: str = "reliability",
-    edge_share: float = TV_EDGE_SHARE,
-    tkd_threshold: float = TKD_THRESHOLD,
-    vsharp_radii_mm: tuple[float, ...] = VSHARP_RADII_MM,
     unwrap: str = "laplacian",
     reference_mask: np.ndarray | None = None,
+    settings: InversionSettings = InversionSettings(),
 ) -> QsmResult:
     """Return χ (ppm) and the fields of ``echoes`` inside ``mask`` (see the module docstring).
 
     χ is referenced to its mean inside ``reference_mask`` (e.g. the ventricles' CSF, on the
     GRE grid) where at least :data:`MIN_REFERENCE_VOXELS` of it lie in the QSM mask, else to
     the QSM mask's mean; ``parameters["reference"]`` says which was used.
+
+    Args:
+        echoes: the GRE's echoes (:func:`load_echoes`).
+        mask: brain mask on the GRE grid.
+        method: dipole inversion, ``tv`` or ``tkd``.
+        device: ``cpu`` or ``cuda`` (a resolved device: :func:`smoulder.devices.resolve_device`).
+        unwrap: spatial unwrapping, ``laplacian`` or ``quality``.
+        reference_mask: optional mask (GRE grid) whose mean χ is the zero.
+        settings: background removal and inversion settings.
     """
     import torch
 
-    if method not in ("tv", "tkd"):
-        raise ValueError(f"method: expected 'tv' or 'tkd', found {method!r}")
-    if data_weight not in DATA_WEIGHTS:
-        raise ValueError(f"data_weight: expected one of {DATA_WEIGHTS}, found {data_weight!r}")
-    if unwrap not in ("laplacian", "quality"):
-        raise ValueError(f"unwrap: expected 'laplacian' or 'quality', found {unwrap!r}")
-    if mask.shape != echoes.magnitude.shape[1:] or not mask.any():
-        raise InputError(
-            "mask",
-            expected=f"a non-empty mask on the GRE grid {echoes.magnitude.shape[1:]}",
-            found=f"{mask.shape}, {int(mask.sum())} voxels",
-        )
+    _check_options(method, unwrap, settings)
+    _check_masks(echoes, mask, reference_mask)
     # work inside the mask's box plus the largest V-SHARP radius: a whole-head field of view
     # is often twice the brain's volume
     vox = echoes.voxel_mm
-    margin = [int(math.ceil(max(vsharp_radii_mm) / v)) + 2 for v in vox]
+    margin = [int(math.ceil(max(settings.vsharp_radii_mm) / v)) + 2 for v in vox]
     box = fft_box(mask, margin)
     full_shape = mask.shape
-    if reference_mask is not None and reference_mask.shape != full_shape:
-        raise InputError(
-            "reference mask",
-            expected=f"a mask on the GRE grid {full_shape}",
-            found=f"{reference_mask.shape}",
-        )
     ref_box = None if reference_mask is None else crop_pad(np.asarray(reference_mask, bool), box)
     echoes = Echoes(
         magnitude=crop_pad(echoes.magnitude, box),
@@ -356,10 +388,82 @@ def reconstruct(
         affine=echoes.affine,
         sources=echoes.sources,
     )
-    mask = crop_pad(mask, box)
     timings: dict[str, float] = {}
-    tic = time.perf_counter()
     dev = torch.device(device)
+    total, local, kept, reliability = _fields(
+        echoes, crop_pad(mask, box), method, unwrap, settings, dev, timings
+    )
+    tic = time.perf_counter()
+    b0 = core.b0_in_voxels(echoes.affine)
+    chi, params = _invert(echoes, local, kept, reliability, b0, method, settings)
+    chi, reference = _referenced(chi, kept, ref_box)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    timings["inversion_s"] = time.perf_counter() - tic
+    params.update(
+        {
+            "vsharp_radii_mm": list(settings.vsharp_radii_mm),
+            "unwrapping": unwrap,
+            "reference": reference,
+            "b0_direction_voxels": [round(float(v), 6) for v in b0],
+        }
+    )
+    return QsmResult(
+        chi_ppm=_uncropped(chi, box, full_shape),
+        total_field_ppm=_uncropped(total, box, full_shape),
+        local_field_ppm=_uncropped(local, box, full_shape),
+        mask=_uncropped(kept, box, full_shape),
+        method=method,
+        parameters=params,
+        timings=timings,
+    )
+
+
+def _check_options(method: str, unwrap: str, settings: InversionSettings) -> None:
+    """Raise ValueError naming the first unknown method, unwrapping or data weight."""
+    if method not in ("tv", "tkd"):
+        raise ValueError(f"method: expected 'tv' or 'tkd', found {method!r}")
+    if settings.data_weight not in DATA_WEIGHTS:
+        found = settings.data_weight
+        raise ValueError(f"data_weight: expected one of {DATA_WEIGHTS}, found {found!r}")
+    if unwrap not in ("laplacian", "quality"):
+        raise ValueError(f"unwrap: expected 'laplacian' or 'quality', found {unwrap!r}")
+
+
+def _check_masks(echoes: Echoes, mask: np.ndarray, reference_mask: np.ndarray | None) -> None:
+    """Raise InputError unless ``mask`` (non-empty) and ``reference_mask`` are on the GRE grid."""
+    if mask.shape != echoes.magnitude.shape[1:] or not mask.any():
+        raise InputError(
+            "mask",
+            expected=f"a non-empty mask on the GRE grid {echoes.magnitude.shape[1:]}",
+            found=f"{mask.shape}, {int(mask.sum())} voxels",
+        )
+    if reference_mask is not None and reference_mask.shape != mask.shape:
+        raise InputError(
+            "reference mask",
+            expected=f"a mask on the GRE grid {mask.shape}",
+            found=f"{reference_mask.shape}",
+        )
+
+
+def _fields(
+    echoes: Echoes,
+    mask: np.ndarray,
+    method: str,
+    unwrap: str,
+    settings: InversionSettings,
+    dev: torch.device,
+    timings: dict[str, float],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Return the total field, the local field (ppm), V-SHARP's mask and, for a reliability
+    weighted TV, the field's reliability; ``timings`` gets ``unwrap_s`` and ``background_s``.
+
+    All on ``echoes``' (cropped) grid; ``mask`` is the brain mask there.
+    """
+    import torch
+
+    vox = echoes.voxel_mm
+    tic = time.perf_counter()
     m = torch.from_numpy(np.ascontiguousarray(mask)).to(dev)
     head = torch.from_numpy(np.ascontiguousarray(ndi.binary_dilation(mask, iterations=2))).to(dev)
     mags = torch.from_numpy(echoes.magnitude).to(dev)
@@ -371,62 +475,74 @@ def reconstruct(
     slope, _ = core.fit_field(unwrapped, mags, echoes.echo_times_ms)
     total = slope / core.rad_per_ms_per_ppm(echoes.b0_tesla) * m
     del unwrapped
-    local, kept = core.vsharp(total, m, vox, radii_mm=vsharp_radii_mm)
+    local, kept = core.vsharp(total, m, vox, radii_mm=settings.vsharp_radii_mm)
     reliability = None
-    if method == "tv" and data_weight == "reliability":
+    if method == "tv" and settings.data_weight == "reliability":
         reliability = core.field_reliability(mags, echoes.echo_times_ms, kept)
     del mags
     timings["background_s"] = time.perf_counter() - tic
-    tic = time.perf_counter()
-    b0 = core.b0_in_voxels(echoes.affine)
     if not bool(kept.any()):
         raise InputError(
             "mask",
-            expected=f"a mask thicker than V-SHARP's smallest ball ({min(vsharp_radii_mm)} mm)",
+            expected="a mask thicker than V-SHARP's smallest ball "
+            f"({min(settings.vsharp_radii_mm)} mm)",
             found=f"{int(m.sum())} voxels, none left after erosion",
         )
-    # the inversion needs only the V-SHARP mask and a margin of zero field around it
+    return total, local, kept, reliability
+
+
+def _invert(
+    echoes: Echoes,
+    local: torch.Tensor,
+    kept: torch.Tensor,
+    reliability: torch.Tensor | None,
+    b0: np.ndarray,
+    method: str,
+    settings: InversionSettings,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Return χ (ppm, unreferenced, on ``local``'s grid) and the inversion's parameters.
+
+    The inversion runs in the box of V-SHARP's mask ``kept`` with a margin of zero field
+    (:data:`INVERSION_MARGIN`), not on the whole grid; ``b0`` is the field's direction in
+    voxel coordinates.
+    """
+    import torch
+
+    vox, dev = echoes.voxel_mm, local.device
     inner = fft_box(kept.cpu().numpy(), [INVERSION_MARGIN] * 3)
     inner_t = tuple(slice(s.start, min(s.stop, n)) for s, n in zip(inner, kept.shape, strict=True))
     local_in = crop_pad_t(local, inner)
-    kept_in = crop_pad_t(kept, inner)
     kernel = core.dipole_kernel(local_in.shape, vox, tuple(float(v) for v in b0), device=dev)
     if method == "tkd":
-        chi_in = core.tkd(local_in, kernel, tkd_threshold)
-        params: dict[str, Any] = {"threshold": tkd_threshold}
+        chi_in = core.tkd(local_in, kernel, settings.tkd_threshold)
+        params: dict[str, Any] = {"threshold": settings.tkd_threshold}
     else:
         weights = None
-        if edge_share > 0:  # keep the magnitude's edges (rims darken the late echoes)
+        if settings.edge_share > 0:  # keep the magnitude's edges (rims darken the late echoes)
             mean_mag = crop_pad_t(torch.from_numpy(echoes.magnitude.mean(0)).to(dev), inner)
-            weights = core.edge_weights(mean_mag, kept_in, edge_share=edge_share)
+            kept_in = crop_pad_t(kept, inner)
+            weights = core.edge_weights(mean_mag, kept_in, edge_share=settings.edge_share)
         # 0 outside V-SHARP's mask, where the field is unknown (not 0)
         data_w = None if reliability is None else crop_pad_t(reliability, inner)
-        chi_in = core.tv_admm(
-            local_in,
-            kernel,
-            vox,
-            lam=tv_lambda,
-            rho=tv_rho,
-            mu=tv_mu,
-            iterations=tv_iterations,
-            weights=weights,
-            data_weight=data_w,
-        )
-        params = {
-            "lambda": tv_lambda,
-            "rho": tv_rho,
-            "iterations": tv_iterations,
-            "edge_share": edge_share,
-            "data_weight": data_weight,
-        }
-        if data_w is not None:
-            params["mu"] = tv_mu
+        tv = settings.admm_keywords()
+        chi_in = core.tv_admm(local_in, kernel, vox, weights=weights, data_weight=data_w, **tv)
+        params = settings.tv_parameters(weighted=data_w is not None)
     chi = torch.zeros_like(local)
     chi[inner_t] = chi_in[tuple(slice(0, s.stop - s.start) for s in inner_t)]
+    return chi, params
+
+
+def _referenced(
+    chi: torch.Tensor, kept: torch.Tensor, ref_box: np.ndarray | None
+) -> tuple[torch.Tensor, str]:
+    """Return χ minus its mean in the reference region, zero outside ``kept``, and what the
+    reference was (the reference mask where enough of it lies in ``kept``, else ``kept``)."""
+    import torch
+
     reference = "mean susceptibility of the QSM mask"
     ref = kept
     if ref_box is not None:
-        candidate = torch.from_numpy(ref_box).to(dev) & kept
+        candidate = torch.from_numpy(ref_box).to(kept.device) & kept
         count = int(candidate.sum())
         if count >= MIN_REFERENCE_VOXELS:
             ref = candidate
@@ -434,37 +550,18 @@ def reconstruct(
         else:
             reference += f" (the reference mask had {count} voxels in it, fewer than "
             reference += f"{MIN_REFERENCE_VOXELS})"
-    chi = (chi - chi[ref].mean()) * kept
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    timings["inversion_s"] = time.perf_counter() - tic
-    params.update(
-        {
-            "vsharp_radii_mm": list(vsharp_radii_mm),
-            "unwrapping": unwrap,
-            "reference": reference,
-            "b0_direction_voxels": [round(float(v), 6) for v in b0],
-        }
-    )
+    return (chi - chi[ref].mean()) * kept, reference
 
-    def full(x: torch.Tensor) -> np.ndarray:
-        out: np.ndarray = np.zeros(
-            full_shape, dtype=np.bool_ if x.dtype == torch.bool else np.float32
-        )
-        inside = tuple(slice(b.start, min(b.stop, n)) for b, n in zip(box, full_shape, strict=True))
-        part = x.cpu().numpy()[tuple(slice(0, s.stop - s.start) for s in inside)]
-        out[inside] = part
-        return out
 
-    return QsmResult(
-        chi_ppm=full(chi),
-        total_field_ppm=full(total),
-        local_field_ppm=full(local),
-        mask=full(kept),
-        method=method,
-        parameters=params,
-        timings=timings,
-    )
+def _uncropped(x: torch.Tensor, box: tuple[slice, ...], full_shape: tuple[int, ...]) -> np.ndarray:
+    """Return the cropped ``x`` put back into a zero array of ``full_shape`` (bool stays bool,
+    everything else becomes float32)."""
+    import torch
+
+    out: np.ndarray = np.zeros(full_shape, dtype=np.bool_ if x.dtype == torch.bool else np.float32)
+    inside = tuple(slice(b.start, min(b.stop, n)) for b, n in zip(box, full_shape, strict=True))
+    out[inside] = x.cpu().numpy()[tuple(slice(0, s.stop - s.start) for s in inside)]
+    return out
 
 
 def filtered_phase(echoes: Echoes, echo: int = -1, *, kernel_fraction: float = 0.125) -> np.ndarray:

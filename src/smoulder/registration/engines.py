@@ -25,23 +25,27 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 import scipy.linalg
 
+from smoulder.devices import available_cpus, resolve_device, torch_threads
 from smoulder.errors import RegistrationError
+from smoulder.grids import voxel_volume_mm3
 from smoulder.images import coarsen
+from smoulder.registration import ENGINES
 from smoulder.registration import torch_engine as te
 from smoulder.registration.transforms import (
     AffineTransform,
     DisplacementTransform,
     TransformChain,
+    require_mask,
     resample,
 )
 
 TRANSFORMS = ("rigid", "affine", "deformable")
-ENGINES = ("auto", "greedy", "torch", "fireants", "ants")
 
 
 @dataclass
@@ -89,8 +93,6 @@ def resolve_engine(engine: str, device: str) -> tuple[str, str]:
         raise RegistrationError(
             "registration engine", expected=f"one of {ENGINES}", found=repr(engine)
         )
-    from smoulder.devices import resolve_device
-
     dev = resolve_device(device)
     if engine == "auto":
         engine = "torch" if dev == "cuda" else "greedy"
@@ -135,32 +137,13 @@ def register(
         RegistrationError: bad arguments, non-3D or blank images, an empty mask, or a result
             under which the two images do not overlap.
     """
-    if transform not in TRANSFORMS:
-        raise RegistrationError("transform", expected=f"one of {TRANSFORMS}", found=repr(transform))
-    f_data, m_data = _volume(fixed, "fixed image"), _volume(moving, "moving image")
-    for data, what in ((f_data, "fixed image"), (m_data, "moving image")):
-        if not np.isfinite(data).all() or float(data.max()) <= float(data.min()):
-            raise RegistrationError(
-                what,
-                expected="an image with signal",
-                found="no signal (every voxel has the same value) or non-finite values",
-            )
-    if initialise not in ("centres", "header"):
-        raise RegistrationError("initialise", expected="centres or header", found=repr(initialise))
+    f_data, m_data = _checked_images(fixed, moving, transform, initialise)
     if fixed_mask is not None:
-        fixed_mask = np.asarray(fixed_mask, bool)
-        if fixed_mask.shape != f_data.shape:
-            raise RegistrationError(
-                "fixed mask", expected=f"shape {f_data.shape}", found=str(fixed_mask.shape)
-            )
-        if not fixed_mask.any():
-            raise RegistrationError(
-                "fixed mask", expected="at least one voxel", found="an empty mask"
-            )
+        fixed_mask = require_mask(fixed_mask, fixed, what="fixed mask")
     if metric == "auto":
         metric = "ncc" if transform == "deformable" else "mi"
     engine, dev = resolve_engine(engine, device)
-    threads = threads or _cpus()
+    threads = threads or available_cpus()
     start = time.perf_counter()
     if engine == "ants":
         fwd, inv = _ants(fixed, moving, transform, metric, seed)
@@ -173,41 +156,39 @@ def register(
         aff = AffineTransform(matrix)
         fwd, inv = TransformChain([aff]), TransformChain([aff.inverse()])
     else:
-        import torch
-
-        torch.set_num_threads(threads)
-        dof = 6 if transform == "rigid" else 12
-        matrix = te.affine(
-            f_data,
-            fixed.affine,
-            m_data,
-            moving.affine,
-            settings=te.AffineSettings(dof=dof, metric="mi" if metric == "mi" else "ncc"),
-            fixed_mask=fixed_mask,
-            device=dev,
-            seed=seed,
-            initial=np.eye(4) if initialise == "header" else None,
-        )
-        aff = AffineTransform(matrix)
-        fwd, inv = TransformChain([aff]), TransformChain([aff.inverse()])
-        if transform == "deformable":
-            settings = settings or default_settings(engine, fixed)
-            if engine == "greedy":
-                fwd, inv = _greedy_deformable(
-                    fixed, moving, matrix, fixed_mask, seed, threads, settings
-                )
-            else:
-                fwd, inv = _torch_deformable(
-                    f_data,
-                    fixed.affine,
-                    m_data,
-                    moving.affine,
-                    matrix,
-                    fixed_mask,
-                    dev,
-                    seed,
-                    settings,
-                )
+        with torch_threads(threads):
+            dof = 6 if transform == "rigid" else 12
+            matrix = te.affine(
+                f_data,
+                fixed.affine,
+                m_data,
+                moving.affine,
+                settings=te.AffineSettings(dof=dof, metric="mi" if metric == "mi" else "ncc"),
+                fixed_mask=fixed_mask,
+                device=dev,
+                seed=seed,
+                initial=np.eye(4) if initialise == "header" else None,
+            )
+            aff = AffineTransform(matrix)
+            fwd, inv = TransformChain([aff]), TransformChain([aff.inverse()])
+            if transform == "deformable":
+                settings = settings or default_settings(engine, fixed)
+                if engine == "greedy":
+                    fwd, inv = _greedy_deformable(
+                        fixed, moving, matrix, fixed_mask, seed, threads, settings
+                    )
+                else:
+                    fwd, inv = _torch_deformable(
+                        f_data,
+                        fixed.affine,
+                        m_data,
+                        moving.affine,
+                        matrix,
+                        fixed_mask,
+                        dev,
+                        seed,
+                        settings,
+                    )
     if dev == "cuda":
         import torch
 
@@ -215,6 +196,30 @@ def register(
     wall = time.perf_counter() - start
     _check_overlap(fixed, f_data, fixed_mask, moving, fwd)
     return Registration(fwd, inv, engine, dev, wall)
+
+
+def _checked_images(
+    fixed: nib.Nifti1Image, moving: nib.Nifti1Image, transform: str, initialise: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return the fixed and moving voxel arrays (float32, 3D), checked with the options.
+
+    Raises:
+        RegistrationError: an unknown transform or initialisation, a non-3D image, or one
+            without signal.
+    """
+    if transform not in TRANSFORMS:
+        raise RegistrationError("transform", expected=f"one of {TRANSFORMS}", found=repr(transform))
+    f_data, m_data = _volume(fixed, "fixed image"), _volume(moving, "moving image")
+    for data, what in ((f_data, "fixed image"), (m_data, "moving image")):
+        if not np.isfinite(data).all() or float(data.max()) <= float(data.min()):
+            raise RegistrationError(
+                what,
+                expected="an image with signal",
+                found="no signal (every voxel has the same value) or non-finite values",
+            )
+    if initialise not in ("centres", "header"):
+        raise RegistrationError("initialise", expected="centres or header", found=repr(initialise))
+    return f_data, m_data
 
 
 def default_settings(engine: str, fixed: nib.Nifti1Image) -> te.DeformableSettings:
@@ -229,7 +234,7 @@ def default_settings(engine: str, fixed: nib.Nifti1Image) -> te.DeformableSettin
     :func:`register` 0.96 mm without it, 0.80 mm with it; :func:`halfway` on its 1.44-mm
     grid 0.64 against 0.57 mm (on a 1-mm grid it made no difference: 0.560 against 0.565 mm).
     """
-    voxel_mm = _voxel_volume_mm(fixed)
+    voxel_mm = _voxel_edge_mm(fixed)
     if engine == "greedy":
         last = 0 if voxel_mm < 1.2 else 10
         return te.DeformableSettings(iterations=(100, 50, last), ncc_radius=2)
@@ -461,19 +466,14 @@ def _fireants(
     threads: int,
     settings: te.DeformableSettings | None,
 ) -> tuple[TransformChain, TransformChain]:
-    """Run FireANTs; return forward and inverse chains as displacement fields.
+    """Run FireANTs (:func:`fireants_registration`); return forward and inverse chains.
 
-    Affine: CC (kernel 5) or MI, Adam at lr 3e-3 (its default 3e-2 diverged on the phantom);
-    deformable: its compositive greedy method (CC kernel 5, Adam lr 0.5), on scales 4, 2, 1
-    with 200, 100, 50 iterations (``settings`` may change the scales and iterations).
+    ``settings`` may change the scales and iterations (default: 4, 2, 1 with 200, 100, 50).
     """
     try:
         import SimpleITK as sitk
         import torch
         from fireants.io.image import BatchedImages, Image
-        from fireants.registration.affine import AffineRegistration
-        from fireants.registration.greedy import GreedyRegistration
-        from fireants.registration.rigid import RigidRegistration
     except ImportError as exc:
         raise RegistrationError(
             "engine fireants",
@@ -482,28 +482,51 @@ def _fireants(
             hint="pip install 'smoulder[gpu]'",
         ) from exc
 
-    torch.manual_seed(seed)
-    torch.set_num_threads(threads)
-
     def load(img: nib.Nifti1Image, name: str, folder: Path) -> BatchedImages:
         path = folder / f"{name}.nii"
         nib.save(nib.Nifti1Image(_volume(img, name), img.affine), path)
         return BatchedImages([Image(sitk.ReadImage(str(path)), device=device)])
 
-    with tempfile.TemporaryDirectory(prefix="smoulder-fireants-") as tmp:
-        f, m = load(fixed, "fixed", Path(tmp)), load(moving, "moving", Path(tmp))
-    scales, iters = [4, 2, 1], [200, 100, 50]
-    if settings is not None:
-        scales, iters = list(settings.shrink), list(settings.iterations)
-    loss = "mi" if metric == "mi" else "cc"
+    torch.manual_seed(seed)
+    with torch_threads(threads):
+        with tempfile.TemporaryDirectory(prefix="smoulder-fireants-") as tmp:
+            f, m = load(fixed, "fixed", Path(tmp)), load(moving, "moving", Path(tmp))
+        scales, iters = [4, 2, 1], [200, 100, 50]
+        if settings is not None:
+            scales, iters = list(settings.shrink), list(settings.iterations)
+        loss = "mi" if metric == "mi" else "cc"
+        reg = fireants_registration(f, m, transform, loss, scales, iters)
+        with torch.no_grad():
+            fwd_pts = fireants_points(reg.get_warped_coordinates(f, m), m.get_torch2phy())
+            if transform == "deformable":
+                inv_grid = reg.get_inverse_warped_coordinates(f, m)
+                inv_pts = fireants_points(inv_grid, f.get_torch2phy())
+    if transform != "deformable":
+        return _linear_chains(fwd_pts, fixed)
+    fwd = _points_to_displacement(fwd_pts, fixed)
+    return TransformChain([fwd]), TransformChain([_points_to_displacement(inv_pts, moving)])
+
+
+def fireants_registration(
+    fixed: Any, moving: Any, transform: str, loss: str, scales: list[int], iterations: list[int]
+) -> Any:
+    """Return FireANTs' registration of ``moving`` to ``fixed`` (``BatchedImages``), optimised.
+
+    Rigid: its rigid method with ``loss`` (``mi`` or ``cc``). Affine: CC (kernel 5) or MI, Adam
+    at lr 3e-3 (its default 3e-2 diverged on the phantom). Deformable: that affine, then its
+    compositive greedy method (CC kernel 5, Adam lr 0.5). The settings smoulder's ``fireants``
+    engine and the registration benchmark's FireANTs runs share.
+    """
+    from fireants.registration.affine import AffineRegistration
+    from fireants.registration.greedy import GreedyRegistration
+    from fireants.registration.rigid import RigidRegistration
+
+    pyramid = (scales, iterations, fixed, moving)
     if transform == "rigid":
-        reg = RigidRegistration(scales, iters, f, m, loss_type=loss, progress_bar=False)
+        reg = RigidRegistration(*pyramid, loss_type=loss, progress_bar=False)
     else:
         reg = AffineRegistration(
-            scales,
-            iters,
-            f,
-            m,
+            *pyramid,
             loss_type=loss,
             cc_kernel_size=5,
             optimizer="Adam",
@@ -513,10 +536,7 @@ def _fireants(
     reg.optimize()
     if transform == "deformable":
         reg = GreedyRegistration(
-            scales,
-            iters,
-            f,
-            m,
+            *pyramid,
             loss_type="cc",
             cc_kernel_size=5,
             deformation_type="compositive",
@@ -528,29 +548,32 @@ def _fireants(
             progress_bar=False,
         )
         reg.optimize()
-    with torch.no_grad():
-        fwd_pts = _fireants_points(reg.get_warped_coordinates(f, m), m.get_torch2phy())
-        if transform == "deformable":
-            inv_pts = _fireants_points(reg.get_inverse_warped_coordinates(f, m), f.get_torch2phy())
-    if transform != "deformable":
-        # a linear map: fit its matrix to the points (exact up to rounding), then invert it
-        shape = fixed.shape[:3]
-        idx = np.indices(shape, dtype=np.float64).reshape(3, -1)[:, ::97]
-        world = nib.affines.apply_affine(fixed.affine, idx.T)
-        design = np.c_[world, np.ones(len(world))]
-        sol, *_ = np.linalg.lstsq(design, fwd_pts.reshape(3, -1)[:, ::97].T, rcond=None)
-        matrix = np.eye(4)
-        matrix[:3] = sol.T
-        aff = AffineTransform(matrix)
-        return TransformChain([aff]), TransformChain([aff.inverse()])
-    fwd = _points_to_displacement(fwd_pts, fixed)
-    return TransformChain([fwd]), TransformChain([_points_to_displacement(inv_pts, moving)])
+    return reg
 
 
-def _fireants_points(grid: object, torch2phy: object) -> np.ndarray:
+def _linear_chains(
+    points: np.ndarray, fixed: nib.Nifti1Image
+) -> tuple[TransformChain, TransformChain]:
+    """Return the chains of the affine map fitted to ``points`` (``(3, X, Y, Z)``, the image
+    of every ``fixed`` voxel), and its inverse.
+
+    The points of a linear map fit its matrix exactly up to rounding; every 97th voxel is used.
+    """
+    shape = fixed.shape[:3]
+    idx = np.indices(shape, dtype=np.float64).reshape(3, -1)[:, ::97]
+    world = nib.affines.apply_affine(fixed.affine, idx.T)
+    design = np.c_[world, np.ones(len(world))]
+    sol, *_ = np.linalg.lstsq(design, points.reshape(3, -1)[:, ::97].T, rcond=None)
+    matrix = np.eye(4)
+    matrix[:3] = sol.T
+    aff = AffineTransform(matrix)
+    return TransformChain([aff]), TransformChain([aff.inverse()])
+
+
+def fireants_points(grid: Any, torch2phy: Any) -> np.ndarray:
     """Return RAS points ``(3, X, Y, Z)`` of FireANTs normalised coordinates ``[1, Z, Y, X, 3]``."""
-    mat = torch2phy[0].detach().double().cpu().numpy()  # type: ignore[index]
-    pts = grid[0].detach().double().cpu().numpy()  # type: ignore[index]
+    mat = torch2phy[0].detach().double().cpu().numpy()
+    pts = grid[0].detach().double().cpu().numpy()
     lps = pts @ mat[:3, :3].T + mat[:3, 3]
     ras = lps * np.array([-1.0, -1.0, 1.0])
     return np.moveaxis(ras, -1, 0).transpose(0, 3, 2, 1)
@@ -609,6 +632,7 @@ def halfway(
     construction (up to the numerical accuracy of the exponential).
     """
     engine, dev = resolve_engine(engine, device)
+    threads = threads or available_cpus()
     start = time.perf_counter()
     linear = "affine" if transform == "affine" else "rigid"
     first = register(
@@ -639,40 +663,49 @@ def halfway(
             mask_mid = (
                 np.asarray(resample(mask_img, reference, to_a, interpolation="nearest").dataobj) > 0
             )
-        if engine == "torch":
-            velocity = te.svf(
-                _volume(a_mid, "A"),
-                reference.affine,
-                _volume(b_mid, "B"),
-                reference.affine,
-                np.eye(4),
-                settings=settings or default_settings(engine, reference),
-                fixed_mask=mask_mid,
-                symmetric=True,
-                device=dev,
-                seed=seed,
-            )
-            plus = DisplacementTransform.from_voxel_field(
-                te.svf_displacement(velocity, sign=0.5), reference.affine
-            )
-            minus = DisplacementTransform.from_voxel_field(
-                te.svf_displacement(velocity, sign=-0.5), reference.affine
-            )
-        else:
-            plus, minus = _greedy_half_warps(
-                a_mid,
-                b_mid,
-                mask_mid,
-                seed,
-                threads or _cpus(),
-                settings or default_settings(engine, reference),
-            )
+        settings = settings or default_settings(engine, reference)
+        with torch_threads(threads):
+            if engine == "torch":
+                plus, minus = _torch_half_warps(
+                    a_mid, b_mid, reference, mask_mid, dev, seed, settings
+                )
+            else:
+                plus, minus = _greedy_half_warps(a_mid, b_mid, mask_mid, seed, threads, settings)
         to_a, to_b = TransformChain([minus, h_inv]), TransformChain([plus, h])
         a_to_b = TransformChain([h, plus, plus, h])
         b_to_a = TransformChain([h_inv, minus, minus, h_inv])
     else:
         a_to_b, b_to_a = TransformChain([h, h]), TransformChain([h_inv, h_inv])
     return Halfway(reference, to_a, to_b, a_to_b, b_to_a, engine, dev, time.perf_counter() - start)
+
+
+def _torch_half_warps(
+    a_mid: nib.Nifti1Image,
+    b_mid: nib.Nifti1Image,
+    reference: nib.Nifti1Image,
+    mask: np.ndarray | None,
+    device: str,
+    seed: int,
+    settings: te.DeformableSettings,
+) -> tuple[DisplacementTransform, DisplacementTransform]:
+    """Return ``exp(v/2)`` and ``exp(-v/2)`` of the symmetric stationary velocity field ``v``
+    estimated between the two halfway images (on ``reference``'s grid) by :func:`te.svf`."""
+    grid = reference.affine
+    velocity = te.svf(
+        _volume(a_mid, "A"),
+        grid,
+        _volume(b_mid, "B"),
+        grid,
+        np.eye(4),
+        settings=settings,
+        fixed_mask=mask,
+        symmetric=True,
+        device=device,
+        seed=seed,
+    )
+    plus = DisplacementTransform.from_voxel_field(te.svf_displacement(velocity, sign=0.5), grid)
+    minus = DisplacementTransform.from_voxel_field(te.svf_displacement(velocity, sign=-0.5), grid)
+    return plus, minus
 
 
 def _fit_affine(chain: TransformChain, image: nib.Nifti1Image) -> np.ndarray:
@@ -703,7 +736,7 @@ def _halfway_grid(a: nib.Nifti1Image, half: np.ndarray) -> nib.Nifti1Image:
         >>> [round(float(z), 3) for z in _halfway_grid(a, np.eye(4)).header.get_zooms()]
         [1.0, 1.0, 1.0]
     """
-    voxel = _voxel_volume_mm(a)
+    voxel = _voxel_edge_mm(a)
     shape = np.array(a.shape[:3]) - 1
     corners = np.array(
         [[i, j, k] for i in (0, shape[0]) for j in (0, shape[1]) for k in (0, shape[2])], float
@@ -720,14 +753,14 @@ def _halfway_grid(a: nib.Nifti1Image, half: np.ndarray) -> nib.Nifti1Image:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _voxel_volume_mm(img: nib.Nifti1Image) -> float:
+def _voxel_edge_mm(img: nib.Nifti1Image) -> float:
     """Return the edge (mm) of the cube with ``img``'s voxel volume (geometric mean of its sizes).
 
     Examples:
-        >>> _voxel_volume_mm(nib.Nifti1Image(np.zeros((2, 2, 2)), np.diag([0.5, 0.5, 4.0, 1])))
+        >>> _voxel_edge_mm(nib.Nifti1Image(np.zeros((2, 2, 2)), np.diag([0.5, 0.5, 4.0, 1])))
         1.0
     """
-    return float(abs(np.linalg.det(img.affine[:3, :3])) ** (1 / 3))
+    return voxel_volume_mm3(img.affine) ** (1 / 3)
 
 
 def _volume(img: nib.Nifti1Image, what: str) -> np.ndarray:
@@ -742,10 +775,3 @@ def _volume(img: nib.Nifti1Image, what: str) -> np.ndarray:
             what, expected="a 3D image", found=f"{data.ndim}D shape {data.shape}"
         )
     return data
-
-
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1

@@ -147,6 +147,19 @@ def centre_of_mass(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return (affine @ np.r_[c, 1.0])[:3]
 
 
+def _tensors(
+    fixed: np.ndarray, moving: np.ndarray, fixed_mask: np.ndarray | None, device: str, seed: int
+) -> tuple[torch.device, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Return the device and the fixed, moving and mask tensors ``(1, 1, X, Y, Z)`` a
+    registration starts from (images scaled by :func:`to_tensor`), after seeding PyTorch."""
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    f_img, m_img = to_tensor(fixed, dev), to_tensor(moving, dev)
+    if fixed_mask is None:
+        return dev, f_img, m_img, None
+    return dev, f_img, m_img, torch.from_numpy(fixed_mask.astype(np.float32))[None, None].to(dev)
+
+
 # ----------------------------------------------------------------------------- affine
 
 
@@ -220,9 +233,7 @@ def affine(
     Initialised by matching centres of mass (or ``initial``); rotation is about the fixed
     image's centre so that rotation and translation are decoupled.
     """
-    torch.manual_seed(seed)
-    dev = torch.device(device)
-    f_img, m_img = to_tensor(fixed, dev), to_tensor(moving, dev)
+    dev, f_img, m_img, mask_t = _tensors(fixed, moving, fixed_mask, device, seed)
     c_f = centre_of_mass(fixed, fixed_affine)
     start = np.eye(4)
     if initial is not None:
@@ -233,11 +244,6 @@ def affine(
     shift = torch.zeros(3, device=dev, requires_grad=True)
     start_t = torch.as_tensor(start, dtype=torch.float32, device=dev)
     c = torch.as_tensor(c_f, dtype=torch.float32, device=dev)
-    mask_t = (
-        None
-        if fixed_mask is None
-        else torch.from_numpy(fixed_mask.astype(np.float32))[None, None].to(dev)
-    )
     for factor, iters in zip(settings.shrink, settings.iterations, strict=True):
         f_lvl, f_aff = shrink(f_img, fixed_affine, factor)
         m_lvl, m_aff = shrink(m_img, moving_affine, factor)
@@ -322,9 +328,9 @@ def svf(
     moving_affine: np.ndarray,
     pre_affine: np.ndarray,
     *,
+    symmetric: bool = False,
     settings: DeformableSettings = DeformableSettings(),
     fixed_mask: np.ndarray | None = None,
-    symmetric: bool = False,
     device: str = "cpu",
     seed: int = 0,
 ) -> np.ndarray:
@@ -334,16 +340,9 @@ def svf(
     ``symmetric`` the loss compares both images in the middle: the fixed image pulled by
     ``exp(-v/2)`` and the moving one by ``exp(v/2)`` (halfway registration).
     """
-    torch.manual_seed(seed)
-    dev = torch.device(device)
-    f_img, m_img = to_tensor(fixed, dev), to_tensor(moving, dev)
+    dev, f_img, m_img, mask_t = _tensors(fixed, moving, fixed_mask, device, seed)
     pre = torch.as_tensor(pre_affine, dtype=torch.float32, device=dev)
     velocity: torch.Tensor | None = None
-    mask_t = (
-        None
-        if fixed_mask is None
-        else torch.from_numpy(fixed_mask.astype(np.float32))[None, None].to(dev)
-    )
     for factor, iters in zip(settings.shrink, settings.iterations, strict=True):
         f_lvl, f_aff = shrink(f_img, fixed_affine, factor)
         shape = tuple(f_lvl.shape[2:])

@@ -27,6 +27,7 @@ from scipy import ndimage
 
 from smoulder.errors import RegistrationError
 from smoulder.registration import itk
+from smoulder.registration.fields import sample_field
 
 Interpolation = Literal["linear", "nearest", "bspline", "label"]
 Sampler = Callable[[np.ndarray], np.ndarray]
@@ -137,7 +138,7 @@ class DisplacementTransform:
         """Return ``u`` (``(N, 3)`` mm) interpolated at the ``(N, 3)`` RAS points ``points``."""
         pts = _checked_points(points)
         coords = self._world_to_voxel[:3, :3] @ pts.T + self._world_to_voxel[:3, 3, None]
-        return _sample_field(self.disp_mm, coords).T
+        return sample_field(self.disp_mm, coords).T
 
     def apply(self, points: np.ndarray) -> np.ndarray:
         """Return the ``(N, 3)`` images ``p + u(p)`` of the ``(N, 3)`` RAS points ``points``."""
@@ -163,7 +164,7 @@ class DisplacementTransform:
             v = -self.disp_mm[:, rows]
             for _ in range(iterations):
                 coords = idx + np.tensordot(to_vox, v, axes=1)
-                new = -_sample_field(self.disp_mm, coords)
+                new = -sample_field(self.disp_mm, coords)
                 change = float(np.abs(new - v).max()) if new.size else 0.0
                 v = new
                 if change < tolerance_mm:
@@ -565,16 +566,6 @@ def _grid_world_points(affine: np.ndarray, shape: tuple[int, int, int], rows: sl
     """Return the ``(N, 3)`` RAS points of the planes ``rows`` of a grid, C order."""
     idx = _voxel_grid(shape, rows).reshape(3, -1).astype(np.float64)
     return (affine[:3, :3] @ idx + affine[:3, 3, None]).T
-
-
-def _sample_field(field: np.ndarray, coords: np.ndarray) -> np.ndarray:
-    """Return the ``(3, …)`` field trilinearly sampled at voxel ``coords``, edge-continued."""
-    return np.stack(
-        [
-            ndimage.map_coordinates(c, coords, order=1, mode="nearest", prefilter=False)
-            for c in field
-        ]
-    )
 
 
 def _image_like(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:

@@ -6,15 +6,20 @@ import argparse
 from pathlib import Path
 
 
-def report_parser() -> argparse.ArgumentParser:
-    """Return the parser of ``smoulder report``."""
-    p = argparse.ArgumentParser(
-        prog="smoulder report",
-        description="(Re)build the per-subject QA reports and the cohort index from the "
-        "derivatives.",
-    )
+def _outputs_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """Return a parser of a command that reads the participant level's output folder."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument(
         "output_dir", type=Path, help="the folder given to 'smoulder BIDS OUT participant'"
+    )
+    return p
+
+
+def parser() -> argparse.ArgumentParser:
+    """Return the parser of ``smoulder report``."""
+    p = _outputs_parser(
+        "smoulder report",
+        "(Re)build the per-subject QA reports and the cohort index from the derivatives.",
     )
     p.add_argument("--participant-label", nargs="+", help="subjects (default: all)")
     return p
@@ -42,7 +47,7 @@ def build_reports(output_dir: Path, participants: list[str] | None = None) -> li
     return pages
 
 
-def run_report(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run ``smoulder report``."""
     pages = build_reports(args.output_dir, args.participant_label)
     for page in pages:
@@ -52,12 +57,11 @@ def run_report(args: argparse.Namespace) -> int:
 
 def review_parser() -> argparse.ArgumentParser:
     """Return the parser of ``smoulder review``."""
-    p = argparse.ArgumentParser(
-        prog="smoulder review",
-        description="Serve the reports on this machine and save raters' decisions to "
+    p = _outputs_parser(
+        "smoulder review",
+        "Serve the reports on this machine and save raters' decisions to "
         "sub-X/sub-X_desc-review_lesions.tsv.",
     )
-    p.add_argument("output_dir", type=Path)
     p.add_argument(
         "--host", default="127.0.0.1", help="bind address (loopback unless --allow-remote)"
     )

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
+from smoulder.derivatives import bids_name
 from smoulder.errors import InputError
 from smoulder.images import atomic_path
 
@@ -29,26 +30,21 @@ COLUMNS: dict[str, tuple[str, ...] | None] = {
     "note": None,
     "time": None,  # ISO 8601, UTC, set when saved
 }
-#: Description of each column for the JSON sidecar.
-DESCRIPTIONS = {
-    "lesion_id": "Lesion index in the reference session's desc-lesions_dseg",
-    "rater": "Rater ID",
-    "lesion": "Is it a lesion: yes / no (empty: not rated)",
-    "rim": "Paramagnetic rim: definite / probable / none (empty: not rated)",
-    "sel": "Slowly expanding lesion: yes / no (empty: not rated)",
-    "note": "Free-text note",
-    "time": "When the decision was saved (UTC, ISO 8601)",
-}
 
 
 def review_path(subject_dir: str | Path, subject: str) -> Path:
     """Return the review table's path in a subject's derivatives folder.
 
+    Args:
+        subject_dir: the subject's folder of the derivatives (``OUT/smoulder/sub-X``).
+        subject: the subject's folder name, ``sub-X``.
+
     Examples:
         >>> review_path("/out/sub-01", "sub-01").name
         'sub-01_desc-review_lesions.tsv'
     """
-    return Path(subject_dir) / f"{subject}_desc-review_lesions.tsv"
+    entities = {"sub": subject.removeprefix("sub-"), "desc": "review"}
+    return Path(subject_dir) / bids_name(entities, suffix="lesions", extension=".tsv")
 
 
 def validate_row(row: Mapping[str, object], where: str = "review") -> dict[str, str]:

@@ -4,8 +4,10 @@ What it reads (all written by ``smoulder BIDS OUT participant``): the per-sessio
 derivatives (preprocessed FLAIR, the other modalities on the FLAIR grid, class map, lesion
 instances and their table), the session-to-session transforms, the subject's inputs table, the
 latest provenance record and the raw dataset's ``sessions.tsv`` (linked from
-``dataset_description.json``) for the session dates. Nothing is recomputed but pictures and
-volumes, so ``smoulder report OUT`` rebuilds it at any time.
+``dataset_description.json``) for the session dates. Nothing is recomputed but pictures; the
+numbers come from the marker modules (:mod:`smoulder.atrophy` for volumes and rates,
+:mod:`smoulder.longitudinal` for intervals and lesions across sessions), so ``smoulder report
+OUT`` rebuilds it at any time.
 
 Lesions are those of the reference (first) session; their volume in a later session is the
 volume of that session's lesions mapped onto the reference grid through the longitudinal
@@ -18,6 +20,7 @@ import csv
 import html
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
@@ -28,9 +31,15 @@ import nibabel as nib
 import numpy as np
 
 from smoulder import __version__
+from smoulder.atrophy.rates import annual_rate_percent
+from smoulder.atrophy.volumes import tissue_volumes_ml
+from smoulder.derivatives import bids_name, is_bids_label
 from smoulder.images import save_text
+from smoulder.longitudinal.intervals import session_dates, years_since_first
+from smoulder.longitudinal.matching import lesion_volumes_ul, map_instances
 from smoulder.report import render
 from smoulder.report.review import read_review, review_path
+from smoulder.segmentation.classes import LESION, class_indices
 
 #: Half-size of the lesion-centred crops, mm.
 CROP_HALF_MM = 16.0
@@ -38,13 +47,18 @@ CROP_HALF_MM = 16.0
 CROP_PX = 132
 #: QSM window (ppm), stated on every card.
 QSM_WINDOW_PPM = 0.15
-#: dseg class names (``_dseg.tsv``) that make up each volume.
-VOLUME_CLASSES = {
-    "brain": ("cortical_GM", "deep_GM", "WM", "lesion"),
-    "GM": ("cortical_GM", "deep_GM"),
-    "WM": ("WM", "lesion"),
-    "lesion": ("lesion",),
-}
+#: Rows of the atrophy table: (name shown, tissue of :data:`smoulder.segmentation.classes.
+#: TISSUES` measured). The report's "WM" counts the lesions as white matter, as atrophy does.
+VOLUME_ROWS = (
+    ("brain", "brain"),
+    ("GM", "GM"),
+    ("WM", "WM_lesions_filled"),
+    ("lesion", "lesion"),
+)
+#: Entities of the session's preprocessed images on the FLAIR grid.
+ON_FLAIR: dict[str, str | int] = {"space": "FLAIR", "desc": "preproc"}
+#: Entities of the GRE's first-echo magnitude on the FLAIR grid.
+GRE_ON_FLAIR: dict[str, str | int] = {"echo": 1, "part": "mag", **ON_FLAIR}
 
 
 @dataclass
@@ -53,14 +67,29 @@ class SessionData:
 
     label: str
     anat: Path
-    prefix: str
+    entities: dict[str, str]
     when: datetime | None = None
     volumes_ml: dict[str, float] = field(default_factory=dict)
     lesions: list[dict[str, str]] = field(default_factory=list)
 
-    def file(self, suffix: str) -> Path | None:
-        """Return ``<prefix>_<suffix>`` in the session's anat folder if it exists."""
-        path = self.anat / f"{self.prefix}_{suffix}"
+    def path(
+        self,
+        suffix: str,
+        entities: Mapping[str, str | int] | None = None,
+        extension: str = ".nii.gz",
+    ) -> Path:
+        """Return the path of the session's derivative with ``entities`` and ``suffix``."""
+        name = bids_name({**self.entities, **(entities or {})}, suffix=suffix, extension=extension)
+        return self.anat / name
+
+    def file(
+        self,
+        suffix: str,
+        entities: Mapping[str, str | int] | None = None,
+        extension: str = ".nii.gz",
+    ) -> Path | None:
+        """Return the session's derivative (see :meth:`path`) if it exists, else None."""
+        path = self.path(suffix, entities, extension)
         return path if path.exists() else None
 
 
@@ -70,8 +99,14 @@ def _nii(path: Path) -> nib.Nifti1Image:
 
 
 def _tsv(path: Path) -> list[dict[str, str]]:
+    """Return the rows of the TSV table at ``path``."""
     with path.open(newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle, delimiter="\t"))
+
+
+def _subject_entities(subject: str) -> dict[str, str]:
+    """Return the BIDS entities of the subject folder ``sub-<label>``."""
+    return {"sub": subject.removeprefix("sub-")}
 
 
 def _session_dates(root: Path, subject: str) -> dict[str, datetime]:
@@ -84,30 +119,20 @@ def _session_dates(root: Path, subject: str) -> dict[str, datetime]:
     if not raw:
         return {}
     raw_path = Path(str(raw).removeprefix("file://"))
-    table = raw_path / subject / f"{subject}_sessions.tsv"
+    name = bids_name(_subject_entities(subject), suffix="sessions", extension=".tsv")
+    table = raw_path / subject / name
     if not table.exists():
         return {}
-    out = {}
-    for row in _tsv(table):
-        try:
-            out[row["session_id"]] = datetime.fromisoformat(row.get("acq_time", ""))
-        except ValueError:
-            continue
-    return out
+    return session_dates(_tsv(table))
 
 
-def _volumes_ml(dseg_path: Path) -> dict[str, float]:
+def _volumes_ml(ses: SessionData, dseg_path: Path) -> dict[str, float]:
+    """Return the session's tissue volumes (ml), keyed by tissue, from its class map."""
     img = _nii(dseg_path)
-    data = np.asarray(img.dataobj)
-    names = {
-        r["name"]: int(r["index"]) for r in _tsv(dseg_path.with_suffix("").with_suffix(".tsv"))
-    }
-    voxel_ml = float(abs(np.linalg.det(img.affine[:3, :3]))) / 1000.0
-    counts = np.bincount(data.ravel().astype(np.int64), minlength=max(names.values()) + 1)
-    return {
-        key: round(float(sum(counts[names[c]] for c in parts if c in names)) * voxel_ml, 3)
-        for key, parts in VOLUME_CLASSES.items()
-    }
+    rows = _tsv(ses.path("dseg", extension=".tsv"))
+    names = {r["name"]: int(r["index"]) for r in rows}
+    tissues = [tissue for _, tissue in VOLUME_ROWS]
+    return tissue_volumes_ml(np.asarray(img.dataobj), img.affine, names, tissues)
 
 
 def collect_sessions(root: Path, subject: str) -> list[SessionData]:
@@ -115,118 +140,87 @@ def collect_sessions(root: Path, subject: str) -> list[SessionData]:
     dates = _session_dates(root, subject)
     sessions = []
     for ses_dir in sorted((root / subject).glob("ses-*")):
-        anat = ses_dir / "anat"
-        ses = SessionData(ses_dir.name, anat, f"{subject}_{ses_dir.name}", dates.get(ses_dir.name))
-        dseg = ses.file("dseg.nii.gz")
+        label = ses_dir.name.removeprefix("ses-")
+        if not is_bids_label(label):
+            continue  # not a folder the derivatives writer makes
+        entities = {**_subject_entities(subject), "ses": label}
+        ses = SessionData(ses_dir.name, ses_dir / "anat", entities, dates.get(ses_dir.name))
+        dseg = ses.file("dseg")
         if dseg is None:
             continue
-        ses.volumes_ml = _volumes_ml(dseg)
-        stats = ses.file("desc-lesions_stats.tsv")
+        ses.volumes_ml = _volumes_ml(ses, dseg)
+        stats = ses.file("stats", {"desc": "lesions"}, ".tsv")
         ses.lesions = _tsv(stats) if stats else []
         sessions.append(ses)
     return sessions
 
 
-def years_since_first(sessions: list[SessionData]) -> list[float | None]:
+def session_years(sessions: list[SessionData]) -> list[float | None]:
     """Return each session's time after the first, in years (None without dates)."""
-    if not sessions or any(s.when is None for s in sessions):
-        return [None] * len(sessions)
-    first = sessions[0].when
-    return [(s.when - first).total_seconds() / (365.25 * 86400) for s in sessions]  # type: ignore[operator]
+    return years_since_first([s.when for s in sessions])
 
 
-def annual_rate_percent(years: list[float | None], values: list[float]) -> float | None:
-    """Return the least-squares slope of ``values`` over ``years`` in % of the first per year.
-
-    Examples:
-        >>> round(annual_rate_percent([0.0, 1.0, 2.0], [100.0, 99.0, 98.0]), 3)
-        -1.0
-        >>> annual_rate_percent([None, None], [1.0, 2.0]) is None
-        True
-    """
-    if len(values) < 2 or any(y is None for y in years) or not values[0]:
-        return None
-    t = np.array(years, float)
-    if np.ptp(t) <= 0:
-        return None
-    slope = float(np.polyfit(t, np.array(values, float), 1)[0])
-    return 100.0 * slope / values[0]
-
-
-def _mapped_instances(
-    ref: SessionData, later: SessionData, ref_img: nib.Nifti1Image
-) -> np.ndarray | None:
-    """Return ``later``'s lesion instances on the reference grid, or None without a transform."""
-    from smoulder.registration.transforms import load_transform, resample
-
-    xfm = later.file(
-        f"from-{later.label.replace('-', '')}_to-{ref.label.replace('-', '')}_mode-image_xfm.nii.gz"
-    )
-    inst = later.file("desc-lesions_dseg.nii.gz")
-    if xfm is None or inst is None:
-        return None
-    moved = resample(_nii(inst), ref_img, load_transform(xfm), interpolation="nearest")
-    return np.asarray(moved.dataobj)
+def _longitudinal_xfm(ref: SessionData, later: SessionData) -> Path | None:
+    """Return ``later``'s transform from the reference grid to its own, if it exists."""
+    entities = {
+        "from": later.label.replace("-", ""),
+        "to": ref.label.replace("-", ""),
+        "mode": "image",
+    }
+    return later.file("xfm", entities)
 
 
 def lesion_volumes_by_session(sessions: list[SessionData]) -> dict[int, list[float | None]]:
     """Return ``{reference lesion id: [volume µl per session]}`` (None: session not mapped)."""
+    from smoulder.registration.transforms import load_transform
+
     ref = sessions[0]
-    ref_path = ref.file("desc-lesions_dseg.nii.gz")
+    ref_path = ref.file("dseg", {"desc": "lesions"})
     if ref_path is None:
         return {}
     ref_img = _nii(ref_path)
-    ref_inst = np.asarray(ref_img.dataobj).astype(np.int64)
-    voxel_ul = float(abs(np.linalg.det(ref_img.affine[:3, :3])))
-    n = int(ref_inst.max())
-    out: dict[int, list[float | None]] = {
-        i: [float(c) * voxel_ul]
-        for i, c in enumerate(np.bincount(ref_inst.ravel(), minlength=n + 1))
-        if i > 0
-    }
-    for later in sessions[1:]:
-        mapped = _mapped_instances(ref, later, ref_img)
-        if mapped is None:
-            for values in out.values():
-                values.append(None)
-            continue
-        counts = np.bincount(ref_inst[mapped > 0], minlength=n + 1)
-        for i, values in out.items():
-            values.append(float(counts[i]) * voxel_ul)
-    return out
+
+    def mapped(later: SessionData) -> np.ndarray | None:
+        xfm = _longitudinal_xfm(ref, later)
+        inst = later.file("dseg", {"desc": "lesions"})
+        if xfm is None or inst is None:
+            return None
+        return map_instances(_nii(inst), ref_img, load_transform(xfm))
+
+    later_instances = (mapped(later) for later in sessions[1:])
+    return lesion_volumes_ul(np.asarray(ref_img.dataobj), ref_img.affine, later_instances)
 
 
 # ------------------------------------------------------------------------------------ pictures
 
 
 def _load(path: Path | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """Return ``(data, affine)`` of the image at ``path`` in RAS+ (None without a path)."""
     return None if path is None else render.canonical(_nii(path))
 
 
 def _susceptibility(ses: SessionData) -> tuple[Path | None, str, render.Window | None]:
     """Return the susceptibility picture source, its name and fixed window (if any)."""
-    chi = ses.file("space-FLAIR_Chimap.nii.gz")
+    chi = ses.file("Chimap", {"space": "FLAIR"})
     if chi is not None:
         w = render.Window(-QSM_WINDOW_PPM, QSM_WINDOW_PPM, f"QSM ±{QSM_WINDOW_PPM:g} ppm")
         return chi, "QSM", w
-    mag = ses.file("echo-1_part-mag_space-FLAIR_desc-preproc_MEGRE.nii.gz")
+    mag = ses.file("MEGRE", GRE_ON_FLAIR)
     return mag, "GRE magnitude (echo 1; no QSM yet)", None
 
 
 def lesion_pictures(ses: SessionData, max_lesions: int | None = None) -> dict[int, dict[str, Any]]:
     """Return, per lesion of ``ses``, its crops: ``{id: {modality: {gray, contour, window}}}``."""
-    inst = _load(ses.file("desc-lesions_dseg.nii.gz"))
+    inst = _load(ses.file("dseg", {"desc": "lesions"}))
     if inst is None:
         return {}
     labels, affine = inst
     labels = labels.astype(np.int64)
-    t1 = ses.file("space-FLAIR_desc-preproc_T1w.nii.gz") or ses.file(
-        "space-FLAIR_desc-preproc_UNIT1.nii.gz"
-    )
+    t1 = ses.file("T1w", ON_FLAIR) or ses.file("UNIT1", ON_FLAIR)
     t1_name = "T1w" if t1 and "T1w" in t1.name else "UNIT1"
     chi_path, chi_name, chi_window = _susceptibility(ses)
     sources = [
-        ("FLAIR", ses.file("desc-preproc_FLAIR.nii.gz"), None),
+        ("FLAIR", ses.file("FLAIR", {"desc": "preproc"}), None),
         (t1_name, t1, None),
         (chi_name, chi_path, chi_window),
     ]
@@ -296,8 +290,8 @@ def _strip(pictures: list[np.ndarray]) -> np.ndarray:
 
 def segmentation_mosaic(ses: SessionData, n: int = 8) -> str | None:
     """Return a FLAIR mosaic with lesion (red), GM (yellow) and WM (cyan) contours."""
-    flair = _load(ses.file("desc-preproc_FLAIR.nii.gz"))
-    dseg = _load(ses.file("dseg.nii.gz"))
+    flair = _load(ses.file("FLAIR", {"desc": "preproc"}))
+    dseg = _load(ses.file("dseg"))
     if flair is None or dseg is None or flair[0].shape != dseg[0].shape:
         return None
     data, labels = flair[0], dseg[0].astype(np.int64)
@@ -310,9 +304,9 @@ def segmentation_mosaic(ses: SessionData, n: int = 8) -> str | None:
             render.compose(
                 gray,
                 [
-                    (render.contour(np.isin(lab, (2, 3))), render.YELLOW),
-                    (render.contour(lab == 4), render.CYAN),
-                    (render.contour(lab == 5), render.RED),
+                    (render.contour(np.isin(lab, class_indices("GM"))), render.YELLOW),
+                    (render.contour(np.isin(lab, class_indices("WM"))), render.CYAN),
+                    (render.contour(lab == LESION), render.RED),
                 ],
             )
         )
@@ -348,14 +342,14 @@ def registration_checks(sessions: list[SessionData]) -> list[tuple[str, str]]:
 
     out = []
     for ses in sessions:
-        flair_path = ses.file("desc-preproc_FLAIR.nii.gz")
+        flair_path = ses.file("FLAIR", {"desc": "preproc"})
         if flair_path is None:
             continue
         flair = render.canonical(_nii(flair_path))[0]
-        mask_path = ses.file("desc-brain_mask.nii.gz")
+        mask_path = ses.file("mask", {"desc": "brain"})
         brain = render.canonical(_nii(mask_path))[0] > 0 if mask_path else None
         for name in ("T1w", "UNIT1"):
-            path = ses.file(f"space-FLAIR_desc-preproc_{name}.nii.gz")
+            path = ses.file(name, ON_FLAIR)
             if path is not None:
                 out.append(
                     (
@@ -363,7 +357,7 @@ def registration_checks(sessions: list[SessionData]) -> list[tuple[str, str]]:
                         edge_mosaic(flair, render.canonical(_nii(path))[0], brain),
                     )
                 )
-        gre = ses.file("echo-1_part-mag_space-FLAIR_desc-preproc_MEGRE.nii.gz")
+        gre = ses.file("MEGRE", GRE_ON_FLAIR)
         if gre is not None:
             out.append(
                 (
@@ -374,18 +368,16 @@ def registration_checks(sessions: list[SessionData]) -> list[tuple[str, str]]:
     if not sessions:
         return out
     ref = sessions[0]
-    ref_path = ref.file("desc-preproc_FLAIR.nii.gz")
+    ref_path = ref.file("FLAIR", {"desc": "preproc"})
     if ref_path is None or len(sessions) < 2:
         return out
     ref_img = _nii(ref_path)
     ref_data = render.canonical(ref_img)[0]
-    ref_mask = ref.file("desc-brain_mask.nii.gz")
+    ref_mask = ref.file("mask", {"desc": "brain"})
     ref_brain = render.canonical(_nii(ref_mask))[0] > 0 if ref_mask else None
     for later in sessions[1:]:
-        xfm = later.file(
-            f"from-{later.label.replace('-', '')}_to-{ref.label.replace('-', '')}_mode-image_xfm.nii.gz"
-        )
-        later_flair = later.file("desc-preproc_FLAIR.nii.gz")
+        xfm = _longitudinal_xfm(ref, later)
+        later_flair = later.file("FLAIR", {"desc": "preproc"})
         if xfm is None or later_flair is None:
             continue
         moved = resample(_nii(later_flair), ref_img, load_transform(xfm))
@@ -402,6 +394,7 @@ def registration_checks(sessions: list[SessionData]) -> list[tuple[str, str]]:
 
 
 def _static(name: str) -> str:
+    """Return the text of the report's static file ``name`` (stylesheet, script)."""
     return resources.files("smoulder.report").joinpath("static", name).read_text(encoding="utf-8")
 
 
@@ -411,18 +404,20 @@ def _json_for_script(obj: Any) -> str:
 
 
 def _latest_provenance(root: Path) -> dict[str, Any]:
+    """Return the latest run's provenance record (empty without one)."""
     runs = sorted((root / "logs").glob("provenance-*.json"), key=lambda p: p.stat().st_mtime)
     return json.loads(runs[-1].read_text()) if runs else {}
 
 
 def _versions(root: Path, sessions: list[SessionData]) -> list[tuple[str, str]]:
+    """Return ``(what, version)`` pairs: this report, the run, the segmentation model."""
     out = [("smoulder (this report)", __version__)]
     desc = root / "dataset_description.json"
     if desc.exists():
         for gen in json.loads(desc.read_text()).get("GeneratedBy", []):
             out.append((f"{gen.get('Name', '?')} (run)", str(gen.get("Version", "?"))))
     for ses in sessions[:1]:
-        side = ses.file("dseg.json")
+        side = ses.file("dseg", extension=".json")
         if side:
             meta = json.loads(side.read_text())
             for key in ("ModelVersion", "Model"):
@@ -432,7 +427,217 @@ def _versions(root: Path, sessions: list[SessionData]) -> list[tuple[str, str]]:
 
 
 def _e(value: Any) -> str:
+    """Return ``value`` as HTML-escaped text (quotes too; None as empty)."""
     return html.escape("" if value is None else str(value), quote=True)
+
+
+def _summary_section(root: Path, subject: str, sessions: list[SessionData]) -> str:
+    """Return the summary section: inputs, run status, versions, warnings and crashes."""
+    inputs = (
+        root / subject / bids_name(_subject_entities(subject), suffix="inputs", extension=".tsv")
+    )
+    input_rows = _tsv(inputs) if inputs.exists() else []
+    prov = _latest_provenance(root)
+    warnings = [f for f in prov.get("failures", []) if subject in f]
+    status_rows = [r for r in prov.get("summary", []) if r.get("subject") == subject]
+    parts = ['<section id="summary"><h2>Summary</h2>']
+    parts.append("<table><tr><th>session</th><th>found</th><th>analyses</th><th>errors</th></tr>")
+    for row in input_rows:
+        parts.append(
+            f"<tr><td>{_e(row.get('session_id'))}</td><td>{_e(row.get('found'))}</td>"
+            f"<td>{_e(row.get('analyses'))}</td><td>{_e(row.get('errors'))}</td></tr>"
+        )
+    parts.append("</table><table><tr><th>session</th><th>steps</th><th>status</th></tr>")
+    for row in status_rows:
+        parts.append(
+            f"<tr><td>{_e(row.get('session'))}</td><td>{_e(row.get('steps'))}</td>"
+            f"<td>{_e(row.get('status'))}</td></tr>"
+        )
+    parts.append("</table><h3>Versions</h3><ul>")
+    parts.extend(f"<li>{_e(k)}: {_e(v)}</li>" for k, v in _versions(root, sessions))
+    parts.append("</ul><h3>Warnings and crashes</h3>")
+    parts.append(
+        "<ul class='warnings'>" + "".join(f"<li>{_e(w)}</li>" for w in warnings) + "</ul>"
+        if warnings
+        else "<p>None in the latest run.</p>"
+    )
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def _figure(uri: str, alt: str, caption: str) -> str:
+    """Return a ``<figure>`` of the picture ``uri`` (``alt`` and ``caption`` already escaped)."""
+    return f'<figure><img src="{uri}" alt="{alt}"><figcaption>{caption}</figcaption></figure>'
+
+
+def _registration_section(sessions: list[SessionData]) -> str:
+    """Return the registration checks section: edges of each image on the reference FLAIR."""
+    figures = [_figure(uri, _e(c), _e(c)) for c, uri in registration_checks(sessions)]
+    return (
+        '<section id="registration"><h2>Registration checks</h2>'
+        + "".join(figures)
+        + "<p class='note'>Edges (magenta) of each image drawn on the reference FLAIR. "
+        "The halfway space is not published yet: later sessions are shown on the first.</p>"
+        "</section>"
+    )
+
+
+def _segmentation_section(sessions: list[SessionData]) -> str:
+    """Return the segmentation section: one contour mosaic per session."""
+    parts = ['<section id="segmentation"><h2>Segmentation</h2>']
+    for ses in sessions:
+        mosaic = segmentation_mosaic(ses)
+        if mosaic:
+            caption = f"{_e(ses.label)}: lesions red, GM yellow, WM cyan contours on FLAIR"
+            parts.append(_figure(mosaic, f"segmentation {_e(ses.label)}", caption))
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def _atrophy_section(sessions: list[SessionData], years: list[float | None]) -> str:
+    """Return the atrophy section: each tissue volume per session, its rate and trend."""
+    parts = ['<section id="atrophy"><h2>Atrophy and cord</h2>']
+    parts.append(
+        "<table><tr><th>measure</th>"
+        + "".join(f"<th>{_e(s.label)}</th>" for s in sessions)
+        + "<th>rate %/year</th><th>trend</th></tr>"
+    )
+    for name, tissue in VOLUME_ROWS:
+        values = [s.volumes_ml.get(tissue, 0.0) for s in sessions]
+        rate = annual_rate_percent(years, values)
+        svg = render.trajectory_svg([y or float(i) for i, y in enumerate(years)], values, unit="ml")
+        parts.append(
+            f"<tr><td>{_e(name)} volume (ml)</td>"
+            + "".join(f"<td>{v:.1f}</td>" for v in values)
+            + f"<td>{'n/a' if rate is None else f'{rate:+.2f}'}</td><td>{svg}</td></tr>"
+        )
+    parts.append(
+        "</table><p class='note'>Volumes from each session's class map (lesion-filled "
+        "segmentation). Spinal cord area: not measured by this version.</p></section>"
+    )
+    return "".join(parts)
+
+
+def _lesion_records(sessions: list[SessionData], max_lesions: int | None) -> list[dict[str, Any]]:
+    """Return one record per pictured lesion of the reference session, in lesion order.
+
+    Each holds ``id``, ``location``, ``probability`` (None: not given), ``volume_ul``,
+    ``volumes`` (µl per session) and ``images`` (:func:`lesion_pictures`).
+    """
+    ref = sessions[0] if sessions else None
+    by_session = lesion_volumes_by_session(sessions) if sessions else {}
+    pictures = lesion_pictures(ref, max_lesions) if ref else {}
+    table = {int(r["index"]): r for r in (ref.lesions if ref else [])}
+    lesions: list[dict[str, Any]] = []
+    for lid in sorted(pictures):
+        row = table.get(lid, {})
+        prob = row.get("mean_probability")
+        lesions.append(
+            {
+                "id": lid,
+                "location": row.get("location", "n/a"),
+                "probability": float(prob) if prob not in (None, "", "n/a") else None,
+                "volume_ul": float(row.get("volume_ul", "nan") or "nan"),
+                "volumes": by_session.get(lid, []),
+                "images": pictures[lid],
+            }
+        )
+    return lesions
+
+
+#: The lesion section's toolbar (rater, filters, sort, export) and its keyboard help.
+TOOLBAR = (
+    '<div class="toolbar"><label>Rater <input id="rater" autocomplete="off" '
+    'placeholder="your ID"></label> '
+    '<label>Show <select id="filter"><option value="all">all</option>'
+    '<option value="unrated">unrated</option>'
+    '<option value="rim">rim candidates</option><option value="sel">SEL</option></select></label> '
+    '<label>Sort <select id="sort"><option value="id">ID</option>'
+    '<option value="probability">probability</option>'
+    '<option value="volume">volume</option></select></label> '
+    '<label><input type="checkbox" id="contours" checked> contours (c)</label> '
+    '<button id="export">Export TSV</button> <label class="import">Import TSV '
+    '<input type="file" id="import" accept=".tsv,text/tab-separated-values"></label> '
+    '<span id="status" role="status"></span></div>'
+    "<p class='note'>Keys: j/k next/previous, y/n lesion, 1/2/3 rim definite/probable/none, "
+    "s SEL yes, x SEL no, e note, c contours. Windows are stated on each image.</p>"
+)
+
+
+def _review_form(lid: int) -> str:
+    """Return the rater's form of lesion ``lid``: lesion, rim, SEL and a note."""
+    return (
+        '<div class="review">'
+        f'<fieldset><legend>Lesion</legend><label><input type="radio" name="lesion-{lid}" '
+        'value="yes">yes</label>'
+        f'<label><input type="radio" name="lesion-{lid}" value="no">no</label></fieldset>'
+        f'<fieldset><legend>Rim</legend><label><input type="radio" name="rim-{lid}" '
+        'value="definite">definite</label>'
+        f'<label><input type="radio" name="rim-{lid}" value="probable">probable</label>'
+        f'<label><input type="radio" name="rim-{lid}" value="none">none</label></fieldset>'
+        f'<fieldset><legend>SEL</legend><label><input type="radio" name="sel-{lid}" '
+        'value="yes">yes</label>'
+        f'<label><input type="radio" name="sel-{lid}" value="no">no</label></fieldset>'
+        f'<label class="notelabel">Note <input class="note" name="note-{lid}" '
+        'maxlength="2000"></label>'
+        "</div>"
+    )
+
+
+def _lesion_card(les: dict[str, Any], sessions: list[SessionData], times: list[float]) -> str:
+    """Return one lesion's card: header, crops (filled in by the page's script), volumes, form."""
+    lid = int(les["id"])
+    vols = ", ".join(
+        f"{_e(s.label)}: {'n/a' if v is None else f'{v:.0f} µl'}"
+        for s, v in zip(sessions, list(les["volumes"]), strict=False)
+    )
+    svg = render.trajectory_svg(times[: len(les["volumes"])], les["volumes"], unit="µl")
+    imgs = "".join(
+        f'<figure class="crop"><img data-lesion="{lid}" data-modality="{_e(name)}" '
+        f'alt="{_e(name)} lesion {lid}">'
+        f"<figcaption>{_e(name)} — {_e(info['window'])}</figcaption></figure>"
+        for name, info in les["images"].items()
+    )
+    prob = "n/a" if les["probability"] is None else f"{les['probability']:.2f}"
+    return (
+        f'<article class="card" tabindex="0" data-lesion-id="{lid}" data-probability="{prob}" '
+        f'data-volume="{les["volume_ul"]:.1f}">'
+        f"<header><b>Lesion {lid}</b> · {_e(les['location'])} · {les['volume_ul']:.0f} µl · "
+        f"probability {prob} · rim probability: not measured · SEL: not measured</header>"
+        f'<div class="crops">{imgs}</div><div class="meta">Volume per session: {vols} {svg}</div>'
+        + _review_form(lid)
+        + "</article>"
+    )
+
+
+def _lesions_section(
+    lesions: list[dict[str, Any]], sessions: list[SessionData], years: list[float | None]
+) -> str:
+    """Return the lesions section: the toolbar and one card per lesion."""
+    times = [y if y is not None else float(i) for i, y in enumerate(years)]
+    ref_label = sessions[0].label if sessions else "n/a"
+    return (
+        f'<section id="lesions"><h2>Lesions ({len(lesions)}, reference {_e(ref_label)})</h2>'
+        + TOOLBAR
+        + '<div id="cards">'
+        + "".join(_lesion_card(les, sessions, times) for les in lesions)
+        + "</div></section>"
+    )
+
+
+def _page(subject: str, body: str, data: dict[str, Any], images: dict[str, Any]) -> str:
+    """Return the self-contained page: ``body``, its data and images as JSON, style, script."""
+    return (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>{_e(subject)} — smoulder report</title>"
+        "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; img-src data:; "
+        "style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'\">"
+        f"<style>{_static('report.css')}</style></head><body>"
+        + body
+        + f'<script type="application/json" id="report-data">{_json_for_script(data)}</script>'
+        + f'<script type="application/json" id="lesion-images">{_json_for_script(images)}</script>'
+        + f"<script>{_static('report.js')}</script></body></html>"
+    )
 
 
 def build_subject_report(
@@ -450,158 +655,20 @@ def build_subject_report(
     root = Path(root)
     if sessions is None:
         sessions = collect_sessions(root, subject)
-    years = years_since_first(sessions)
-    inputs = root / subject / f"{subject}_inputs.tsv"
-    input_rows = _tsv(inputs) if inputs.exists() else []
-    prov = _latest_provenance(root)
-    warnings = [f for f in prov.get("failures", []) if subject in f]
-    status_rows = [r for r in prov.get("summary", []) if r.get("subject") == subject]
-
-    parts: list[str] = []
-    parts.append(f"<h1>{_e(subject)}</h1>")
-    parts.append('<section id="summary"><h2>Summary</h2>')
-    parts.append("<table><tr><th>session</th><th>found</th><th>analyses</th><th>errors</th></tr>")
-    for row in input_rows:
-        parts.append(
-            f"<tr><td>{_e(row.get('session_id'))}</td><td>{_e(row.get('found'))}</td>"
-            f"<td>{_e(row.get('analyses'))}</td><td>{_e(row.get('errors'))}</td></tr>"
-        )
-    parts.append("</table><table><tr><th>session</th><th>steps</th><th>status</th></tr>")
-    for row in status_rows:
-        parts.append(
-            f"<tr><td>{_e(row.get('session'))}</td><td>{_e(row.get('steps'))}</td><td>{_e(row.get('status'))}</td></tr>"
-        )
-    parts.append("</table><h3>Versions</h3><ul>")
-    parts.extend(f"<li>{_e(k)}: {_e(v)}</li>" for k, v in _versions(root, sessions))
-    parts.append("</ul><h3>Warnings and crashes</h3>")
-    parts.append(
-        "<ul class='warnings'>" + "".join(f"<li>{_e(w)}</li>" for w in warnings) + "</ul>"
-        if warnings
-        else "<p>None in the latest run.</p>"
-    )
-    parts.append("</section>")
-
-    parts.append('<section id="registration"><h2>Registration checks</h2>')
-    for caption, uri in registration_checks(sessions):
-        parts.append(
-            f'<figure><img src="{uri}" alt="{_e(caption)}"><figcaption>{_e(caption)}</figcaption></figure>'
-        )
-    parts.append(
-        "<p class='note'>Edges (magenta) of each image drawn on the reference FLAIR. "
-        "The halfway space is not published yet: later sessions are shown on the first.</p></section>"
-    )
-
-    parts.append('<section id="segmentation"><h2>Segmentation</h2>')
-    for ses in sessions:
-        mosaic = segmentation_mosaic(ses)
-        if mosaic:
-            parts.append(
-                f'<figure><img src="{mosaic}" alt="segmentation {_e(ses.label)}"><figcaption>{_e(ses.label)}: '
-                "lesions red, GM yellow, WM cyan contours on FLAIR</figcaption></figure>"
-            )
-    parts.append("</section>")
-
-    parts.append('<section id="atrophy"><h2>Atrophy and cord</h2>')
-    parts.append(
-        "<table><tr><th>measure</th>"
-        + "".join(f"<th>{_e(s.label)}</th>" for s in sessions)
-        + "<th>rate %/year</th><th>trend</th></tr>"
-    )
-    for key in ("brain", "GM", "WM", "lesion"):
-        values = [s.volumes_ml.get(key, 0.0) for s in sessions]
-        rate = annual_rate_percent(years, values)
-        svg = render.trajectory_svg([y or float(i) for i, y in enumerate(years)], values, unit="ml")
-        parts.append(
-            f"<tr><td>{_e(key)} volume (ml)</td>"
-            + "".join(f"<td>{v:.1f}</td>" for v in values)
-            + f"<td>{'n/a' if rate is None else f'{rate:+.2f}'}</td><td>{svg}</td></tr>"
-        )
-    parts.append(
-        "</table><p class='note'>Volumes from each session's class map (lesion-filled "
-        "segmentation). Spinal cord area: not measured by this version.</p></section>"
-    )
-
-    ref = sessions[0] if sessions else None
-    by_session = lesion_volumes_by_session(sessions) if sessions else {}
-    pictures = lesion_pictures(ref, max_lesions) if ref else {}
-    table = {int(r["index"]): r for r in (ref.lesions if ref else [])}
+    years = session_years(sessions)
+    lesions = _lesion_records(sessions, max_lesions)
     saved = read_review(review_path(root / subject, subject))
-    lesions: list[dict[str, Any]] = []
-    for lid in sorted(pictures):
-        row = table.get(lid, {})
-        prob = row.get("mean_probability")
-        lesions.append(
-            {
-                "id": lid,
-                "location": row.get("location", "n/a"),
-                "probability": float(prob) if prob not in (None, "", "n/a") else None,
-                "volume_ul": float(row.get("volume_ul", "nan") or "nan"),
-                "volumes": by_session.get(lid, []),
-                "images": pictures[lid],
-            }
-        )
-    times = [y if y is not None else float(i) for i, y in enumerate(years)]
-    parts.append(
-        f'<section id="lesions"><h2>Lesions ({len(lesions)}, reference {_e(ref.label if ref else "n/a")})</h2>'
+    body = (
+        f"<h1>{_e(subject)}</h1>"
+        + _summary_section(root, subject, sessions)
+        + _registration_section(sessions)
+        + _segmentation_section(sessions)
+        + _atrophy_section(sessions, years)
+        + _lesions_section(lesions, sessions, years)
     )
-    parts.append(
-        '<div class="toolbar"><label>Rater <input id="rater" autocomplete="off" placeholder="your ID"></label> '
-        '<label>Show <select id="filter"><option value="all">all</option><option value="unrated">unrated</option>'
-        '<option value="rim">rim candidates</option><option value="sel">SEL</option></select></label> '
-        '<label>Sort <select id="sort"><option value="id">ID</option><option value="probability">probability</option>'
-        '<option value="volume">volume</option></select></label> '
-        '<label><input type="checkbox" id="contours" checked> contours (c)</label> '
-        '<button id="export">Export TSV</button> <label class="import">Import TSV <input type="file" id="import" accept=".tsv,text/tab-separated-values"></label> '
-        '<span id="status" role="status"></span></div>'
-        "<p class='note'>Keys: j/k next/previous, y/n lesion, 1/2/3 rim definite/probable/none, "
-        "s SEL yes, x SEL no, e note, c contours. Windows are stated on each image.</p>"
-    )
-    parts.append('<div id="cards">')
-    for les in lesions:
-        lid = int(les["id"])
-        vols = ", ".join(
-            f"{_e(s.label)}: {'n/a' if v is None else f'{v:.0f} µl'}"
-            for s, v in zip(sessions, list(les["volumes"]), strict=False)
-        )
-        svg = render.trajectory_svg(times[: len(les["volumes"])], les["volumes"], unit="µl")
-        imgs = "".join(
-            f'<figure class="crop"><img data-lesion="{lid}" data-modality="{_e(name)}" alt="{_e(name)} lesion {lid}">'
-            f"<figcaption>{_e(name)} — {_e(info['window'])}</figcaption></figure>"
-            for name, info in les["images"].items()
-        )
-        prob = "n/a" if les["probability"] is None else f"{les['probability']:.2f}"
-        parts.append(
-            f'<article class="card" tabindex="0" data-lesion-id="{lid}" data-probability="{prob}" '
-            f'data-volume="{les["volume_ul"]:.1f}">'
-            f"<header><b>Lesion {lid}</b> · {_e(les['location'])} · {les['volume_ul']:.0f} µl · "
-            f"probability {prob} · rim probability: not measured · SEL: not measured</header>"
-            f'<div class="crops">{imgs}</div><div class="meta">Volume per session: {vols} {svg}</div>'
-            '<div class="review">'
-            f'<fieldset><legend>Lesion</legend><label><input type="radio" name="lesion-{lid}" value="yes">yes</label>'
-            f'<label><input type="radio" name="lesion-{lid}" value="no">no</label></fieldset>'
-            f'<fieldset><legend>Rim</legend><label><input type="radio" name="rim-{lid}" value="definite">definite</label>'
-            f'<label><input type="radio" name="rim-{lid}" value="probable">probable</label>'
-            f'<label><input type="radio" name="rim-{lid}" value="none">none</label></fieldset>'
-            f'<fieldset><legend>SEL</legend><label><input type="radio" name="sel-{lid}" value="yes">yes</label>'
-            f'<label><input type="radio" name="sel-{lid}" value="no">no</label></fieldset>'
-            f'<label class="notelabel">Note <input class="note" name="note-{lid}" maxlength="2000"></label>'
-            "</div></article>"
-        )
-    parts.append("</div></section>")
     images = {str(le["id"]): le["images"] for le in lesions}
     data = {"subject": subject, "review": saved, "version": __version__}
-    page = (
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-        f"<title>{_e(subject)} — smoulder report</title>"
-        "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; img-src data:; "
-        "style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'\">"
-        f"<style>{_static('report.css')}</style></head><body>"
-        + "".join(parts)
-        + f'<script type="application/json" id="report-data">{_json_for_script(data)}</script>'
-        + f'<script type="application/json" id="lesion-images">{_json_for_script(images)}</script>'
-        + f"<script>{_static('report.js')}</script></body></html>"
-    )
-    return save_text(page, root / f"{subject}.html")
+    return save_text(_page(subject, body, data, images), root / f"{subject}.html")
 
 
 def subject_summary(
@@ -610,7 +677,7 @@ def subject_summary(
     """Return the index page's numbers for one subject."""
     if sessions is None:
         sessions = collect_sessions(root, subject)
-    years = years_since_first(sessions)
+    years = session_years(sessions)
     n_lesions = len(sessions[0].lesions) if sessions else 0
     reviewed = {
         r["lesion_id"] for r in read_review(review_path(root / subject, subject)) if r["lesion"]

@@ -31,7 +31,8 @@ from typing import cast
 
 import nibabel as nib
 import numpy as np
-from scipy import ndimage as ndi
+
+from smoulder.grids import covering_grid, resample_image, resample_to_grid, sample_world
 
 #: FreeSurfer labels below the tentorium: left/right cerebellar white matter and cortex,
 #: brainstem, fourth ventricle.
@@ -95,18 +96,10 @@ def _fit(fixed: nib.Nifti1Image, moving: nib.Nifti1Image, device: str = "cpu") -
     )
 
 
-def _sample(img: nib.Nifti1Image, world_mm: np.ndarray) -> np.ndarray:
-    """Return ``img`` at world points ``(N, 3)`` (trilinear, 0 outside)."""
-    vox = (np.linalg.inv(img.affine) @ np.c_[world_mm, np.ones(len(world_mm))].T)[:3]
-    return ndi.map_coordinates(np.asarray(img.dataobj, np.float32), vox, order=1, mode="constant")
-
-
 def _on_grid(data: np.ndarray, affine: np.ndarray, spacing_mm: float) -> nib.Nifti1Image:
     """Return ``data`` resampled (linear) onto a RAS grid of ``spacing_mm`` voxels covering it."""
-    from smoulder.segmentation.inference import _resample, network_grid
-
-    shape, grid = network_grid(nib.Nifti1Image(data, affine), spacing_mm)
-    return nib.Nifti1Image(_resample(data, affine, shape, grid), grid)
+    img = nib.Nifti1Image(data, affine)
+    return resample_image(img, *covering_grid(img, spacing_mm))
 
 
 def build_prior(label_maps: Sequence[Path], out: Path) -> Path:
@@ -120,7 +113,6 @@ def build_prior(label_maps: Sequence[Path], out: Path) -> Path:
         ValueError: no label maps given.
     """
     from smoulder.images import save_nifti
-    from smoulder.segmentation.inference import _resample
 
     if not label_maps:
         raise ValueError("label_maps: expected at least one FreeSurfer-style label map, found none")
@@ -140,7 +132,7 @@ def build_prior(label_maps: Sequence[Path], out: Path) -> Path:
         # the template's voxels, carried into the label map's world by the fitted affine
         moved = _fit(template, parenchyma) @ template.affine
         for acc, wanted in ((total, INFRATENTORIAL_LABELS), (ventricles, VENTRICLE_LABELS)):
-            acc += _resample(np.isin(labels, wanted), img.affine, template.shape, moved)
+            acc += resample_to_grid(np.isin(labels, wanted), img.affine, template.shape, moved)
         print(f"{Path(path).name}: registered", flush=True)
     vent = np.rint(100 * ventricles / len(label_maps)).astype(np.uint8)
     save_nifti(vent, template.affine, out.with_name(VENTRICLES.name), dtype=np.uint8)
@@ -206,7 +198,7 @@ def read_prior(
     if where.any():
         idx = np.argwhere(where)
         world = (affine @ np.c_[idx, np.ones(len(idx))].T).T
-        out[where] = _sample(prior, (to_template @ world.T)[:3].T)
+        out[where] = sample_world(prior, (to_template @ world.T)[:3].T)
     return out
 
 

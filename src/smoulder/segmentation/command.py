@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 from smoulder.segmentation.refine import LESION_PRIOR_FLOOR
-from smoulder.segmentation.synth import CLASSES
 
 
-def segment_parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
     """Return the parser of ``smoulder segment``."""
     p = argparse.ArgumentParser(
         prog="smoulder segment",
@@ -50,72 +48,16 @@ def segment_parser() -> argparse.ArgumentParser:
     return p
 
 
-def write_outputs(result: Any, out: Path, prefix: str, sources: list[str]) -> list[Path]:
-    """Write a :class:`~smoulder.segmentation.inference.SegmentationResult`; return the files."""
-    import numpy as np
-
-    from smoulder.images import save_json, save_nifti, save_tsv
-    from smoulder.segmentation.lesions import lesion_table, write_lesion_stats
-
-    out.mkdir(parents=True, exist_ok=True)
-    side = {"Sources": sources, "ModelVersion": result.model_version}
-    if result.settings:
-        side["Settings"] = result.settings
-    written = []
-
-    def nifti(img: Any, name: str, dtype: Any, meta: dict[str, Any]) -> None:
-        path = save_nifti(
-            np.asarray(img.dataobj), img.affine, out / f"{prefix}{name}.nii.gz", dtype=dtype
-        )
-        save_json({**side, **meta}, out / f"{prefix}{name}.json")
-        written.append(path)
-
-    nifti(
-        result.brain_mask,
-        "desc-brain_mask",
-        np.uint8,
-        {"Type": "Brain", "Description": "parenchyma: GM + WM + lesion probability >= 0.5"},
-    )
-    nifti(result.dseg, "dseg", np.uint8, {"Description": "tissue classes (argmax)"})
-    save_tsv([{"index": i, "name": n} for i, n in enumerate(CLASSES)], out / f"{prefix}dseg.tsv")
-    for name, img in result.probseg.items():
-        nifti(img, f"label-{name}_probseg", np.float32, {"Description": f"{name} probability"})
-    nifti(
-        result.instances,
-        "desc-lesions_dseg",
-        np.int16,
-        {
-            "Description": "lesion instances: 0 outside lesions, 1..N one index per lesion, "
-            "numbered by world position (stable across reorientation)"
-        },
-    )
-    instances = np.asarray(result.instances.dataobj)
-    ids = [int(i) for i in np.unique(instances) if i > 0]
-    save_tsv(
-        [{"index": 0, "name": "background"}] + [{"index": i, "name": f"lesion-{i}"} for i in ids],
-        out / f"{prefix}desc-lesions_dseg.tsv",
-    )
-    rows = lesion_table(
-        instances,
-        result.instances.affine,
-        np.asarray(result.probseg["lesion"].dataobj),
-        np.asarray(result.dseg.dataobj),
-        infratentorial_mask=None if result.infratentorial is None else result.infratentorial >= 0.5,
-        ventricle_mask=result.ventricles,
-    )
-    written.append(write_lesion_stats(rows, out / f"{prefix}desc-lesions_stats.tsv"))
-    return written
-
-
-def run_segment(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run ``smoulder segment``; return the exit status."""
     import numpy as np
 
+    from smoulder.devices import resolve_device
     from smoulder.images import load_image
-    from smoulder.registration.engines import resolve_engine
     from smoulder.segmentation.inference import segment
+    from smoulder.segmentation.outputs import write_outputs
 
-    _, device = resolve_engine("auto", args.device)
+    device = resolve_device(args.device)
     flair = load_image(args.flair)
     t1 = load_image(args.t1) if args.t1 else None
     result = segment(
@@ -164,24 +106,21 @@ def train_parser() -> argparse.ArgumentParser:
         default=",".join(str(n) for n in d.synth.lesions_per_patch),
         help="fewest,most real lesion shapes pasted per patch",
     )
-    p.add_argument(
-        "--periventricular",
-        type=float,
-        default=d.synth.p_periventricular,
-        help="share of pasted lesions centred within 5 mm of a lateral ventricle",
-    )
-    p.add_argument(
-        "--csf-artifacts",
-        type=float,
-        default=d.synth.p_csf_artifact,
-        help="share of samples whose ventricles/cisterns have FLAIR-bright CSF (class CSF)",
-    )
-    p.add_argument(
-        "--lesion-weight",
-        type=float,
-        default=d.lesion_weight,
-        help="weight of the lesion class in the cross-entropy",
-    )
+    for flag, default, meaning in (
+        (
+            "--periventricular",
+            d.synth.p_periventricular,
+            "share of pasted lesions centred within 5 mm of a lateral ventricle",
+        ),
+        (
+            "--csf-artifacts",
+            d.synth.p_csf_artifact,
+            "share of samples whose ventricles/cisterns have FLAIR-bright CSF (class CSF)",
+        ),
+        ("--lesion-weight", d.lesion_weight, "weight of the lesion class in the cross-entropy"),
+        ("--real-fraction", d.real_fraction, "share of the samples cut from the real cases"),
+    ):
+        p.add_argument(flag, type=float, default=default, help=meaning)
     p.add_argument("--init", type=Path, help="bundle or checkpoint to start from (fine-tuning)")
     p.add_argument(
         "--real-case",
@@ -189,12 +128,6 @@ def train_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="folder of a real case (FLAIR, T1, expert lesion mask) to fine-tune on; repeatable",
-    )
-    p.add_argument(
-        "--real-fraction",
-        type=float,
-        default=d.real_fraction,
-        help="share of the samples cut from the real cases",
     )
     p.add_argument("--label-maps", type=Path, help="folder of training_seg_*.nii.gz")
     p.add_argument("--lesion-masks", type=Path, help="folder of real lesion masks")
@@ -207,8 +140,8 @@ def run_train(argv: list[str]) -> int:
     """Run ``smoulder train <what> ...``; return the exit status."""
     from dataclasses import replace
 
+    from smoulder.devices import resolve_device
     from smoulder.errors import ConfigError
-    from smoulder.registration.engines import resolve_engine
     from smoulder.segmentation.network import NetworkDef
     from smoulder.segmentation.train import TrainSettings, train
 
@@ -218,7 +151,7 @@ def run_train(argv: list[str]) -> int:
             f"found {argv[:1] or 'nothing'}"
         )
     args = train_parser().parse_args(argv[1:])
-    _, device = resolve_engine("auto", args.device)
+    device = resolve_device(args.device)
     d = TrainSettings()
     try:
         channels = tuple(int(c) for c in args.channels.split(","))

@@ -13,21 +13,37 @@
    instances (:func:`smoulder.segmentation.lesions.lesion_instances`).
 5. For the lesions' location class, the MNI152 priors (:mod:`smoulder.segmentation.atlas`) are
    registered affinely to the parenchyma: the infratentorial one is read at the lesion voxels,
-   and the ventricles are the CSF inside the ventricles' envelope.
+   and the ventricles are the CSF inside the ventricles' envelope. With them the lesion table
+   is made (:func:`smoulder.segmentation.lesions.lesion_table`).
 """
 
 from __future__ import annotations
 
 import time
-import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
 from smoulder.errors import InputError
+from smoulder.grids import covering_grid, resample_to_grid
+from smoulder.segmentation.atlas import (
+    infratentorial_prior,
+    read_prior,
+    template_transform,
+    ventricle_mask,
+)
+from smoulder.segmentation.classes import CLASSES, LESION, class_indices
+from smoulder.segmentation.lesions import (
+    drop_outside_white_matter,
+    lesion_instances,
+    lesion_table,
+)
 from smoulder.segmentation.network import Bundle, load_bundle
 from smoulder.segmentation.refine import (
     LESION_PRIOR_FLOOR,
@@ -35,11 +51,12 @@ from smoulder.segmentation.refine import (
     em_refine,
     largest_component,
 )
-from smoulder.segmentation.synth import CLASSES, LESION, T1_FLAG, normalise
+from smoulder.segmentation.synth import T1_FLAG, normalise
 
-#: Probability maps published (``_label-<name>_probseg``) and the classes each sums.
-PROBSEG = {"CSF": ("CSF",), "GM": ("cortical_GM", "deep_GM"), "WM": ("WM",), "lesion": ("lesion",)}
-PARENCHYMA = ("cortical_GM", "deep_GM", "WM", "lesion")
+#: Tissues whose probability is published (``_label-<name>_probseg``), in this order: each
+#: the sum of the classes :data:`~smoulder.segmentation.classes.TISSUES` lists for it (``WM``
+#: excludes the lesions).
+PROBSEG: tuple[str, ...] = ("CSF", "GM", "WM", "lesion")
 
 
 @dataclass
@@ -56,6 +73,9 @@ class SegmentationResult:
     #: ventricular CSF (CSF inside the MNI ventricles' envelope); None without lesions or when
     #: the template could not be fitted (the lesion table then finds ventricles in the CSF)
     ventricles: np.ndarray | None
+    #: one row per lesion (:func:`smoulder.segmentation.lesions.lesion_table`), located with
+    #: the two maps above
+    lesion_rows: list[dict[str, Any]]
     used_t1: bool
     device: str
     model_version: str
@@ -63,34 +83,6 @@ class SegmentationResult:
     timings: dict[str, float] = field(default_factory=dict)
     #: the settings it ran with (recorded in the outputs' sidecars)
     settings: dict[str, float | bool] = field(default_factory=dict)
-
-
-def network_grid(
-    img: nib.Nifti1Image, spacing_mm: float
-) -> tuple[tuple[int, int, int], np.ndarray]:
-    """Return shape and affine of the RAS+ grid of ``spacing_mm`` voxels covering ``img``.
-
-    Examples:
-        >>> img = nib.Nifti1Image(np.zeros((10, 20, 5), np.float32), np.diag([2.0, 1.0, 3.0, 1]))
-        >>> network_grid(img, 1.0)[0]
-        (20, 20, 15)
-    """
-    shape = np.array(img.shape[:3])
-    corners = np.array(
-        [
-            [i, j, k, 1.0]
-            for i in (-0.5, shape[0] - 0.5)
-            for j in (-0.5, shape[1] - 0.5)
-            for k in (-0.5, shape[2] - 0.5)
-        ]
-    )
-    world = (img.affine @ corners.T)[:3]
-    lo, hi = world.min(1), world.max(1)
-    n = np.maximum(np.round((hi - lo) / spacing_mm).astype(int), 1)
-    affine = np.diag([spacing_mm] * 3 + [1.0])
-    centre = (lo + hi) / 2
-    affine[:3, 3] = centre - spacing_mm * (n - 1) / 2
-    return tuple(int(v) for v in n), affine  # type: ignore[return-value]
 
 
 def head_box(flair: np.ndarray, margin: int = 6) -> tuple[slice, slice, slice]:
@@ -113,79 +105,8 @@ def head_box(flair: np.ndarray, margin: int = 6) -> tuple[slice, slice, slice]:
     )
 
 
-def _resample(
-    data: np.ndarray, src_affine: np.ndarray, shape, dst_affine: np.ndarray, order: int = 1
-) -> np.ndarray:
-    """``data`` (on ``src_affine``) sampled at the voxels of the ``shape``/``dst_affine`` grid.
-
-    Zero outside ``data``. Where the grids' axes are parallel (the usual case: the network's
-    RAS+ grid against an image stored in RAS, LAS, LPS… order) no general interpolation is
-    needed: voxels that coincide are copied (axes permuted, flipped and shifted), and scaled
-    axes go through scipy's separable zoom. ``ndi.affine_transform`` with a full matrix takes
-    0.5–2 s per 1 mm volume even for the identity.
-
-    Examples:
-        >>> d = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
-        >>> flip = np.diag([-1.0, 1, 1, 1]); flip[0, 3] = 1.0  # LAS, same voxels
-        >>> bool(np.array_equal(_resample(d, flip, (2, 3, 4), np.eye(4)), d[::-1]))
-        True
-        >>> shifted = np.eye(4); shifted[1, 3] = 1.0  # one voxel further along the second axis
-        >>> _resample(d, np.eye(4), (2, 3, 4), shifted)[0, :, 0].tolist()
-        [4.0, 8.0, 0.0]
-    """
-    m = np.linalg.inv(src_affine) @ dst_affine
-    data = np.asarray(data, np.float32)
-    lin, shift = m[:3, :3], m[:3, 3]
-    nonzero = np.abs(lin) > 1e-6
-    if nonzero.sum() == 3 and nonzero.any(0).all() and nonzero.any(1).all():
-        source = [int(np.flatnonzero(nonzero[:, j])[0]) for j in range(3)]  # per output axis
-        scale = np.array([lin[source[j], j] for j in range(3)])
-        offset = np.array([shift[source[j]] for j in range(3)])
-        view = np.transpose(data, source)
-        for j in range(3):
-            if scale[j] < 0:  # flipped axis: index n − 1 − i
-                view = np.flip(view, j)
-                scale[j], offset[j] = -scale[j], view.shape[j] - 1 - offset[j]
-        if np.allclose(scale, 1.0, atol=1e-6) and np.allclose(offset, np.round(offset), atol=1e-4):
-            return _copy_shifted(view, np.round(offset).astype(int), tuple(shape))
-        with warnings.catch_warnings():  # a 1-D matrix is the diagonal: SciPy notes it changed
-            warnings.filterwarnings("ignore", "The behavior of affine_transform", UserWarning)
-            return ndi.affine_transform(
-                np.ascontiguousarray(view),
-                scale,
-                offset,
-                output_shape=tuple(shape),
-                order=order,
-                mode="constant",
-                cval=0.0,
-            )
-    return ndi.affine_transform(
-        data,
-        lin,
-        shift,
-        output_shape=tuple(shape),
-        order=order,
-        mode="constant",
-        cval=0.0,
-    )
-
-
-def _copy_shifted(view: np.ndarray, offset: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Return ``out`` of ``shape`` with ``out[o] = view[o + offset]`` where that lies inside
-    ``view``, else 0."""
-    out = np.zeros(shape, np.float32)
-    dst, src = [], []
-    for n_out, n_in, t in zip(shape, view.shape, offset, strict=True):
-        lo, hi = max(0, -int(t)), min(n_out, n_in - int(t))
-        if hi <= lo:
-            return out
-        dst.append(slice(lo, hi))
-        src.append(slice(lo + int(t), hi + int(t)))
-    out[tuple(dst)] = view[tuple(src)]
-    return out
-
-
 def _check(img: nib.Nifti1Image, what: str) -> np.ndarray:
+    """Return the voxels of ``img`` as float32 after checking the network can use them."""
     data = np.asarray(img.dataobj, np.float32)
     name = img.get_filename() or what
     if data.ndim != 3:
@@ -195,6 +116,195 @@ def _check(img: nib.Nifti1Image, what: str) -> np.ndarray:
     if float(data.max()) <= float(data.min()):
         raise InputError(name, expected=f"a {what} with signal", found="a constant image")
     return data
+
+
+def _checked_images(
+    flair: nib.Nifti1Image, t1: nib.Nifti1Image | None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Return ``(voxels, affine)`` of the FLAIR and, when given, of the T1-weighted image."""
+    images = [(_check(flair, "FLAIR"), flair.affine)]
+    if t1 is not None:
+        images.append((_check(t1, "T1-weighted image"), t1.affine))
+    return images
+
+
+def network_channels(
+    images: Sequence[tuple[np.ndarray, np.ndarray]], shape: Sequence[int], grid: np.ndarray
+) -> np.ndarray:
+    """Return the network's input ``(3, *shape)`` float32 on the ``shape``/``grid`` grid.
+
+    Channels: the FLAIR and the T1-weighted image, each resampled (linear) and normalised
+    (:func:`~smoulder.segmentation.synth.normalise`), then the T1-present flag; without a
+    T1-weighted image its channel and the flag are 0.
+
+    Args:
+        images: ``(data, affine)`` of the FLAIR, then of the T1-weighted image when there is one.
+        shape: the network grid's shape.
+        grid: its voxel-to-world matrix.
+
+    Examples:
+        >>> flair = (np.ones((4, 4, 4), np.float32), np.eye(4))
+        >>> x = network_channels([flair], (4, 4, 4), np.eye(4))
+        >>> x.shape, float(x[0].max()), float(x[1:].max())
+        ((3, 4, 4, 4), 1.0, 0.0)
+    """
+    channels = np.zeros((3, *shape), np.float32)
+    for c, (data, affine) in enumerate(images):
+        channels[c] = normalise(resample_to_grid(data, affine, shape, grid))
+    if len(images) > 1:
+        channels[T1_FLAG] = 1.0
+    return channels
+
+
+def run_network(bundle: Bundle, channels: np.ndarray, device: str) -> np.ndarray:
+    """Return the network's class probabilities ``(C, *grid)`` (float32) for ``channels``.
+
+    Sliding-window inference (the bundle's window, overlap and blending), then softmax.
+    """
+    import torch  # deferred: torch and MONAI take seconds to import
+    from monai.inferers import sliding_window_inference
+
+    settings = bundle.inference
+    x = torch.from_numpy(channels)[None].to(device)
+    shape = channels.shape[1:]
+    roi = tuple(min(r, max(16, s)) for r, s in zip(settings.roi_size, shape, strict=True))
+    with torch.inference_mode():
+        logits = sliding_window_inference(
+            x,
+            roi,
+            settings.sw_batch_size,
+            bundle.network,
+            overlap=settings.overlap,
+            mode=settings.mode,
+        )
+        probs = torch.softmax(logits, 1)[0].float().cpu().numpy()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()  # so that the timings measure the network, not the queue
+    return probs
+
+
+def _refined(
+    probs: np.ndarray, channels: np.ndarray, used_t1: bool, spacing_mm: float, floor: float
+) -> np.ndarray:
+    """Return ``probs`` refined on the subject's own intensities inside its intracranial mask."""
+    _, intracranial = brain_masks(probs, spacing_mm=spacing_mm)
+    images = [channels[0]] + ([channels[1]] if used_t1 else [])
+    return em_refine(images, probs, intracranial, lesion_prior_floor=floor)
+
+
+def _on_image_grid(probs: np.ndarray, grid: np.ndarray, img: nib.Nifti1Image) -> np.ndarray:
+    """Return class probabilities moved from the network ``grid`` onto ``img``'s grid.
+
+    Beyond the network grid, and outside the largest connected piece of tissue (specks beyond
+    the head), a voxel is background.
+    """
+    back = np.stack([resample_to_grid(p, grid, img.shape[:3], img.affine) for p in probs])
+    outside = back.sum(0) < 1e-3
+    back[0][outside] = 1.0
+    back /= back.sum(0, keepdims=True)
+    stray = ~largest_component(back.argmax(0) > 0)
+    back[:, stray] = 0.0
+    back[0, stray] = 1.0
+    return back
+
+
+@contextmanager
+def _timed(timings: dict[str, float], key: str, since: float | None = None) -> Iterator[None]:
+    """Record in ``timings[key]`` the seconds the block took (from ``since``, when given)."""
+    tic = time.perf_counter() if since is None else since
+    yield
+    timings[key] = time.perf_counter() - tic
+
+
+def _tissue(probs: np.ndarray, name: str) -> np.ndarray:
+    """Return the probability of tissue ``name`` (a key of ``TISSUES``): its classes summed."""
+    return sum(probs[i] for i in class_indices(name))  # type: ignore[return-value]
+
+
+def _classes_and_lesions(
+    probs: np.ndarray, affine: np.ndarray, min_lesion_ul: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return the class map (uint8) and the lesion instances of class probabilities.
+
+    Lesion candidates enclosed by cortex or CSF are dropped first; the class map agrees with
+    the reported lesions: a dropped candidate's voxels get their next most likely class.
+    """
+    dseg = probs.argmax(0).astype(np.uint8)
+    lesion_prob = drop_outside_white_matter(probs[LESION], probs[CLASSES.index("WM")])
+    instances = lesion_instances(lesion_prob, affine, min_volume_ul=min_lesion_ul)
+    dropped = (dseg == LESION) & (instances == 0)
+    if dropped.any():
+        dseg[dropped] = probs[:LESION, dropped].argmax(0).astype(np.uint8)
+    return dseg, instances
+
+
+def _lesion_surroundings(
+    instances: np.ndarray,
+    parenchyma: np.ndarray,
+    dseg: np.ndarray,
+    affine: np.ndarray,
+    device: str,
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Return the infratentorial probability at lesion voxels and the ventricular CSF.
+
+    Both come from the MNI priors fitted to this brain (see ``SegmentationResult``); without
+    lesions the probability is 0 and no template is fitted.
+    """
+    below: np.ndarray | None = np.zeros(instances.shape, np.float32)
+    ventricles = None
+    if instances.any():
+        to_template = template_transform(parenchyma, affine, device=device)
+        below = None
+        if to_template is not None:
+            below = read_prior(infratentorial_prior(), to_template, affine, instances > 0)
+            ventricles = ventricle_mask(dseg == CLASSES.index("CSF"), affine, to_template)
+    return below, ventricles
+
+
+def _result_images(
+    probs: np.ndarray,
+    parenchyma: np.ndarray,
+    dseg: np.ndarray,
+    instances: np.ndarray,
+    affine: np.ndarray,
+) -> dict[str, Any]:
+    """Return the images of a :class:`SegmentationResult`, by field name, on the ``affine`` grid.
+
+    The brain mask is the parenchyma at probability >= 0.5; each map of :data:`PROBSEG` sums
+    its tissue's classes.
+    """
+    return {
+        "dseg": _image(dseg, np.uint8, affine),
+        "brain_mask": _image((parenchyma >= 0.5).astype(np.uint8), np.uint8, affine),
+        "probseg": {name: _image(_tissue(probs, name), np.float32, affine) for name in PROBSEG},
+        "instances": _image(instances, np.int16, affine),
+    }
+
+
+def _image(data: np.ndarray, dtype: type, affine: np.ndarray) -> nib.Nifti1Image:
+    """Return ``data`` as ``dtype`` in an image with ``affine`` as its qform and sform."""
+    img = nib.Nifti1Image(data.astype(dtype), affine)
+    img.set_qform(affine, 1)
+    img.set_sform(affine, 1)
+    return img
+
+
+def _lesion_rows(
+    images: dict[str, Any], infratentorial: np.ndarray | None, ventricles: np.ndarray | None
+) -> list[dict[str, Any]]:
+    """Return the lesion table of a segmentation's ``images`` (:func:`_result_images`).
+
+    Read from the images (not the arrays they were made from): the table describes the files.
+    """
+    instances = images["instances"]
+    return lesion_table(
+        np.asarray(instances.dataobj),
+        instances.affine,
+        np.asarray(images["probseg"]["lesion"].dataobj),
+        np.asarray(images["dseg"].dataobj),
+        infratentorial_mask=None if infratentorial is None else infratentorial >= 0.5,
+        ventricle_mask=ventricles,
+    )
 
 
 def segment(
@@ -226,98 +336,31 @@ def segment(
         InputError: an image that is not 3D, has non-finite voxels or no signal; a bundle
             that is missing, corrupt or does not fit its network.
     """
-    import torch
-    from monai.inferers import sliding_window_inference
-
-    from smoulder.segmentation.atlas import (
-        infratentorial_prior,
-        read_prior,
-        template_transform,
-        ventricle_mask,
-    )
-    from smoulder.segmentation.lesions import drop_outside_white_matter, lesion_instances
-
     start = time.perf_counter()
     timings: dict[str, float] = {}
-    bundle = bundle or load_bundle(model, device)
-    f_data = _check(flair, "FLAIR")
-    shape, grid = network_grid(flair, bundle.inference.spacing_mm)
-    channels = np.zeros((3, *shape), np.float32)
-    channels[0] = normalise(_resample(f_data, flair.affine, shape, grid))
-    if t1 is not None:
-        channels[1] = normalise(_resample(_check(t1, "T1-weighted image"), t1.affine, shape, grid))
-        channels[T1_FLAG] = 1.0
-    timings["prepare_s"] = time.perf_counter() - start
-    tic = time.perf_counter()
-    x = torch.from_numpy(channels)[None].to(device)
-    roi = tuple(min(r, max(16, s)) for r, s in zip(bundle.inference.roi_size, shape, strict=True))
-    with torch.inference_mode():
-        logits = sliding_window_inference(
-            x,
-            roi,
-            bundle.inference.sw_batch_size,
-            bundle.network,
-            overlap=bundle.inference.overlap,
-            mode=bundle.inference.mode,
-        )
-        probs = torch.softmax(logits, 1)[0].float().cpu().numpy()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    timings["network_s"] = time.perf_counter() - tic
+    with _timed(timings, "prepare_s", since=start):
+        bundle = bundle or load_bundle(model, device)
+        shape, grid = covering_grid(flair, bundle.inference.spacing_mm)
+        channels = network_channels(_checked_images(flair, t1), shape, grid)
+    with _timed(timings, "network_s"):
+        probs = run_network(bundle, channels, device)
     if refine:
-        tic = time.perf_counter()
-        _, intracranial = brain_masks(probs, spacing_mm=bundle.inference.spacing_mm)
-        images = [channels[0]] + ([channels[1]] if t1 is not None else [])
-        probs = em_refine(images, probs, intracranial, lesion_prior_floor=lesion_prior_floor)
-        timings["refine_s"] = time.perf_counter() - tic
-    tic = time.perf_counter()
-    out_shape = flair.shape[:3]
-    back = np.stack([_resample(p, grid, out_shape, flair.affine) for p in probs])
-    outside = back.sum(0) < 1e-3  # beyond the network grid: background
-    back[0][outside] = 1.0
-    back /= back.sum(0, keepdims=True)
-    stray = ~largest_component(back.argmax(0) > 0)  # specks beyond the head: background
-    back[:, stray] = 0.0
-    back[0, stray] = 1.0
-    dseg = back.argmax(0).astype(np.uint8)
-    parenchyma = sum(back[CLASSES.index(c)] for c in PARENCHYMA)
-    brain = (parenchyma >= 0.5).astype(np.uint8)
-    lesion_prob = drop_outside_white_matter(back[LESION], back[CLASSES.index("WM")])
-    instances = lesion_instances(lesion_prob, flair.affine, min_volume_ul=min_lesion_ul)
-    # the class map agrees with the reported lesions: dropped candidates get their next class
-    dropped = (dseg == LESION) & (instances == 0)
-    if dropped.any():
-        dseg[dropped] = back[:LESION, dropped].argmax(0).astype(np.uint8)
-    timings["finish_s"] = time.perf_counter() - tic
-    tic = time.perf_counter()
-    # where the lesions lie: the MNI priors (infratentorial, ventricles), fitted to this brain
-    below: np.ndarray | None = np.zeros(instances.shape, np.float32)
-    ventricles = None
-    if instances.any():
-        to_template = template_transform(parenchyma, flair.affine, device=device)
-        below = None
-        if to_template is not None:
-            below = read_prior(infratentorial_prior(), to_template, flair.affine, instances > 0)
-            ventricles = ventricle_mask(dseg == CLASSES.index("CSF"), flair.affine, to_template)
-    timings["locations_s"] = time.perf_counter() - tic
-
-    def image(data: np.ndarray, dtype: type) -> nib.Nifti1Image:
-        img = nib.Nifti1Image(data.astype(dtype), flair.affine)
-        img.set_qform(flair.affine, 1)
-        img.set_sform(flair.affine, 1)
-        return img
-
-    probseg = {
-        name: image(sum(back[CLASSES.index(c)] for c in parts), np.float32)
-        for name, parts in PROBSEG.items()
-    }
+        with _timed(timings, "refine_s"):
+            spacing_mm = bundle.inference.spacing_mm
+            probs = _refined(probs, channels, t1 is not None, spacing_mm, lesion_prior_floor)
+    with _timed(timings, "finish_s"):
+        back = _on_image_grid(probs, grid, flair)
+        parenchyma = _tissue(back, "brain")
+        dseg, instances = _classes_and_lesions(back, flair.affine, min_lesion_ul)
+    with _timed(timings, "locations_s"):
+        below, ventricles = _lesion_surroundings(instances, parenchyma, dseg, flair.affine, device)
+        out = _result_images(back, parenchyma, dseg, instances, flair.affine)
+        rows = _lesion_rows(out, below, ventricles)
     return SegmentationResult(
-        dseg=image(dseg, np.uint8),
-        brain_mask=image(brain, np.uint8),
-        probseg=probseg,
-        instances=image(instances, np.int16),
+        **out,
         infratentorial=below,
         ventricles=ventricles,
+        lesion_rows=rows,
         used_t1=t1 is not None,
         device=device,
         model_version=bundle.version,

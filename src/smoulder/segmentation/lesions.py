@@ -19,15 +19,17 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
+from smoulder.grids import voxel_sizes, voxel_volume_mm3
 from smoulder.images import save_json, save_text
-from smoulder.segmentation.synth import CLASSES
+from smoulder.segmentation.classes import CLASSES
 
 #: Labels of smoulder's tissue segmentation (``_dseg``): class name (lower case) → label, e.g.
 #: ``background`` 0, ``csf`` 1, ``cortical_gm`` 2, ``deep_gm`` 3, ``wm`` 4, ``lesion`` 5.
@@ -61,7 +63,48 @@ LESION_COLUMNS: dict[str, dict[str, Any]] = {
     "max_probability": {"Description": "highest lesion probability in the lesion"},
 }
 
+
+@dataclass(frozen=True)
+class LocationRules:
+    """The distances (mm) by which :func:`lesion_table` places a lesion.
+
+    Location (one per lesion, first rule that holds, McDonald 2017 / MAGNIMS 2016-like):
+
+    1. ``infratentorial``: more than half of the lesion's voxels in the infratentorial mask
+       (brainstem and cerebellum, e.g. from an atlas). Without the mask no lesion is.
+    2. ``periventricular``: the lesion touches ventricular CSF (a 26-neighbour) or a voxel of
+       it lies within :attr:`periventricular_mm` of one (3 mm: voxel-centre distances, so at
+       1 mm up to two voxels of white matter between lesion and ventricle).
+    3. ``juxtacortical``: cortical grey matter lies within :attr:`juxtacortical_mm` of the
+       lesion (2 mm), not counting the grey matter that touches the lesion: the edge between a
+       bright lesion and darker white matter has grey matter's intensity, so segmentations put
+       a shell of "grey matter" around every lesion. At 1 mm the cortex must therefore reach
+       the second ring of voxels around the lesion, as it does when the lesion abuts the
+       cortex (McDonald: no white matter between them). Lesions inside the cortex are counted
+       here too (McDonald's cortical/juxtacortical).
+    4. ``deep_white_matter``: anything else. Without a tissue segmentation a lesion that is not
+       infratentorial or (given a ventricle mask) periventricular is ``unknown``.
+
+    Ventricular CSF is the ventricle mask when given (e.g. from a parcellation: prefer it).
+    Otherwise the segmentation has one CSF class for ventricles and sulci, and the
+    ventricles are taken as the CSF voxels farther than :attr:`ventricle_margin_mm` from both
+    background and cortical grey matter (sulcal and outer CSF always lie against cortex or
+    outside the brain; ventricles are walled by white and deep grey matter), in groups of at
+    least 200 µl (smaller ones are perivascular spaces). Lateral-ventricle voxels close to the
+    cortex (temporal horns by the hippocampus, if that is labelled cortex) are lost, which
+    only matters for lesions touching those voxels alone.
+    """
+
+    #: largest lesion–ventricle distance of a periventricular lesion
+    periventricular_mm: float = 3.0
+    #: largest lesion–cortex distance of a juxtacortical lesion
+    juxtacortical_mm: float = 2.0
+    #: distance from background and cortex beyond which CSF counts as ventricular
+    ventricle_margin_mm: float = 5.0
+
+
 _FULL = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity
+Box = tuple[slice, ...]
 # Ventricle candidates smaller than this are dilated perivascular spaces or segmentation specks
 # labelled CSF, not ventricles (lateral ventricles are several ml, the third ventricle ~1 ml).
 _MIN_VENTRICLE_UL = 200.0
@@ -191,16 +234,10 @@ def drop_outside_white_matter(
     wm_prob = _checked_volume(wm_prob, "wm_prob")
     if wm_prob.shape != prob.shape:
         raise ValueError(f"wm_prob: expected shape {prob.shape}, found {wm_prob.shape}")
-    components, _ = ndimage.label(prob >= threshold, structure=_FULL)
     out = prob.copy()
-    for index, box in enumerate(ndimage.find_objects(components), start=1):
-        if box is None:
-            continue
-        big = _padded(box, ring_voxels, prob.shape)
-        component = components[big] == index
-        shell = ndimage.binary_dilation(component, _FULL, iterations=ring_voxels) & ~component
-        if shell.any() and float(wm_prob[big][shell].mean()) < min_wm:
-            out[big][component] = 0.0
+    for box, component, shell in _components_with_shells(prob >= threshold, ring_voxels):
+        if shell.any() and float(wm_prob[box][shell].mean()) < min_wm:
+            out[box][component] = 0.0
     return out
 
 
@@ -213,37 +250,11 @@ def lesion_table(
     tissue_labels: Mapping[str, int] = TISSUE_LABELS,
     infratentorial_mask: np.ndarray | None = None,
     ventricle_mask: np.ndarray | None = None,
-    periventricular_mm: float = 3.0,
-    juxtacortical_mm: float = 2.0,
-    ventricle_margin_mm: float = 5.0,
+    rules: LocationRules = LocationRules(),
 ) -> list[dict[str, Any]]:
     """Return one row per lesion of ``instances``, by ID (columns: :data:`LESION_COLUMNS`).
 
-    Location (one per lesion, first rule that holds, McDonald 2017 / MAGNIMS 2016-like):
-
-    1. ``infratentorial``: more than half of the lesion's voxels in ``infratentorial_mask``
-       (brainstem and cerebellum, e.g. from an atlas). Without the mask no lesion is.
-    2. ``periventricular``: the lesion touches ventricular CSF (a 26-neighbour) or a voxel of
-       it lies within ``periventricular_mm`` of one (3 mm: voxel-centre distances, so at 1 mm
-       up to two voxels of white matter between lesion and ventricle).
-    3. ``juxtacortical``: cortical grey matter lies within ``juxtacortical_mm`` of the lesion
-       (2 mm), not counting the grey matter that touches the lesion: the edge between a bright
-       lesion and darker white matter has grey matter's intensity, so segmentations put a
-       shell of "grey matter" around every lesion. At 1 mm the cortex must therefore reach
-       the second ring of voxels around the lesion, as it does when the lesion abuts the
-       cortex (McDonald: no white matter between them). Lesions inside the cortex are counted
-       here too (McDonald's cortical/juxtacortical).
-    4. ``deep_white_matter``: anything else. Without ``tissue_dseg`` a lesion that is not
-       infratentorial or (given ``ventricle_mask``) periventricular is ``unknown``.
-
-    Ventricular CSF is ``ventricle_mask`` when given (e.g. from a parcellation: prefer it).
-    Otherwise the segmentation has one CSF class for ventricles and sulci, and the
-    ventricles are taken as the CSF voxels farther than ``ventricle_margin_mm`` from both
-    background and cortical grey matter (sulcal and outer CSF always lie against cortex or
-    outside the brain; ventricles are walled by white and deep grey matter), in groups of at
-    least 200 µl (smaller ones are perivascular spaces). Lateral-ventricle voxels close to the
-    cortex (temporal horns by the hippocampus, if that is labelled cortex) are lost, which
-    only matters for lesions touching those voxels alone.
+    Each lesion's location is the first of :class:`LocationRules` that holds.
 
     Args:
         instances: 3D integer instance map (0: background), e.g. from :func:`lesion_instances`.
@@ -256,10 +267,7 @@ def lesion_table(
         infratentorial_mask: boolean map of brainstem and cerebellum on the same grid.
         ventricle_mask: boolean map of the ventricles on the same grid (overrides the CSF
             heuristic).
-        periventricular_mm: largest lesion–ventricle distance of a periventricular lesion, mm.
-        juxtacortical_mm: largest lesion–cortex distance of a juxtacortical lesion, mm.
-        ventricle_margin_mm: distance from background and cortex beyond which CSF counts as
-            ventricular, mm.
+        rules: the distances of the location rules.
 
     Raises:
         ValueError: maps of different shapes, a non-integer or negative instance map, or
@@ -275,17 +283,8 @@ def lesion_table(
     """
     labels = _checked_instances(instances)
     affine = _checked_affine(affine)
-    shape = labels.shape
-    for name, other in (
-        ("prob", prob),
-        ("tissue_dseg", tissue_dseg),
-        ("infratentorial_mask", infratentorial_mask),
-        ("ventricle_mask", ventricle_mask),
-    ):
-        if other is not None and np.shape(other) != shape:
-            raise ValueError(
-                f"{name}: expected the shape of instances {shape}, found {np.shape(other)}"
-            )
+    masks = {"infratentorial_mask": infratentorial_mask, "ventricle_mask": ventricle_mask}
+    _check_shapes(labels.shape, {"prob": prob, "tissue_dseg": tissue_dseg, **masks})
     ids = np.unique(labels[labels > 0])
     if ids.size == 0:
         return []
@@ -293,25 +292,9 @@ def lesion_table(
     counts, centroids_ijk = _centroids(labels, int(ids.max()))
     counts, centroids_ijk = counts[ids], centroids_ijk[ids]
     centroids_xyz = centroids_ijk @ affine[:3, :3].T + affine[:3, 3]
-    locations = _locations(
-        labels,
-        ids,
-        affine,
-        tissue_dseg,
-        tissue_labels=tissue_labels,
-        infratentorial_mask=infratentorial_mask,
-        ventricle_mask=ventricle_mask,
-        periventricular_mm=periventricular_mm,
-        juxtacortical_mm=juxtacortical_mm,
-        ventricle_margin_mm=ventricle_margin_mm,
-    )
-    means: list[float | None] = [None] * ids.size
-    maxima: list[float | None] = [None] * ids.size
-    if prob is not None:
-        inside = labels > 0  # per-lesion statistics over lesion voxels only: much faster
-        values = np.asarray(prob, dtype=np.float64)[inside]
-        means = [float(v) for v in ndimage.mean(values, labels[inside], ids)]
-        maxima = [float(v) for v in ndimage.maximum(values, labels[inside], ids)]
+    tissues = None if tissue_dseg is None else _tissue_masks(tissue_dseg, tissue_labels)
+    locations = _locations(labels, ids, affine, tissues, infratentorial_mask, ventricle_mask, rules)
+    means, maxima = _probability_stats(labels, ids, prob)
     rows = []
     for n, lesion in enumerate(ids):
         ijk, xyz = centroids_ijk[n], centroids_xyz[n]
@@ -442,17 +425,11 @@ def fill_lesions(
             "wm_mask: expected normal-appearing white matter outside the lesions, found none"
         )
     rng = np.random.default_rng(rng_seed)
-    components, _ = ndimage.label(lesions, structure=_FULL)
-    for index, box in enumerate(ndimage.find_objects(components), start=1):
-        if box is None:
-            continue
-        wide = _padded(box, shell_voxels, image.shape)
-        lesion = components[wide] == index
-        shell = ndimage.binary_dilation(lesion, structure=_FULL, iterations=shell_voxels)
-        pool = image[wide][shell & nawm[wide]]
+    for box, lesion, shell in _components_with_shells(lesions, shell_voxels):
+        pool = image[box][shell & nawm[box]]
         if pool.size < min_shell_voxels:
             pool = image[nawm]
-        view = out[wide]
+        view = out[box]
         view[lesion] = rng.choice(pool, size=int(np.count_nonzero(lesion)), replace=True)
     return out
 
@@ -460,6 +437,25 @@ def fill_lesions(
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
+
+
+def _components_with_shells(
+    mask: np.ndarray, width: int
+) -> Iterator[tuple[Box, np.ndarray, np.ndarray]]:
+    """Yield ``(box, component, shell)`` for each 26-connected component of ``mask``.
+
+    ``box`` is the component's bounding box grown by ``width`` voxels (within the array);
+    ``component`` and ``shell`` are boolean maps of that box: the component, and the voxels
+    within ``width`` 26-connected dilations of it that are not part of it.
+    """
+    components, _ = ndimage.label(mask, structure=_FULL)
+    for index, box in enumerate(ndimage.find_objects(components), start=1):
+        if box is None:
+            continue
+        wide = _padded(box, width, mask.shape)
+        component = components[wide] == index
+        shell = ndimage.binary_dilation(component, _FULL, iterations=width) & ~component
+        yield wide, component, shell
 
 
 def _split_at_cores(
@@ -517,52 +513,78 @@ def _centroids(labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     return counts, centroids
 
 
+def _check_shapes(shape: tuple[int, ...], maps: Mapping[str, np.ndarray | None]) -> None:
+    """Raise ValueError naming the first of the given ``maps`` whose shape is not ``shape``."""
+    for name, other in maps.items():
+        if other is not None and np.shape(other) != shape:
+            raise ValueError(
+                f"{name}: expected the shape of instances {shape}, found {np.shape(other)}"
+            )
+
+
+def _probability_stats(
+    labels: np.ndarray, ids: np.ndarray, prob: np.ndarray | None
+) -> tuple[list[float | None], list[float | None]]:
+    """Return the mean and the highest ``prob`` of each lesion in ``ids`` (``None`` without it)."""
+    if prob is None:
+        return [None] * ids.size, [None] * ids.size
+    inside = labels > 0  # per-lesion statistics over lesion voxels only: much faster
+    values = np.asarray(prob, dtype=np.float64)[inside]
+    means: list[float | None] = [float(v) for v in ndimage.mean(values, labels[inside], ids)]
+    maxima: list[float | None] = [float(v) for v in ndimage.maximum(values, labels[inside], ids)]
+    return means, maxima
+
+
+def _tissue_masks(
+    tissue_dseg: np.ndarray, tissue_labels: Mapping[str, int]
+) -> dict[str, np.ndarray]:
+    """Return the ``background``, ``csf`` and ``cortical_gm`` masks of a tissue segmentation.
+
+    Raises:
+        ValueError: ``tissue_labels`` lacks one of them.
+    """
+    wanted = ("background", "csf", "cortical_gm")
+    missing = [c for c in wanted if c not in tissue_labels]
+    if missing:
+        raise ValueError(
+            f"tissue_labels: expected labels for background, csf and cortical_gm, "
+            f"found none for {', '.join(missing)}"
+        )
+    dseg = np.asarray(tissue_dseg)
+    return {c: dseg == tissue_labels[c] for c in wanted}
+
+
 def _locations(
     labels: np.ndarray,
     ids: np.ndarray,
     affine: np.ndarray,
-    tissue_dseg: np.ndarray | None,
-    *,
-    tissue_labels: Mapping[str, int],
+    tissues: dict[str, np.ndarray] | None,
     infratentorial_mask: np.ndarray | None,
     ventricle_mask: np.ndarray | None,
-    periventricular_mm: float,
-    juxtacortical_mm: float,
-    ventricle_margin_mm: float,
+    rules: LocationRules,
 ) -> list[str]:
-    """Return the location of each lesion in ``ids`` (rules in :func:`lesion_table`)."""
-    zooms = _voxel_sizes_mm(affine)
-    n = ids.size
-    infratentorial = np.zeros(n, dtype=bool)
+    """Return the location of each lesion in ``ids`` (:class:`LocationRules`).
+
+    ``tissues`` holds the masks of :func:`_tissue_masks`, or is ``None`` without a tissue
+    segmentation.
+    """
+    zooms = voxel_sizes(affine)
+    infratentorial = np.zeros(ids.size, dtype=bool)
     if infratentorial_mask is not None:
         lesion = labels > 0
         inside = (np.asarray(infratentorial_mask)[lesion] != 0).astype(np.float64)
         infratentorial = np.asarray(ndimage.mean(inside, labels[lesion], ids)) > 0.5
-    cortex = None
+    cortex = None if tissues is None else tissues["cortical_gm"]
     ventricles = None if ventricle_mask is None else np.asarray(ventricle_mask) != 0
-    if tissue_dseg is not None:
-        missing = [c for c in ("background", "csf", "cortical_gm") if c not in tissue_labels]
-        if missing:
-            raise ValueError(
-                f"tissue_labels: expected labels for background, csf and cortical_gm, "
-                f"found none for {', '.join(missing)}"
-            )
-        dseg = np.asarray(tissue_dseg)
-        cortex = dseg == tissue_labels["cortical_gm"]
-        if ventricles is None:
-            ventricles = _ventricles_from_csf(
-                dseg == tissue_labels["csf"],
-                dseg == tissue_labels["background"],
-                cortex,
-                zooms,
-                margin_mm=ventricle_margin_mm,
-                voxel_ul=_voxel_volume_ul(affine),
-            )
-    periventricular = _near(labels, ids, ventricles, periventricular_mm, zooms)
-    juxtacortical = _near(labels, ids, cortex, juxtacortical_mm, zooms, skip_touching=True)
-    otherwise = "deep_white_matter" if tissue_dseg is not None else "unknown"
+    if tissues is not None and ventricles is None:
+        ventricles = _ventricles_from_csf(
+            tissues, zooms, rules.ventricle_margin_mm, _voxel_volume_ul(affine)
+        )
+    periventricular = _near(labels, ids, ventricles, rules.periventricular_mm, zooms)
+    juxtacortical = _near(labels, ids, cortex, rules.juxtacortical_mm, zooms, skip_touching=True)
+    otherwise = "deep_white_matter" if tissues is not None else "unknown"
     out = []
-    for k in range(n):
+    for k in range(ids.size):
         if infratentorial[k]:
             out.append("infratentorial")
         elif periventricular[k]:
@@ -575,15 +597,13 @@ def _locations(
 
 
 def _ventricles_from_csf(
-    csf: np.ndarray,
-    background: np.ndarray,
-    cortex: np.ndarray,
-    zooms: np.ndarray,
-    *,
-    margin_mm: float,
-    voxel_ul: float,
+    tissues: dict[str, np.ndarray], zooms: np.ndarray, margin_mm: float, voxel_ul: float
 ) -> np.ndarray:
-    """Return the CSF voxels beyond ``margin_mm`` of background and cortex, in large groups."""
+    """Return the CSF voxels beyond ``margin_mm`` of background and cortex, in large groups.
+
+    ``tissues`` holds the masks of :func:`_tissue_masks`.
+    """
+    csf, background, cortex = tissues["csf"], tissues["background"], tissues["cortical_gm"]
     deep = csf.copy()
     boxes = ndimage.find_objects(csf.astype(np.int8))
     if not boxes or boxes[0] is None:
@@ -674,14 +694,12 @@ def _checked_affine(affine: np.ndarray) -> np.ndarray:
     return arr
 
 
-def _voxel_sizes_mm(affine: np.ndarray) -> np.ndarray:
-    return np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-
-
 def _voxel_volume_ul(affine: np.ndarray) -> float:
-    # 12 significant digits: the determinant's rounding noise (1.5000000000000002) goes
-    volume = abs(float(np.linalg.det(affine[:3, :3])))
-    return float(f"{volume:.12g}")
+    """Return the voxel volume (µl = mm³) to 12 significant digits.
+
+    The determinant's rounding noise (1.5000000000000002) goes, so volumes print as they are.
+    """
+    return float(f"{voxel_volume_mm3(affine):.12g}")
 
 
 def _padded(

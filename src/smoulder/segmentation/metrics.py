@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -23,6 +24,7 @@ from scipy import ndimage
 SIZE_BINS_UL: tuple[tuple[float, float], ...] = ((0.0, 10.0), (10.0, 100.0), (100.0, math.inf))
 
 _CONNECTIVITY_26 = ndimage.generate_binary_structure(3, 3)
+_D = TypeVar("_D", bound="Detection")
 
 
 def _masks(a: ArrayLike, b: ArrayLike, names: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
@@ -105,35 +107,63 @@ def lesion_components(mask: ArrayLike) -> tuple[np.ndarray, int]:
 
 
 @dataclass(frozen=True)
-class SizeBinDetection:
+class Detection:
+    """Lesion-wise counts and scores of a predicted lesion mask against the true one.
+
+    ``nan`` marks a score with nothing to count (see :func:`lesion_detection`).
+    """
+
+    n_truth: int
+    n_truth_detected: int
+    n_pred: int
+    n_pred_correct: int
+    precision: float
+    recall: float
+    f1: float
+
+    @classmethod
+    def of(cls: type[_D], hit_truth: np.ndarray, hit_pred: np.ndarray, **more: Any) -> _D:
+        """Return the detection scored from which lesions were found.
+
+        Args:
+            hit_truth: per true lesion, whether the prediction found it.
+            hit_pred: per predicted lesion, whether it is a true one.
+            more: the fields a subclass adds.
+
+        Examples:
+            >>> Detection.of(np.array([True, False]), np.array([True])).f1
+            0.6666666666666666
+        """
+        precision = _ratio(int(hit_pred.sum()), int(hit_pred.size))
+        recall = _ratio(int(hit_truth.sum()), int(hit_truth.size))
+        return cls(
+            n_truth=int(hit_truth.size),
+            n_truth_detected=int(hit_truth.sum()),
+            n_pred=int(hit_pred.size),
+            n_pred_correct=int(hit_pred.sum()),
+            precision=precision,
+            recall=recall,
+            f1=_f1(precision, recall),
+            **more,
+        )
+
+
+@dataclass(frozen=True)
+class SizeBinDetection(Detection):
     """Lesion-wise scores for lesions whose volume lies in ``[low_ul, high_ul)``.
 
     Truth lesions are binned by their own volume (for recall), predicted lesions by theirs
-    (for precision). ``nan`` marks a score with nothing to count (see :func:`lesion_detection`).
+    (for precision).
     """
 
     low_ul: float
     high_ul: float
-    n_truth: int
-    n_truth_detected: int
-    n_pred: int
-    n_pred_correct: int
-    precision: float
-    recall: float
-    f1: float
 
 
 @dataclass(frozen=True)
-class LesionDetection:
+class LesionDetection(Detection):
     """Lesion-wise precision, recall and F1 over all lesions, and per size bin."""
 
-    n_truth: int
-    n_truth_detected: int
-    n_pred: int
-    n_pred_correct: int
-    precision: float
-    recall: float
-    f1: float
     bins: tuple[SizeBinDetection, ...]
 
 
@@ -215,30 +245,8 @@ def lesion_detection(
     for low, high in bins:
         in_t = (vol_t >= low) & (vol_t < high)
         in_p = (vol_p >= low) & (vol_p < high)
-        precision = _ratio(int(hit_p[in_p].sum()), int(in_p.sum()))
-        recall = _ratio(int(hit_t[in_t].sum()), int(in_t.sum()))
-        per_bin.append(
-            SizeBinDetection(
-                low_ul=float(low),
-                high_ul=float(high),
-                n_truth=int(in_t.sum()),
-                n_truth_detected=int(hit_t[in_t].sum()),
-                n_pred=int(in_p.sum()),
-                n_pred_correct=int(hit_p[in_p].sum()),
-                precision=precision,
-                recall=recall,
-                f1=_f1(precision, recall),
-            )
+        bin_scores = SizeBinDetection.of(
+            hit_t[in_t], hit_p[in_p], low_ul=float(low), high_ul=float(high)
         )
-    precision = _ratio(int(hit_p.sum()), n_p)
-    recall = _ratio(int(hit_t.sum()), n_t)
-    return LesionDetection(
-        n_truth=n_t,
-        n_truth_detected=int(hit_t.sum()),
-        n_pred=n_p,
-        n_pred_correct=int(hit_p.sum()),
-        precision=precision,
-        recall=recall,
-        f1=_f1(precision, recall),
-        bins=tuple(per_bin),
-    )
+        per_bin.append(bin_scores)
+    return LesionDetection.of(hit_t, hit_p, bins=tuple(per_bin))

@@ -20,7 +20,8 @@ import torch
 from monai.networks.nets import UNet
 
 from smoulder.errors import InputError
-from smoulder.segmentation.synth import CHANNELS, CLASSES
+from smoulder.segmentation.classes import CLASSES
+from smoulder.segmentation.synth import CHANNELS
 
 #: The bundle shipped with the package (``smoulder.models``).
 DEFAULT_BUNDLE = "smoulder_seg"

@@ -24,7 +24,8 @@ import nibabel as nib
 import numpy as np
 
 from smoulder.errors import InputError
-from smoulder.segmentation.synth import CLASSES, LESION, normalise
+from smoulder.grids import covering_grid, resample_to_grid
+from smoulder.segmentation.classes import CLASSES, LESION
 
 WM = CLASSES.index("WM")
 _PATTERNS = {
@@ -84,7 +85,7 @@ def prepare_case(folder: Path, model: str | Path | None, cache: Path) -> Path:
         model: the bundle whose segmentation gives the tissue classes (default: shipped).
         cache: folder of the prepared cases; an existing file is reused.
     """
-    from smoulder.segmentation.inference import _resample, network_grid, segment
+    from smoulder.segmentation.inference import network_channels, segment
 
     cache.mkdir(parents=True, exist_ok=True)
     path = cache / f"{folder.name}.npz"
@@ -107,13 +108,10 @@ def prepare_case(folder: Path, model: str | Path | None, cache: Path) -> Path:
     lesion = np.asarray(expert.dataobj) > 0.5
     labels[(labels == LESION) & ~lesion] = WM
     labels[lesion] = LESION
-    shape, grid = network_grid(flair, 1.0)
-    channels = np.zeros((3, *shape), np.float32)
-    channels[0] = normalise(_resample(np.asarray(flair.dataobj), flair.affine, shape, grid))
-    if t1 is not None:
-        channels[1] = normalise(_resample(np.asarray(t1.dataobj), t1.affine, shape, grid))
-        channels[2] = 1.0
-    target = _resample(labels, flair.affine, shape, grid, order=0).round().astype(np.int64)
+    shape, grid = covering_grid(flair, 1.0)
+    images = [(np.asarray(img.dataobj), img.affine) for img in (flair, t1) if img is not None]
+    channels = network_channels(images, shape, grid)
+    target = resample_to_grid(labels, flair.affine, shape, grid, order=0).round().astype(np.int64)
     RealCase(folder.name, channels, target).save(path)
     return path
 

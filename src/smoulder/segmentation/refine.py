@@ -28,11 +28,13 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from smoulder.segmentation.synth import CLASSES, LESION
+from smoulder.segmentation.classes import CLASSES, LESION, class_indices
 
 CSF, WM = CLASSES.index("CSF"), CLASSES.index("WM")
 CORTICAL_GM = CLASSES.index("cortical_GM")
-PARENCHYMA_IDX = tuple(CLASSES.index(c) for c in ("cortical_GM", "deep_GM", "WM", "lesion"))
+PARENCHYMA_IDX = class_indices("brain")
+# rows of the mixture's arrays: the classes but background
+_LESION_ROW, _WM_ROW, _GM_ROW = LESION - 1, WM - 1, CORTICAL_GM - 1
 #: A lesion voxel's FLAIR is at least this many white-matter SDs above the white-matter mean
 LESION_MIN_SD_ABOVE_WM = 1.0
 #: ... and this many cortical grey-matter SDs above the cortical grey matter's mean.
@@ -161,7 +163,6 @@ def em_refine(
         >>> float(((post.argmax(0) == 2) == (truth == 2)).mean()) > 0.95
         True
     """
-    n_classes = probs.shape[0]
     out = np.zeros_like(probs, dtype=np.float32)
     out[0] = 1.0
     if not mask.any():
@@ -174,77 +175,131 @@ def em_refine(
     x = np.stack([c[box][mask_box] for c in channels]).astype(np.float32)  # (D, N)
     # rows: the classes but background (there is none inside the mask)
     prior = probs[(slice(1, None), *box)][:, mask_box].astype(np.float32)  # (C-1, N)
-    lesion, wm, gm = LESION - 1, WM - 1, CORTICAL_GM - 1
-    tissue = [k for k in range(n_classes - 1) if k != lesion]
-    parenchyma = prior[[k - 1 for k in PARENCHYMA_IDX]].sum(0)
-    floor_lesion = lesion_prior_floor * parenchyma if lesion_prior_floor > 0 else None
-    prior[tissue] = np.maximum(prior[tissue], PRIOR_FLOOR)
-    prior /= prior.sum(0)
-    post = prior.copy()
-    if prior_power != 1.0:  # flatter tissue priors: the subject's intensities count for more
-        share = prior[tissue].sum(0)  # the lesion prior is kept as it is
-        flat = prior[tissue] ** prior_power
-        prior[tissue] = flat / flat.sum(0) * share
+    post, floor_lesion = _initial_priors(prior, lesion_prior_floor, prior_power)
     log_x = np.log(np.maximum(x, 1e-3))
     params: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for it in range(iterations):
         if floor_lesion is not None and it == iterations // 2:
             # the lesion floor once the tissues and the bias field have settled: earlier, a
             # biased bright end of the cortex could pass for lesion
-            prior[lesion] = np.maximum(prior[lesion], floor_lesion)
+            prior[_LESION_ROW] = np.maximum(prior[_LESION_ROW], floor_lesion)
             prior /= prior.sum(0)
         if bias_sigma_vox > 0 and it > 0:
             x = np.exp(log_x - _log_bias(log_x, post, params, mask_box, bias_sigma_vox))
-        params = {}
-        # sums over a million voxels in float64: in float32 the means were off by up to 2e-3
-        # of their value, enough to move the lesion threshold across thousands of voxels
-        x64 = x.astype(np.float64)
-        for k in range(n_classes - 1):
-            w = post[k].astype(np.float64)
-            total = float(w.sum())
-            if total < 20:  # too few voxels to fit: the class keeps its prior, no likelihood
-                continue
-            mean = (x64 @ w) / total
-            d = x64 - mean[:, None]
-            params[k] = (mean, (d * w) @ d.T / total)
-        del x64
-        if tied and any(
-            k != lesion for k in params
-        ):  # one covariance for the tissues: boundaries at the midpoints of the means
-            fits = [k for k in params if k != lesion]
-            weights = np.array([float(post[k].sum()) for k in fits])
-            pooled = np.einsum("k,kde->de", weights, np.stack([params[k][1] for k in fits]))
-            pooled /= weights.sum()
-            for k in fits:
-                params[k] = (params[k][0], pooled)
-        loglik = np.zeros_like(post)  # an unfitted class: flat likelihood
-        for k, (mean, cov) in params.items():
-            loglik[k] = _gaussian_loglik(x, mean, cov)
-        if lesion in params and wm in params:
-            wm_mean, wm_cov = params[wm]
-            floor = wm_mean[flair_index] + LESION_MIN_SD_ABOVE_WM * np.sqrt(
-                wm_cov[flair_index, flair_index]
-            )
-            if gm in params:
-                gm_mean, gm_cov = params[gm]
-                floor = max(
-                    floor,
-                    gm_mean[flair_index]
-                    + LESION_MIN_SD_ABOVE_GM * np.sqrt(gm_cov[flair_index, flair_index]),
-                )
-            loglik[lesion, x[flair_index] < floor] = -np.inf
-        fitted = list(params)
-        if fitted:
-            loglik -= loglik[fitted].max(0)
-        post = prior * np.exp(loglik)
-        post /= np.maximum(post.sum(0), 1e-30)
-        if mrf_weight > 0:
-            post *= np.exp(mrf_weight * _neighbour_mean(post, mask_box))
-            post /= np.maximum(post.sum(0), 1e-30)
+        params = _class_gaussians(x, post, tied)
+        loglik = _log_likelihoods(x, params, post, flair_index)
+        post = _posterior(prior, loglik, list(params), mrf_weight, mask_box)
     view = out[(slice(None), *box)]
     view[0, mask_box] = 0.0
     view[1:, mask_box] = post
     return out
+
+
+def _initial_priors(
+    prior: np.ndarray, lesion_prior_floor: float, prior_power: float
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Return the first posterior and the lesion floor; make ``prior`` (rows: classes but
+    background) the prior of the mixture, in place.
+
+    Every tissue keeps at least :data:`PRIOR_FLOOR`; the tissue priors are flattened by
+    ``prior_power`` (the subject's intensities count for more), the lesion prior is kept as it
+    is. The floor is ``lesion_prior_floor`` times the parenchyma probability (``None`` at 0).
+    """
+    tissue = [k for k in range(prior.shape[0]) if k != _LESION_ROW]
+    parenchyma = prior[[k - 1 for k in PARENCHYMA_IDX]].sum(0)
+    floor_lesion = lesion_prior_floor * parenchyma if lesion_prior_floor > 0 else None
+    prior[tissue] = np.maximum(prior[tissue], PRIOR_FLOOR)
+    prior /= prior.sum(0)
+    post = prior.copy()
+    if prior_power != 1.0:
+        share = prior[tissue].sum(0)  # the lesion prior is kept as it is
+        flat = prior[tissue] ** prior_power
+        prior[tissue] = flat / flat.sum(0) * share
+    return post, floor_lesion
+
+
+def _class_gaussians(
+    x: np.ndarray, post: np.ndarray, tied: bool
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Return ``{row: (mean, covariance)}`` of each class with enough weight in ``post``.
+
+    With ``tied`` the tissues share one covariance (their weighted mean), so the boundaries lie
+    at the midpoints of the means; the lesion keeps its own.
+    """
+    params: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    # sums over a million voxels in float64: in float32 the means were off by up to 2e-3
+    # of their value, enough to move the lesion threshold across thousands of voxels
+    x64 = x.astype(np.float64)
+    for k in range(post.shape[0]):
+        w = post[k].astype(np.float64)
+        total = float(w.sum())
+        if total < 20:  # too few voxels to fit: the class keeps its prior, no likelihood
+            continue
+        mean = (x64 @ w) / total
+        d = x64 - mean[:, None]
+        params[k] = (mean, (d * w) @ d.T / total)
+    fits = [k for k in params if k != _LESION_ROW]
+    if tied and fits:
+        weights = np.array([float(post[k].sum()) for k in fits])
+        pooled = np.einsum("k,kde->de", weights, np.stack([params[k][1] for k in fits]))
+        pooled /= weights.sum()
+        for k in fits:
+            params[k] = (params[k][0], pooled)
+    return params
+
+
+def _log_likelihoods(
+    x: np.ndarray,
+    params: dict[int, tuple[np.ndarray, np.ndarray]],
+    post: np.ndarray,
+    flair_index: int,
+) -> np.ndarray:
+    """Return the log likelihood of each class (``post``'s layout; 0 for an unfitted class).
+
+    A voxel darker on FLAIR than :func:`_lesion_min_flair` cannot be lesion.
+    """
+    loglik = np.zeros_like(post)  # an unfitted class: flat likelihood
+    for k, (mean, cov) in params.items():
+        loglik[k] = _gaussian_loglik(x, mean, cov)
+    if _LESION_ROW in params and _WM_ROW in params:
+        loglik[_LESION_ROW, x[flair_index] < _lesion_min_flair(params, flair_index)] = -np.inf
+    return loglik
+
+
+def _lesion_min_flair(params: dict[int, tuple[np.ndarray, np.ndarray]], flair_index: int) -> float:
+    """Return the least FLAIR of a lesion: :data:`LESION_MIN_SD_ABOVE_WM` white-matter SDs
+    above its mean and :data:`LESION_MIN_SD_ABOVE_GM` cortical SDs above the cortex's mean."""
+    wm_mean, wm_cov = params[_WM_ROW]
+    floor = wm_mean[flair_index] + LESION_MIN_SD_ABOVE_WM * np.sqrt(
+        wm_cov[flair_index, flair_index]
+    )
+    if _GM_ROW in params:
+        gm_mean, gm_cov = params[_GM_ROW]
+        floor = max(
+            floor,
+            gm_mean[flair_index]
+            + LESION_MIN_SD_ABOVE_GM * np.sqrt(gm_cov[flair_index, flair_index]),
+        )
+    return floor
+
+
+def _posterior(
+    prior: np.ndarray,
+    loglik: np.ndarray,
+    fitted: list[int],
+    mrf_weight: float,
+    mask: np.ndarray,
+) -> np.ndarray:
+    """Return the class posteriors (prior times likelihood, normalised), then leaned towards
+    the classes of each voxel's neighbours by ``mrf_weight`` (mean field) when it is > 0."""
+    if fitted:
+        loglik -= loglik[fitted].max(0)
+    post = prior * np.exp(loglik)
+    post /= np.maximum(post.sum(0), 1e-30)
+    if mrf_weight > 0:
+        post *= np.exp(mrf_weight * _neighbour_mean(post, mask))
+        post /= np.maximum(post.sum(0), 1e-30)
+    return post
 
 
 def smooth_coarse(vol: np.ndarray, sigma_vox: float, factor: int = 4) -> np.ndarray:

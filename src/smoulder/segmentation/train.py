@@ -26,10 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from smoulder.devices import torch_threads
+from smoulder.segmentation.classes import CLASSES, LESION
 from smoulder.segmentation.network import InferenceSettings, NetworkDef, save_bundle
 from smoulder.segmentation.real import RealCase, prepare_case, real_patch
 from smoulder.segmentation.synth import (
-    CLASSES,
     SynthSettings,
     load_label_maps,
     load_lesion_shapes,
@@ -74,6 +75,8 @@ class _Stream(torch.utils.data.IterableDataset):
         self.real, self.real_fraction = list(real), real_fraction
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # this runs in the loader's own worker process, for the whole run: one thread there
+        # leaves the cores to the training process (no count to restore, so no torch_threads)
         torch.set_num_threads(1)
         maps = load_label_maps(self.label_dir)
         shapes = load_lesion_shapes(self.lesion_dir)
@@ -108,7 +111,7 @@ def _loss_fn(settings: TrainSettings) -> Callable[[torch.Tensor, torch.Tensor], 
     from monai.losses import DiceCELoss
 
     weight = torch.ones(len(CLASSES))
-    weight[CLASSES.index("lesion")] = settings.lesion_weight
+    weight[LESION] = settings.lesion_weight
     loss = DiceCELoss(to_onehot_y=True, softmax=True, batch=True, weight=weight)
     return lambda logits, y: loss(logits, y[:, None])
 
@@ -131,7 +134,7 @@ def validate(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: str
             preds.append(net(x[i : i + 1].to(device)).argmax(1).cpu())
     net.train()
     scores = dice_scores(torch.cat(preds), y)
-    tissue = np.mean([scores[c] for c in ("CSF", "cortical_GM", "deep_GM", "WM")])
+    tissue = np.mean([scores[c] for c in CLASSES[1:LESION]])  # every class but lesion
     scores["score"] = float((scores["lesion"] + tissue) / 2)
     return scores
 
@@ -166,13 +169,34 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     label_dir = Path(label_dir or SHARED_DATA / "synthseg_label_maps")
     lesion_dir = Path(lesion_dir or SHARED_DATA / "open_ms" / "lesion_masks_mni")
-    previous_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads or None):
         return _train(out, settings, label_dir, lesion_dir, device, say)
-    finally:
-        torch.set_num_threads(previous_threads)
+
+
+@dataclass
+class _Run:
+    """The state of a training run: what its checkpoint holds."""
+
+    net: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    #: the settings and device, as the checkpoint and the bundle record them
+    recipe: dict[str, Any]
+    iteration: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: float = -1.0
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Return what ``checkpoint.pt`` holds."""
+        return {
+            "model": self.net.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "iteration": self.iteration,
+            "history": self.history,
+            "best": self.best,
+            "recipe": self.recipe,
+        }
 
 
 def _train(
@@ -183,8 +207,49 @@ def _train(
     device: str,
     say: Callable[[str], None],
 ) -> Path:
+    """Return the bundle folder after training in ``out`` (see :func:`train`)."""
     torch.manual_seed(settings.seed)
-    ckpt_file = out / "checkpoint.pt"
+    run = _start(out / "checkpoint.pt", settings, device, say)
+    val_x, val_y = _validation_set(label_dir, lesion_dir, settings)
+    real = [
+        prepare_case(Path(folder), settings.init or None, out / "real")
+        for folder in settings.real_cases
+    ]
+    loader = _loader(label_dir, lesion_dir, settings, real, run.iteration)
+    loss_fn = _loss_fn(settings)
+    tic, losses = time.perf_counter(), []
+    for x, y in loader:
+        if run.iteration >= settings.iterations:
+            break
+        losses.append(_step(run, loss_fn, x.to(device), y.to(device)))
+        run.iteration += 1
+        it = run.iteration
+        if it % settings.validate_every == 0 or it == settings.iterations:
+            scores = validate(run.net, val_x, val_y, device)
+            entry = {
+                "iteration": it,
+                "loss": float(np.mean(losses)),
+                **scores,
+                "elapsed_s": time.perf_counter() - tic,
+            }
+            run.history.append(entry)
+            losses = []
+            say(
+                json.dumps(
+                    {k: round(v, 4) if isinstance(v, float) else v for k, v in entry.items()}
+                )
+            )
+            _keep_best(run, scores, settings, out / "bundle")
+        if it % settings.checkpoint_every == 0 or it == settings.iterations:
+            _save(run.checkpoint(), out / "checkpoint.pt")
+            (out / "history.json").write_text(json.dumps(run.history, indent=1))
+    return out / "bundle"
+
+
+def _start(
+    ckpt_file: Path, settings: TrainSettings, device: str, say: Callable[[str], None]
+) -> _Run:
+    """Return a new run, initialised from ``settings.init``, or the one ``ckpt_file`` holds."""
     net = settings.network.build().to(device)
     if settings.init:
         net.load_state_dict(_initial_weights(Path(settings.init)))
@@ -193,89 +258,72 @@ def _train(
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=settings.learning_rate, total_steps=settings.iterations, pct_start=0.05
     )
-    start, history, best = 0, [], -1.0
-    recipe = {"settings": _plain(asdict(settings)), "device": device}
+    run = _Run(net, opt, sched, {"settings": _plain(asdict(settings)), "device": device})
     if ckpt_file.is_file():
         ckpt = torch.load(ckpt_file, map_location=device, weights_only=False)
-        _check_recipe(ckpt["recipe"]["settings"], recipe["settings"], ckpt_file)
+        _check_recipe(ckpt["recipe"]["settings"], run.recipe["settings"], ckpt_file)
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
-        start, history, best = ckpt["iteration"], ckpt["history"], ckpt["best"]
-        say(f"resuming at iteration {start} (best validation score {best:.3f})")
-    val_x, val_y = _validation_set(label_dir, lesion_dir, settings)
-    real = [
-        prepare_case(Path(folder), settings.init or None, out / "real")
-        for folder in settings.real_cases
-    ]
-    loader = torch.utils.data.DataLoader(
-        _Stream(
-            label_dir,
-            lesion_dir,
-            settings.seed * 100_003 + start,
-            settings.synth,
-            real,
-            settings.real_fraction,
-        ),
+        run.iteration, run.history, run.best = ckpt["iteration"], ckpt["history"], ckpt["best"]
+        say(f"resuming at iteration {run.iteration} (best validation score {run.best:.3f})")
+    return run
+
+
+def _loader(
+    label_dir: Path, lesion_dir: Path, settings: TrainSettings, real: list[Path], start: int
+) -> torch.utils.data.DataLoader:
+    """Return the endless stream of training batches of a run (re)started at ``start``.
+
+    Seeded by the seed and ``start``: a run resumed at the same iterations is reproduced.
+    """
+    stream = _Stream(
+        label_dir,
+        lesion_dir,
+        settings.seed * 100_003 + start,
+        settings.synth,
+        real,
+        settings.real_fraction,
+    )
+    return torch.utils.data.DataLoader(
+        stream,
         batch_size=settings.batch,
         num_workers=1,
         prefetch_factor=4,
         persistent_workers=True,
     )
-    loss_fn = _loss_fn(settings)
-    tic, losses = time.perf_counter(), []
-    it = start
-    for x, y in loader:
-        if it >= settings.iterations:
-            break
-        x, y = x.to(device), y.to(device)
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(net(x), y)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        it += 1
-        if it % settings.validate_every == 0 or it == settings.iterations:
-            scores = validate(net, val_x, val_y, device)
-            entry = {
-                "iteration": it,
-                "loss": float(np.mean(losses)),
-                **scores,
-                "elapsed_s": time.perf_counter() - tic,
-            }
-            history.append(entry)
-            losses = []
-            say(
-                json.dumps(
-                    {k: round(v, 4) if isinstance(v, float) else v for k, v in entry.items()}
-                )
-            )
-            final = it == settings.iterations
-            if scores["score"] > best or (settings.real_cases and final):
-                best = max(best, scores["score"])
-                save_bundle(
-                    out / "bundle",
-                    net.state_dict(),
-                    settings.network,
-                    InferenceSettings(),
-                    training={**recipe, "iteration": it, "validation": scores},
-                )
-        if it % settings.checkpoint_every == 0 or it == settings.iterations:
-            _save(
-                {
-                    "model": net.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "iteration": it,
-                    "history": history,
-                    "best": best,
-                    "recipe": recipe,
-                },
-                ckpt_file,
-            )
-            (out / "history.json").write_text(json.dumps(history, indent=1))
-    return out / "bundle"
+
+
+def _step(
+    run: _Run,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+) -> float:
+    """Return the loss of one optimisation step on the batch ``x``, ``y``."""
+    run.opt.zero_grad(set_to_none=True)
+    loss = loss_fn(run.net(x), y)
+    loss.backward()
+    run.opt.step()
+    run.sched.step()
+    return float(loss.detach())
+
+
+def _keep_best(run: _Run, scores: dict[str, float], settings: TrainSettings, bundle: Path) -> None:
+    """Write the network as the ``bundle`` when it scores best so far.
+
+    A run with real cases keeps its final state instead (no real case is held back to choose).
+    """
+    final = run.iteration == settings.iterations
+    if scores["score"] > run.best or (settings.real_cases and final):
+        run.best = max(run.best, scores["score"])
+        save_bundle(
+            bundle,
+            run.net.state_dict(),
+            settings.network,
+            InferenceSettings(),
+            training={**run.recipe, "iteration": run.iteration, "validation": scores},
+        )
 
 
 def _plain(value: Any) -> Any:
