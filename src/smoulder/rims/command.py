@@ -1,0 +1,127 @@
+"""``smoulder train rims`` from the command line (wired into ``smoulder train`` by the CLI).
+
+``smoulder train rims RUN --shards DIR [...]`` trains (or resumes) the rim classifier on patch
+shards (:func:`smoulder.rims.train.train`); ``RUN/bundle`` holds the calibrated model and
+``RUN/metrics.json`` its validation figures.
+
+``smoulder train rims RUN --ratings TSV --init BUNDLE --shards DIR [--write]`` evaluates
+fine-tuning on a site's ratings by k-fold (:func:`smoulder.rims.train.fine_tune`) and prints the
+starting and the fine-tuned model's AUCs with confidence intervals; only with ``--write`` is
+the fine-tuned bundle then trained on every rated lesion and written to ``RUN/bundle`` (never
+over the starting bundle or the package's models).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def train_parser() -> argparse.ArgumentParser:
+    """Return the parser of ``smoulder train rims``."""
+    from smoulder.rims.train import RimTrainSettings
+
+    d = RimTrainSettings()
+    p = argparse.ArgumentParser(
+        prog="smoulder train rims",
+        description="Train the paramagnetic rim classifier on lesion patch shards (rerunning "
+        "with the same RUN resumes from its checkpoint), or, with --ratings, evaluate and "
+        "optionally write its fine-tuning on a site's rim ratings.",
+    )
+    p.add_argument("run", type=Path, help="run folder (checkpoint, history, metrics, bundle)")
+    p.add_argument(
+        "--shards",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="patch shards (.npz) or folders of them; with --ratings, the rated lesions' patches",
+    )
+    p.add_argument("--epochs", type=int, help=f"default {d.epochs} (fine-tuning: 10)")
+    p.add_argument("--batch-size", type=int, help=f"default {d.batch_size} (fine-tuning: 16)")
+    p.add_argument(
+        "--learning-rate", type=float, help=f"default {d.learning_rate} (fine-tuning: 1e-4)"
+    )
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--channels",
+        default=",".join(map(str, d.network.channels)),
+        help="Classifier channels per level, comma-separated (a run from scratch)",
+    )
+    p.add_argument("--init", type=Path, help="rim bundle to start from (required with --ratings)")
+    p.add_argument(
+        "--ratings",
+        type=Path,
+        help="the report's review TSV or a participant/session/lesion/rim table: fine-tune",
+    )
+    p.add_argument("--folds", type=int, default=5, help="k of the k-fold evaluation (--ratings)")
+    p.add_argument(
+        "--probable",
+        choices=["exclude", "rim", "no_rim"],
+        default="exclude",
+        help="what a 'probable' rim rating counts as (default: left out)",
+    )
+    p.add_argument(
+        "--write",
+        action="store_true",
+        help="with --ratings: after the evaluation, train on every rated lesion and write "
+        "RUN/bundle",
+    )
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--threads", type=int)
+    return p
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Run ``smoulder train rims``; return the exit status."""
+    from smoulder.devices import resolve_device
+    from smoulder.errors import ConfigError
+    from smoulder.rims import train as rt
+    from smoulder.rims.network import RimNetworkDef, load_bundle
+
+    device = resolve_device(args.device)
+    if args.ratings is None:
+        try:
+            channels = tuple(int(c) for c in args.channels.split(","))
+        except ValueError as exc:
+            raise ConfigError(f"--channels: expected integers, found {args.channels!r}") from exc
+        d = rt.RimTrainSettings()
+        metrics = rt.train(
+            args.run,
+            args.shards,
+            epochs=args.epochs or d.epochs,
+            batch_size=args.batch_size or d.batch_size,
+            lr=args.learning_rate or d.learning_rate,
+            seed=args.seed,
+            device=device,
+            threads=args.threads,
+            init=args.init,
+            network=RimNetworkDef(channels=channels, strides=(2,) * len(channels)),
+        )
+        print(f"bundle: {metrics['bundle']}")
+        return 0
+    if args.init is None:
+        raise ConfigError("--ratings: expected --init BUNDLE (the model to fine-tune), found none")
+    init = load_bundle(args.init, device)
+    patches = rt.load_shards(args.shards).by_key()
+    report = rt.fine_tune(
+        args.ratings,
+        patches,
+        init,
+        folds=args.folds,
+        epochs=args.epochs or 10,
+        batch_size=args.batch_size or 16,
+        lr=args.learning_rate or 1e-4,
+        seed=args.seed,
+        probable=args.probable,
+        device=device,
+        threads=args.threads,
+    )
+    print("\n".join(report.lines()))
+    if not args.write:
+        print("nothing written (add --write to train on every rated lesion and save the bundle)")
+        return 0
+    out = rt.write_fine_tuned(
+        report, patches, init, args.run / "bundle", device=device, threads=args.threads
+    )
+    print(f"bundle: {out}")
+    return 0
