@@ -181,16 +181,8 @@ def test_black_holes_check_shapes() -> None:
 
 PROTOCOLS = [
     physics.MP2RAGEParams(),
-    physics.MP2RAGEParams(
-        tr_mp2rage_ms=6000.0,
-        ti1_ms=800.0,
-        ti2_ms=2700.0,
-        flip1_deg=7.0,
-        flip2_deg=5.0,
-        n_readouts=160,
-        tr_gre_ms=6.5,
-        inversion_efficiency=0.9,
-    ),
+    physics.MP2RAGEParams(6000.0, 800.0, 2700.0, 7.0, 5.0, 160, 6.5, 0.9),
+    physics.MP2RAGEParams(5500.0, 750.0, 2600.0, 5.0, 4.0, 161, 7.0, 1.0),
 ]
 T1S_MS = np.array([600.0, 850.0, 1150.0, 1400.0, 2000.0, 3000.0, 4200.0])
 
@@ -215,7 +207,10 @@ def test_mp2rage_voxel_round_trips(protocol: physics.MP2RAGEParams) -> None:
     inv1, inv2 = physics.mp2rage_signals(0.8, T1S_MS, 50.0, params=protocol)
     unit1 = physics.mp2rage_unit1(inv1, inv2)
     params = mp2rage_parameters(*sidecars(protocol))
-    np.testing.assert_allclose(t1_map_ms(unit1, params), T1S_MS, rtol=0.01)
+    # beyond the curve's monotonic part (CSF-like T1 with some protocols) T1 is ambiguous
+    inside = T1S_MS <= unit1_lookup(params)[0].max()
+    assert inside.sum() >= 6
+    np.testing.assert_allclose(t1_map_ms(unit1, params)[inside], T1S_MS[inside], rtol=0.01)
     # the scanner's 12-bit scaling quantises UNIT1 to 1/4095: a little less accurate
     stored = np.round(4095 * (unit1 + 0.5))
     np.testing.assert_allclose(t1_map_ms(stored, params)[:5], T1S_MS[:5], rtol=0.02)

@@ -23,8 +23,10 @@ from smoulder.rims.network import (
     save_bundle,
 )
 from smoulder.rims.train import (
+    PatchSet,
     fine_tune,
     load_shards,
+    match_ratings,
     read_ratings,
     split_by_subject,
     train,
@@ -44,9 +46,9 @@ def toy_patches(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         radius = rng.uniform(3.5, 6.0)
         dist = np.sqrt(((grid - centre[:, None, None, None]) ** 2).sum(0))
         mask = (dist <= radius).astype(np.float32)
-        chi = rng.normal(0, 0.6, (24, 24, 24))
+        chi = rng.normal(0, 1.0, (24, 24, 24))
         if label:
-            chi += 2.5 * ((dist > radius) & (dist <= radius + 2.0))
+            chi += 1.0 * ((dist > radius) & (dist <= radius + 2.0))
         out[i, 0] = chi
         out[i, 1] = 1 + rng.normal(0, 0.1, (24, 24, 24))
         out[i, 2] = 1 + 0.8 * mask + rng.normal(0, 0.1, (24, 24, 24))
@@ -83,7 +85,7 @@ def shards(tmp_path_factory) -> Path:
 def trained(shards, tmp_path_factory) -> tuple[Path, dict]:
     run = tmp_path_factory.mktemp("run")
     metrics = train(
-        run, [shards], epochs=6, batch_size=16, lr=3e-3, seed=0, threads=2, network=TINY, say=print
+        run, [shards], epochs=4, batch_size=16, lr=3e-3, seed=0, threads=2, network=TINY, say=print
     )
     return run, metrics
 
@@ -245,7 +247,7 @@ def test_training_learns_the_toy_task(trained):
     run, metrics = trained
     val = metrics["validation"]
     assert val["roc_auc"] > 0.9, metrics
-    assert metrics["epochs"] == 6 and 1 <= metrics["best_epoch"] <= 6
+    assert metrics["epochs"] == 4 and 1 <= metrics["best_epoch"] <= 4
     bundle = load_bundle(run / "bundle")
     assert set(bundle.operating_points) == {"balanced", "high_specificity", "high_sensitivity"}
     assert bundle.metadata["training"]["validation"]["roc_auc"] == pytest.approx(val["roc_auc"])
@@ -331,3 +333,45 @@ def test_read_ratings_of_a_review_table(tmp_path):
     assert ratings.labels == {("07", "", 1): 1, ("07", "", 2): 0}
     assert ratings.left_out == {"raters disagree": 1, "probable": 1, "unrated": 1}
     assert read_ratings(path, probable="rim").labels[("07", "", 4)] == 1
+    # a review table's lesion IDs are the subject's: they match the lesion in every session
+    patch = np.zeros((4, 24, 24, 24), np.float32)
+    by_key = {("07", s, i): patch for s in ("01", "02") for i in (1, 2, 3)}
+    keys, labels = match_ratings(ratings, by_key)
+    assert keys == [("07", "01", 1), ("07", "02", 1), ("07", "01", 2), ("07", "02", 2)]
+    assert labels.tolist() == [1, 1, 0, 0]
+
+
+def test_patches_by_key_keep_one_patch_per_lesion():
+    rng = np.random.default_rng(0)
+    patches = toy_patches(np.array([0, 1, 0]), rng)
+    data = PatchSet(
+        patches,
+        np.array([0, 0, 1], np.uint8),
+        np.array(["phase", "qsm", "qsm"]),
+        np.array([3, 3, 4]),
+        np.array(["sub-01"] * 3),
+        np.array(["ses-01"] * 3),
+    )
+    by_key = data.by_key()
+    assert sorted(by_key) == [("01", "01", 3), ("01", "01", 4)]
+    np.testing.assert_array_equal(by_key[("01", "01", 3)], patches[1])  # the QSM patch
+
+
+def test_command_evaluates_without_writing(trained, shards, tmp_path, capsys):
+    from smoulder.rims.command import run_train, train_parser
+
+    run, _ = trained
+    rows = [
+        (f"sub-0{s}", "ses-01", i, "yes" if i % 3 == 1 else "no")
+        for s in (1, 5)
+        for i in (1, 2, 3, 4)
+    ]
+    tsv = _ratings(tmp_path / "r.tsv", rows)
+    argv = [str(tmp_path / "site"), "--shards", str(shards), "--ratings", str(tsv)]
+    with pytest.raises(ConfigError, match="--init"):
+        run_train(train_parser().parse_args([*argv, "--device", "cpu"]))
+    options = ["--init", str(run / "bundle"), "--folds", "2", "--epochs", "1", "--device", "cpu"]
+    assert run_train(train_parser().parse_args([*argv, *options])) == 0
+    out = capsys.readouterr().out
+    assert "fine-tuned model" in out and "nothing written" in out
+    assert not (tmp_path / "site").exists()

@@ -24,6 +24,7 @@ smoulder BIDS_DIR OUTPUT_DIR {participant,group} [options]
        smoulder register FIXED MOVING -o OUT_DIR [options]
        smoulder segment FLAIR [--t1 T1] -o OUT_DIR [options]
        smoulder train segmentation RUN_DIR [options]
+       smoulder train rims RUN_DIR --shards DIR [options]
        smoulder qsm --magnitude M1 M2 ... --phase P1 P2 ... -o OUT_DIR [options]
        smoulder report OUTPUT_DIR [--participant-label ...]
        smoulder review OUTPUT_DIR [--host 127.0.0.1] [--port 8765]
@@ -38,7 +39,7 @@ tools:
   validate  check a BIDS dataset's inputs without running anything
   register  register two images, or move two sessions half way (ITK/ANTs transforms)
   segment   brain mask, tissue classes and numbered lesions of one FLAIR (+T1w)
-  train     train the segmentation network on synthetic images (resumable)
+  train     train the segmentation network or the rim classifier (resumable)
   qsm       QSM (ppm), field maps, filtered phase and SWI from multi-echo GRE
   report    rebuild the per-subject QA reports and the cohort index from the outputs
   review    serve the reports on this machine; raters' decisions go to a TSV per subject
@@ -259,9 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                     return rep.run(rep.parser().parse_args(rest))
                 return rep.run_review(rep.review_parser().parse_args(rest))
             if tool == "train":
-                from smoulder.segmentation import command as seg
-
-                return seg.run_train(rest)
+                return run_train(rest)
             return run_demo(demo_parser().parse_args(rest))
         args = bids_app_parser().parse_args(argv)
         args.argv = ["smoulder", *argv]
@@ -274,6 +273,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ----------------------------------------------------------------------------- commands
+
+
+def run_train(rest: list[str]) -> int:
+    """Run ``smoulder train {segmentation,rims} ...``; return the exit status."""
+    from smoulder.errors import ConfigError
+
+    if rest[:1] == ["rims"]:
+        from smoulder.rims import command as rims
+
+        return rims.run_train(rims.train_parser().parse_args(rest[1:]))
+    if rest[:1] == ["segmentation"]:
+        from smoulder.segmentation import command as seg
+
+        return seg.run_train(rest)
+    raise ConfigError(
+        f"smoulder train: expected 'segmentation' or 'rims', found {rest[:1] or 'nothing'}"
+    )
 
 
 def run_phantom(args: argparse.Namespace) -> int:

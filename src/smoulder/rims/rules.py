@@ -5,19 +5,21 @@ paramagnetic positive: χ in ppm from QSM, or filtered phase in rad) around one 
 
 * **regions** (:func:`lesion_regions`), from the signed distance to the lesion edge (mm,
   negative inside): the *rim band* from :data:`RIM_INNER_MM` inside the edge to
-  :data:`RIM_OUTER_MM` outside it; the *core*, the lesion deeper than :data:`CORE_DEPTH_MM` (or
-  than half the lesion's depth, for small lesions), taken out of the band; the *perilesional
+  :data:`RIM_OUTER_MM` outside it; the *core*, the lesion deeper than :data:`CORE_DEPTH_MM` (a
+  small lesion's innermost :data:`CORE_MIN_MM`), taken out of the band; the *perilesional
   shell*, :data:`SHELL_MM` outside the edge, white matter only, other lesions excluded;
 * **reference** — the larger of the shell's and the core's median: a rim must stand out from
   both the white matter around it and the lesion inside it, so a lesion that is paramagnetic
-  throughout is not a rim; the **spread** is the shell's robust standard deviation
-  (1.4826 × MAD, floored at :data:`SPREAD_FLOOR`);
-* **coverage** — the band split into angular sectors around the lesion centroid
-  (:data:`SECTORS` azimuth × equal-area polar bins about the axial direction); a sector's value
-  is the highest mean over its layers of :data:`LAYER_MM` of signed distance (a radial profile,
-  so the rim counts wherever it sits across the band), and the sector is positive when that
-  exceeds the reference by :data:`CONTRAST_SPREADS` spreads; coverage = positive sectors /
-  sectors holding band voxels; it is the rule-based score;
+  throughout is not a rim;
+* **coverage** — the map smoothed by :data:`SMOOTH_MM` (within usable voxels), the band split
+  into angular sectors around the lesion centroid (:data:`SECTORS`: azimuth × equal-area polar
+  bins about the axial direction); a sector's value is the highest mean over its layers of
+  :data:`LAYER_MM` of signed distance (a radial profile, so the rim counts wherever it sits
+  across the band), and the sector is positive when that exceeds the reference by
+  :data:`CONTRAST_SPREADS` times the robust SD of the smoothed map over the shell (which holds
+  the noise, its spatial correlation and the tissue's own variation); coverage = positive
+  sectors / sectors holding band voxels; it is the rule-based score (phantom-made lesions, 0.8
+  mm, blur 0.4 mm, noise 0.01 ppm: ROC-AUC 1.0 against rim yes/partial/none/mimics);
 * **consensus** — the raters' criterion: on each axial slice of the GRE grid whose lesion
   section is large enough, the same test on :data:`SLICE_SECTORS` in-plane sectors (in-plane
   distances); a rim around ≥ :data:`CONSENSUS_COVERAGE` of the edge on ≥
@@ -28,13 +30,17 @@ paramagnetic positive: χ in ppm from QSM, or filtered phase in rad) around one 
   0.25–0.5 did) although it covers less than half the lesion in 3D;
 * **central-vein sign** — a thin paramagnetic line through the lesion centre: along lines
   through the centroid in :data:`VEIN_DIRECTIONS` directions, the fraction of samples inside
-  the core that exceed the reference by :data:`VEIN_SPREADS` spreads; the sign holds when some
+  the core that exceed the reference by :data:`VEIN_SPREADS` times the shell's robust SD
+  (1.4826 × MAD of χ, floored at :data:`SPREAD_FLOOR`); the sign holds when some
   line reaches :data:`VEIN_LINE_FRACTION` while at most :data:`VEIN_MAX_CORE_FRACTION` of the
   core is that bright (thin, not a uniformly paramagnetic lesion).
 
 A vein passing beside a lesion or an iso-intense rim (visible on the magnitude, χ unchanged)
-touches few sectors and no consecutive slices all round, so neither is called. Units follow the
-input: ``_chi_ppm`` fields for QSM, ``_phase_rad`` for phase (:meth:`RimMeasures.row`).
+touches few sectors and no consecutive slices all round, so neither is called. A small lesion
+whose rim fills it (no core darker than the rim) is not called either: with blur 0.6 mm, rims
+of 1.5–2 mm in lesions of radius ≈ 3 mm are missed (the network is there for those). Units
+follow the input: ``_chi_ppm`` fields for QSM, ``_phase_rad`` for phase
+(:meth:`RimMeasures.row`).
 """
 
 from __future__ import annotations
@@ -50,14 +56,16 @@ from smoulder.grids import voxel_sizes
 
 InputKind = Literal["qsm", "phase"]
 
-#: Floor of the shell's spread (and of the patch scale) per input kind: ppm for QSM, rad for
+#: Floor of the shell's spreads (and of the patch scale) per input kind: ppm for QSM, rad for
 #: phase; of the order of the noise of a good acquisition, so noise-free data stay well posed.
 SPREAD_FLOOR: dict[str, float] = {"qsm": 0.005, "phase": 0.05}
 #: How far the rim band reaches inside (mm) and outside (mm) the lesion edge.
 RIM_INNER_MM = 2.0
 RIM_OUTER_MM = 1.0
-#: Depth (mm) below which the lesion is core; half the lesion's depth when that is less.
+#: Depth (mm) below which the lesion is core, and the core's least thickness (mm): a lesion too
+#: shallow for both keeps its innermost :data:`CORE_MIN_MM` as core.
 CORE_DEPTH_MM = 2.0
+CORE_MIN_MM = 1.0
 #: Perilesional shell: distances (mm) outside the lesion edge.
 SHELL_MM: tuple[float, float] = (2.0, 5.0)
 #: Fewest white-matter voxels in the shell; with fewer, the shell takes any tissue.
@@ -67,10 +75,13 @@ MIN_CORE_VOXELS = 3
 #: Thickness (mm) of the layers of a sector's radial profile.
 LAYER_MM = 0.5
 #: 3D sectors: azimuth bins × polar bins (equal area: uniform in cos θ about the axial axis).
-SECTORS: tuple[int, int] = (8, 4)
+SECTORS: tuple[int, int] = (12, 6)
 #: In-plane sectors of the per-slice (consensus) check.
 SLICE_SECTORS = 12
-#: A sector is positive above the reference by this many spreads.
+#: Gaussian smoothing (σ, mm) of the susceptibility before the sector test.
+SMOOTH_MM = 0.5
+#: A sector is positive when one of its layers stands above the reference by this many
+#: spreads of the smoothed map over the shell.
 CONTRAST_SPREADS = 2.0
 #: Consensus: fraction of the edge, and consecutive slices.
 CONSENSUS_COVERAGE = 2.0 / 3.0
@@ -139,6 +150,8 @@ class LesionRegions:
         band: the rim band, crop.
         shell: the perilesional white-matter shell, crop.
         usable: voxels that may enter any region (valid, no other lesion), crop.
+        shell_tissue: voxels that may be shell (usable white matter; any usable voxel when the
+            shell would hold too little white matter), crop.
         centroid_vox: the lesion's fraction-weighted centroid, crop voxel coordinates.
         voxel_mm: the grid's voxel sizes.
         axial: the slice axis (:func:`axial_axis`).
@@ -151,6 +164,7 @@ class LesionRegions:
     band: np.ndarray
     shell: np.ndarray
     usable: np.ndarray
+    shell_tissue: np.ndarray
     centroid_vox: np.ndarray
     voxel_mm: np.ndarray
     axial: int
@@ -193,7 +207,9 @@ def lesion_regions(
     idx = np.argwhere(inside)
     lo = np.maximum(idx.min(0) - pad, 0)
     hi = np.minimum(idx.max(0) + pad + 1, mask.shape)
-    crop = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    crop: tuple[slice, slice, slice] = tuple(  # type: ignore[assignment]
+        slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True)
+    )
     lesion = inside[crop]
     sdf = _signed_distance_mm(lesion, voxel_mm)
     usable = np.ones(lesion.shape, bool)
@@ -201,20 +217,40 @@ def lesion_regions(
         usable &= ~np.asarray(other_lesions, bool)[crop]
     if valid is not None:
         usable &= np.asarray(valid, bool)[crop]
-    depth = float(-sdf[lesion].min())
-    core = lesion & (sdf <= -min(CORE_DEPTH_MM, 0.5 * depth)) & usable
+    core = _core(lesion, sdf) & usable
     band = (sdf >= -RIM_INNER_MM) & (sdf <= RIM_OUTER_MM) & ~core & usable
     ring = (sdf >= SHELL_MM[0]) & (sdf <= SHELL_MM[1]) & usable
-    shell = ring
-    if wm is not None:
-        shell = ring & (np.asarray(wm)[crop] >= 0.5)
-        if shell.sum() < MIN_SHELL_VOXELS:
-            shell = ring
+    tissue = usable
+    if wm is not None and (ring & (np.asarray(wm)[crop] >= 0.5)).sum() >= MIN_SHELL_VOXELS:
+        tissue = usable & (np.asarray(wm)[crop] >= 0.5)
     weights = np.clip(mask[crop].astype(np.float64), 0.0, 1.0) * lesion
     centroid = np.array(ndi.center_of_mass(weights))
     return LesionRegions(
-        crop, lesion, sdf, core, band, shell, usable, centroid, voxel_mm, axial_axis(affine)
+        slices=crop,
+        lesion=lesion,
+        sdf_mm=sdf,
+        core=core,
+        band=band,
+        shell=ring & tissue,
+        usable=usable,
+        shell_tissue=tissue,
+        centroid_vox=centroid,
+        voxel_mm=voxel_mm,
+        axial=axial_axis(affine),
     )
+
+
+def _core(lesion: np.ndarray, sdf_mm: np.ndarray) -> np.ndarray:
+    """Return the lesion's core: deeper than :data:`CORE_DEPTH_MM`, or its innermost part.
+
+    A lesion not deep enough for a core of :data:`CORE_MIN_MM` below that depth keeps the part
+    deeper than its greatest depth less :data:`CORE_MIN_MM` (and at least half that depth).
+    """
+    deepest = float(-sdf_mm[lesion].min())
+    cut = CORE_DEPTH_MM
+    if deepest < CORE_DEPTH_MM + CORE_MIN_MM:
+        cut = max(deepest - CORE_MIN_MM, 0.5 * deepest)
+    return lesion & (sdf_mm <= -cut)
 
 
 def _signed_distance_mm(inside: np.ndarray, voxel_mm: np.ndarray) -> np.ndarray:
@@ -343,23 +379,16 @@ def measure_rim(
             band=regions.band & finite,
             shell=regions.shell & finite,
             usable=regions.usable & finite,
+            shell_tissue=regions.shell_tissue & finite,
         )
         chi = np.where(finite, chi, 0.0)
-    shell = chi[regions.shell]
-    core = chi[regions.core]
-    spread = floor
-    reference = -np.inf
-    if shell.size:
-        median = float(np.median(shell))
-        spread = max(_MAD_TO_SD * float(np.median(np.abs(shell - median))), floor)
-        reference = median
-    if core.size >= MIN_CORE_VOXELS:
-        reference = max(reference, float(np.median(core)))
-    if not np.isfinite(reference):  # neither shell nor core: the band's own median
-        reference = float(np.median(chi[regions.band])) if regions.band.any() else 0.0
-    threshold = reference + CONTRAST_SPREADS * spread
-    runs = _slice_coverages(chi, regions, threshold) >= CONSENSUS_COVERAGE
-    longest = _longest_run(runs)
+    shell, core = chi[regions.shell], chi[regions.core]
+    spread = max(_robust_sd(shell), floor) if shell.size else floor
+    reference = _reference(chi, regions)
+    smooth = _smoothed(chi, regions.usable, regions.voxel_mm)
+    noise = max(_robust_sd(smooth[regions.shell]), floor) if shell.size else floor
+    threshold = reference + CONTRAST_SPREADS * noise
+    longest = _longest_run(_slice_coverages(smooth, regions, threshold) >= CONSENSUS_COVERAGE)
     vein_fraction, vein = _central_vein(chi, regions, reference + VEIN_SPREADS * spread)
     return RimMeasures(
         input_kind=input_kind,
@@ -368,7 +397,7 @@ def measure_rim(
         shell_mean=_mean(shell),
         shell_spread=spread,
         reference=reference,
-        rim_coverage=_coverage_3d(chi, regions, threshold),
+        rim_coverage=_coverage_3d(smooth, regions, threshold),
         rim_slices=longest,
         rim_consensus=longest >= CONSENSUS_SLICES,
         central_vein_fraction=vein_fraction,
@@ -376,61 +405,92 @@ def measure_rim(
     )
 
 
+def _reference(chi: np.ndarray, regions: LesionRegions) -> float:
+    """Return the level a rim must stand above: the larger of the shell's and core's median.
+
+    Without either, the band's own median (0 without band).
+    """
+    levels = []
+    if regions.shell.any():
+        levels.append(float(np.median(chi[regions.shell])))
+    if regions.core.sum() >= MIN_CORE_VOXELS:
+        levels.append(float(np.median(chi[regions.core])))
+    if levels:
+        return max(levels)
+    return float(np.median(chi[regions.band])) if regions.band.any() else 0.0
+
+
 # ----------------------------------------------------------------------------------- coverage
 
 
-def _coverage_3d(chi: np.ndarray, regions: LesionRegions, threshold: float) -> float:
-    """Return the fraction of 3D sectors of the band whose radial peak exceeds ``threshold``."""
-    pts = np.argwhere(regions.band)
-    if len(pts) == 0:
-        return float("nan")
-    offsets = (pts - regions.centroid_vox) * regions.voxel_mm
+def _coverage_3d(smooth: np.ndarray, regions: LesionRegions, threshold: float) -> float:
+    """Return the fraction of the band's 3D sectors with a rim (see the module docstring)."""
+    sectors = _sectors_3d(regions, regions.band)
+    n_sectors = SECTORS[0] * SECTORS[1]
+    means, counts = _cells(smooth, regions.sdf_mm, regions.band, sectors, -RIM_INNER_MM, n_sectors)
+    return _positive_fraction(means, counts, threshold)
+
+
+def _smoothed(values: np.ndarray, weights: np.ndarray, voxel_mm: np.ndarray) -> np.ndarray:
+    """Return ``values`` smoothed by a Gaussian of :data:`SMOOTH_MM`, over ``weights`` only.
+
+    Normalised convolution: voxels outside ``weights`` (other lesions, no data) neither
+    contribute nor are filled from far away; where no weight is near, the value is kept.
+    """
+    sigma = SMOOTH_MM / np.asarray(voxel_mm, float)
+    w = weights.astype(np.float64)
+    num = ndi.gaussian_filter(values * w, sigma, mode="nearest")
+    den = ndi.gaussian_filter(w, sigma, mode="nearest")
+    out = np.array(values, np.float64)
+    np.divide(num, den, out=out, where=den > 1e-3)
+    return out
+
+
+def _sectors_3d(regions: LesionRegions, mask: np.ndarray) -> np.ndarray:
+    """Return the 3D sector (azimuth × equal-area polar bin) of every voxel of ``mask``."""
+    offsets = (np.argwhere(mask) - regions.centroid_vox) * regions.voxel_mm
     in_plane = [a for a in range(3) if a != regions.axial]
-    x, y, z = offsets[:, in_plane[0]], offsets[:, in_plane[1]], offsets[:, regions.axial]
     n_az, n_polar = SECTORS
-    cos_polar = z / np.maximum(np.linalg.norm(offsets, axis=1), 1e-6)
+    cos_polar = offsets[:, regions.axial] / np.maximum(np.linalg.norm(offsets, axis=1), 1e-6)
     polar = np.clip(np.floor((cos_polar + 1) / 2 * n_polar).astype(int), 0, n_polar - 1)
-    sector = polar * n_az + _azimuth_bins(x, y, n_az)
-    peaks = _sector_peaks(sector, regions.sdf_mm[regions.band], chi[regions.band], n_az * n_polar)
-    return _positive_fraction(peaks, threshold)
+    return polar * n_az + _azimuth_bins(offsets[:, in_plane[0]], offsets[:, in_plane[1]], n_az)
 
 
 def _profile_peak(chi: np.ndarray, regions: LesionRegions) -> float:
     """Return the highest mean of the whole band's signed-distance layers (NaN: no band)."""
     if not regions.band.any():
         return float("nan")
-    values = chi[regions.band]
-    return float(
-        _sector_peaks(np.zeros(values.size, int), regions.sdf_mm[regions.band], values, 1)[0]
-    )
+    sector = np.zeros(int(regions.band.sum()), int)
+    means, _ = _cells(chi, regions.sdf_mm, regions.band, sector, -RIM_INNER_MM, 1)
+    return float(np.nanmax(means))
 
 
-def _slice_coverages(chi: np.ndarray, regions: LesionRegions, threshold: float) -> np.ndarray:
+def _slice_coverages(smooth: np.ndarray, regions: LesionRegions, threshold: float) -> np.ndarray:
     """Return the in-plane coverage of every axial slice of the crop (0 for skipped slices)."""
     ax = regions.axial
     plane_mm = np.delete(regions.voxel_mm, ax)
     min_area_mm2 = np.pi * MIN_SLICE_RADIUS_MM**2
-    centre_2d = np.delete(regions.centroid_vox, ax)
     out = np.zeros(regions.lesion.shape[ax])
     for k in range(len(out)):
         lesion = np.take(regions.lesion, k, axis=ax)
         if lesion.sum() * plane_mm.prod() < min_area_mm2:
             continue
         sdf = _signed_distance_mm(lesion, plane_mm)
-        depth = float(-sdf[lesion].min())
-        core = lesion & (sdf <= -min(CORE_DEPTH_MM, 0.5 * depth))
-        band = (sdf >= -RIM_INNER_MM) & (sdf <= RIM_OUTER_MM) & ~core
-        band &= np.take(regions.usable, k, axis=ax)
-        pts = np.argwhere(band)
-        if len(pts) == 0:
+        usable = np.take(regions.usable, k, axis=ax)
+        band = (sdf >= -RIM_INNER_MM) & (sdf <= RIM_OUTER_MM) & ~_core(lesion, sdf) & usable
+        if not band.any():
             continue
-        centre = np.array(ndi.center_of_mass(lesion)) if lesion.any() else centre_2d
-        offsets = (pts - centre) * plane_mm
-        sector = _azimuth_bins(offsets[:, 0], offsets[:, 1], SLICE_SECTORS)
-        values = np.take(chi, k, axis=ax)[band]
-        peaks = _sector_peaks(sector, sdf[band], values, SLICE_SECTORS)
-        out[k] = _positive_fraction(peaks, threshold)
+        sectors = _plane_sectors(band, np.argwhere(lesion).mean(0), plane_mm)
+        values = np.take(smooth, k, axis=ax)
+        means, counts = _cells(values, sdf, band, sectors, -RIM_INNER_MM, SLICE_SECTORS)
+        out[k] = _positive_fraction(means, counts, threshold)
     return out
+
+
+def _plane_sectors(mask: np.ndarray, centre: np.ndarray, plane_mm: np.ndarray) -> np.ndarray:
+    """Return the in-plane sector of every voxel of the 2D ``mask`` around ``centre``."""
+    offsets = (np.argwhere(mask) - centre) * plane_mm
+    return _azimuth_bins(offsets[:, 0], offsets[:, 1], SLICE_SECTORS)
 
 
 def _azimuth_bins(x: np.ndarray, y: np.ndarray, n: int) -> np.ndarray:
@@ -439,31 +499,54 @@ def _azimuth_bins(x: np.ndarray, y: np.ndarray, n: int) -> np.ndarray:
     return np.clip(np.floor((angle + np.pi) / (2 * np.pi) * n).astype(int), 0, n - 1)
 
 
-def _sector_peaks(
-    sector: np.ndarray, sdf_mm: np.ndarray, values: np.ndarray, n_sectors: int
-) -> np.ndarray:
-    """Return per sector the highest mean over its signed-distance layers (NaN when empty).
+def _cells(
+    values: np.ndarray,
+    sdf_mm: np.ndarray,
+    mask: np.ndarray,
+    sector: np.ndarray,
+    start_mm: float,
+    n_sectors: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(means, counts)`` of the voxels of ``mask`` per sector and layer.
 
-    Layers are :data:`LAYER_MM` thick from the band's inner face outwards.
+    ``sector`` holds the sector of each voxel of ``mask`` (in ``argwhere`` order); layers are
+    :data:`LAYER_MM` of signed distance from ``start_mm`` outwards. Both arrays are
+    ``(n_sectors, layers)``; empty cells have mean NaN and count 0.
     """
-    n_layers = int(np.ceil((RIM_INNER_MM + RIM_OUTER_MM) / LAYER_MM)) + 1
-    layer = np.clip(((sdf_mm + RIM_INNER_MM) / LAYER_MM).astype(int), 0, n_layers - 1)
+    distance = sdf_mm[mask]
+    layer = np.maximum(((distance - start_mm) / LAYER_MM).astype(int), 0)
+    n_layers = int(layer.max()) + 1 if layer.size else 1
     index = sector * n_layers + layer
     size = n_sectors * n_layers
-    counts = np.bincount(index, minlength=size).reshape(n_sectors, n_layers)
-    sums = np.bincount(index, weights=values, minlength=size).reshape(n_sectors, n_layers)
-    means = np.where(counts > 0, sums / np.maximum(counts, 1), -np.inf)
-    peaks = means.max(axis=1)
-    peaks[counts.sum(axis=1) == 0] = np.nan
-    return peaks
+    counts = np.bincount(index, minlength=size)
+    sums = np.bincount(index, weights=values[mask], minlength=size)
+    means = np.full(size, np.nan)
+    np.divide(sums, counts, out=means, where=counts > 0)
+    return means.reshape(n_sectors, n_layers), counts.reshape(n_sectors, n_layers)
 
 
-def _positive_fraction(peaks: np.ndarray, threshold: float) -> float:
-    """Return the fraction of non-empty sectors whose peak exceeds ``threshold`` (NaN: none)."""
-    measured = np.isfinite(peaks)
-    if not measured.any():
+def _positive_fraction(means: np.ndarray, counts: np.ndarray, threshold: float) -> float:
+    """Return the fraction of sectors whose highest layer mean exceeds ``threshold``.
+
+    ``means`` and ``counts`` are :func:`_cells`' ``(sectors, layers)``; NaN when no sector
+    holds voxels.
+    """
+    filled = counts > 0
+    sectors = filled.any(axis=1)
+    if not sectors.any():
         return float("nan")
-    return float((peaks[measured] > threshold).sum() / measured.sum())
+    peaks = np.where(filled, means, -np.inf).max(axis=1)[sectors]
+    return float((peaks > threshold).mean())
+
+
+def _robust_sd(values: np.ndarray) -> float:
+    """Return 1.4826 × the median absolute deviation of ``values`` (a normal's SD).
+
+    Examples:
+        >>> round(_robust_sd(np.random.default_rng(0).normal(0.0, 2.0, 100_000)), 1)
+        2.0
+    """
+    return _MAD_TO_SD * float(np.median(np.abs(values - np.median(values))))
 
 
 def _longest_run(flags: np.ndarray) -> int:

@@ -309,10 +309,12 @@ def _tubes(mag: np.ndarray, idx: np.ndarray, voxel: np.ndarray) -> tuple[np.ndar
     hess = np.empty((n, 3, 3), dtype=np.float64)
     for i in range(3):
         for j in range(i, 3):
-            order = [0, 0, 0]
-            order[i] += 1
-            order[j] += 1
-            d = ndi.gaussian_filter(mag, sigma, order=order)[tuple(idx)] / (voxel[i] * voxel[j])
+            derivative = [0, 0, 0]
+            derivative[i] += 1
+            derivative[j] += 1
+            d = ndi.gaussian_filter(mag, sigma, order=derivative)[tuple(idx)] / (
+                voxel[i] * voxel[j]
+            )
             hess[:, i, j] = hess[:, j, i] = d
     eigval, eigvec = np.linalg.eigh(hess)
     order = np.argsort(np.abs(eigval), axis=1)

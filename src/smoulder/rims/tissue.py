@@ -190,13 +190,11 @@ class MP2RAGEParameters:
     @property
     def delays_ms(self) -> tuple[float, float, float]:
         """Return the free-relaxation delays: inversion→block 1, block 1→block 2, block 2→end."""
-        before = (self.n_readouts // 2) * self.tr_gre_ms
-        after = (self.n_readouts - self.n_readouts // 2) * self.tr_gre_ms
-        return (
-            self.ti1_ms - before,
-            self.ti2_ms - self.ti1_ms - self.n_readouts * self.tr_gre_ms,
-            self.tr_mp2rage_ms - self.ti2_ms - after,
-        )
+        centres = np.array([self.ti1_ms, self.ti2_ms])
+        starts = centres - (self.n_readouts // 2) * self.tr_gre_ms
+        ends = starts + self.n_readouts * self.tr_gre_ms
+        gaps = np.diff(np.concatenate([[0.0], np.column_stack([starts, ends]).ravel()]))[::2]
+        return float(gaps[0]), float(gaps[1]), float(self.tr_mp2rage_ms - ends[1])
 
 
 def mp2rage_parameters(
@@ -469,7 +467,9 @@ def t1_map_ms(
 
     Returns:
         float32 T1 in ms; NaN where UNIT1 lies outside the table (T1 outside ``t1_ms_range``
-        or noise) or is not finite.
+        or noise) or is not finite. A T1 beyond the monotonic part of the protocol's curve
+        (long T1s with some protocols) shares its UNIT1 with a shorter one and comes out as
+        that: check ``unit1_lookup(params)[0].max()`` against the longest T1 of interest.
     """
     u = unit1_to_unit_range(unit1, path=path)
     table_t1, table_u = unit1_lookup(params, t1_ms_range)

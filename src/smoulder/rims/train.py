@@ -15,7 +15,7 @@ The recipe (``smoulder train rims RUN --shards ...``), as a methods section:
    learning rate. Epoch ``e``'s sampling is seeded by ``(seed, e)``, so a resumed run draws
    what an uninterrupted one would have.
 4. **Model choice**: after each epoch the network is scored on the validation split (no TTA);
-   the epoch with the best PR-AUC is kept.
+   the epoch with the best PR-AUC is kept (ties: the lower validation loss).
 5. **Calibration**: the kept network's logits (8-flip TTA) on the calibration split fit the
    calibration (:func:`smoulder.rims.calibration.fit_calibration`) and the three operating
    points; the validation split then gives the figures of the model card (ROC-AUC with its
@@ -107,9 +107,20 @@ class PatchSet:
             for s, t, i in zip(self.subject, self.session, self.lesion_id, strict=True)
         ]
 
-    def by_key(self) -> dict[LesionKey, np.ndarray]:
-        """Return the patches by :data:`LesionKey` (what :func:`fine_tune` reads)."""
-        return dict(zip(self.keys(), self.patches, strict=True))
+    def by_key(self, prefer: Sequence[str] = ("qsm", "phase")) -> dict[LesionKey, np.ndarray]:
+        """Return one patch per :data:`LesionKey` (what :func:`fine_tune` reads).
+
+        A lesion with patches of several input kinds (the phantom's shards hold a QSM and a
+        phase patch of each) keeps the first kind in ``prefer``.
+        """
+        rank = {kind: i for i, kind in enumerate(prefer)}
+        out: dict[LesionKey, np.ndarray] = {}
+        kind_of: dict[LesionKey, int] = {}
+        for key, kind, patch in zip(self.keys(), self.input_kind, self.patches, strict=True):
+            r = rank.get(str(kind), len(rank))
+            if key not in out or r < kind_of[key]:
+                out[key], kind_of[key] = patch, r
+        return out
 
 
 def lesion_key(participant: object, session: object, lesion: object) -> LesionKey:
@@ -124,6 +135,21 @@ def lesion_key(participant: object, session: object, lesion: object) -> LesionKe
     p = str(participant).strip().removeprefix("sub-")
     s = str(session).strip().removeprefix("ses-")
     return p, ("" if s in ("n/a", "None") else s), int(float(str(lesion)))
+
+
+def write_shard(patch_set: PatchSet, path: str | Path) -> Path:
+    """Return ``path`` after writing ``patch_set`` there as a compressed shard, atomically.
+
+    The arrays of :data:`SHARD_ARRAYS`, patches in half precision (what :func:`load_shards`
+    reads back).
+    """
+    from smoulder.images import atomic_path
+
+    arrays = {name: getattr(patch_set, name) for name in SHARD_ARRAYS}
+    arrays["patches"] = np.asarray(arrays["patches"], np.float16)
+    with atomic_path(path, suffix=".npz") as tmp, tmp.open("wb") as handle:
+        np.savez_compressed(handle, **arrays)
+    return Path(path)
 
 
 def load_shards(shards: Iterable[str | Path]) -> PatchSet:
@@ -312,7 +338,7 @@ class _Run:
     recipe: dict[str, Any]
     epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
-    best: float = -math.inf
+    best: tuple[float, float] = (-math.inf, -math.inf)  # (PR-AUC, -loss) on validation
     best_epoch: int = 0
     best_state: dict[str, Any] = field(default_factory=dict)
 
@@ -410,7 +436,7 @@ def _start(
             ckpt["best_epoch"],
             ckpt["best_state"],
         )
-        say(f"resuming after epoch {run.epoch} (best validation PR-AUC {run.best:.3f})")
+        say(f"resuming after epoch {run.epoch} (best validation PR-AUC {run.best[0]:.3f})")
     return run
 
 
@@ -423,7 +449,7 @@ def _save_checkpoint(run: _Run, path: Path) -> None:
         torch.save(run.checkpoint(), tmp)
 
 
-def _scores(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+def _scores(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     """Return the rank figures of ``logits`` (ROC-AUC, its interval, PR-AUC)."""
     low, high = auc_confidence_interval(logits, labels)
     return {
@@ -560,11 +586,17 @@ def _train(
         loss = _epoch(run.net, run.opt, run.sched, parts["train"], settings, run.epoch, device)
         run.epoch += 1
         logits = predict_logits(run.net, val.patches, device, tta=False)
-        entry = {"epoch": run.epoch, "loss": loss, **_scores(logits, val.labels)}
+        entry = {
+            "epoch": run.epoch,
+            "loss": loss,
+            "validation_loss": float(np.mean(np.logaddexp(0.0, logits) - val.labels * logits)),
+            **_scores(logits, val.labels),
+        }
         entry["elapsed_s"] = time.perf_counter() - tic
         run.history.append(entry)
-        if entry["pr_auc"] > run.best:
-            run.best, run.best_epoch = entry["pr_auc"], run.epoch
+        score = (entry["pr_auc"], -entry["validation_loss"])
+        if score > run.best:
+            run.best, run.best_epoch = score, run.epoch
             run.best_state = {k: v.detach().cpu().clone() for k, v in run.net.state_dict().items()}
         _save_checkpoint(run, run_dir / "checkpoint.pt")
         save_json(run.history, run_dir / "history.json")
@@ -598,14 +630,15 @@ def _finish(
     calibration, cv_ece = fit_calibration(cal_logits, cal.labels)
     points = operating_points(calibration(cal_logits), cal.labels)
     val_logits = predict_logits(run.net, val.patches, device, tta=True)
-    metrics = {
+    figures = evaluate(val_logits, val.labels, calibration, points)
+    metrics: dict[str, Any] = {
         "best_epoch": run.best_epoch,
         "epochs": run.epoch,
         "parameters": count_parameters(run.net),
         "calibration": calibration.to_json(),
         "calibration_ece": cv_ece,
         "operating_points": points,
-        "validation": evaluate(val_logits, val.labels, calibration, points),
+        "validation": figures,
         "input_kinds": dict(Counter(parts["train"].input_kind.tolist())),
     }
     bundle = save_bundle(
@@ -619,8 +652,8 @@ def _finish(
     metrics["bundle"] = str(bundle)
     save_json(metrics, run_dir / "metrics.json")
     say(
-        f"best epoch {run.best_epoch}: validation ROC-AUC {metrics['validation']['roc_auc']:.3f}, "
-        f"PR-AUC {metrics['validation']['pr_auc']:.3f}, calibration {calibration.method}; "
+        f"best epoch {run.best_epoch}: validation ROC-AUC {figures['roc_auc']:.3f}, "
+        f"PR-AUC {figures['pr_auc']:.3f}, calibration {calibration.method}; "
         f"bundle {bundle}"
     )
     return metrics

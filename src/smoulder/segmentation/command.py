@@ -147,8 +147,7 @@ def run_train(argv: list[str]) -> int:
 
     if not argv or argv[0] != "segmentation":
         raise ConfigError(
-            "smoulder train: expected 'segmentation' (the only trainable model), "
-            f"found {argv[:1] or 'nothing'}"
+            f"smoulder train segmentation: expected 'segmentation', found {argv[:1] or 'nothing'}"
         )
     args = train_parser().parse_args(argv[1:])
     device = resolve_device(args.device)

@@ -215,6 +215,28 @@ def load_bundle(model: str | Path | None = None, device: str = "cpu") -> Bundle:
             sw_batch_size=int(sw.get("sw_batch_size", inference.sw_batch_size)),
             spacing_mm=float(cfg.get("spacing_mm", inference.spacing_mm)),
         )
+    network = network_def.build()
+    load_weights(
+        network,
+        weights,
+        expected=f"weights of the network in {meta_file.name} "
+        f"(UNet channels {list(network_def.channels)})",
+    )
+    network.to(device).eval()
+    return Bundle(root, network, network_def, inference, meta)
+
+
+def load_weights(network: Any, weights: Path, *, expected: str) -> None:
+    """Load a bundle's half- or full-precision ``state_dict`` into ``network`` (as float32).
+
+    Args:
+        network: the built ``torch.nn.Module``.
+        weights: the bundle's ``models/model.pt``.
+        expected: what the weights should be, for the error message.
+
+    Raises:
+        InputError: the file is unreadable, or its weights do not fit ``network``.
+    """
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt file
@@ -223,16 +245,10 @@ def load_bundle(model: str | Path | None = None, device: str = "cpu") -> Bundle:
             expected="PyTorch weights (torch.save of a state_dict)",
             found=f"an unreadable file ({type(exc).__name__}: {exc})",
         ) from exc
-    network = network_def.build()
     try:
         network.load_state_dict({k: v.float() for k, v in state.items()})
     except (RuntimeError, AttributeError) as exc:
-        first = str(exc).strip().splitlines()
+        first = " ".join(str(exc).strip().splitlines()[:3])[:300]
         raise InputError(
-            str(weights),
-            expected=f"weights of the network in {meta_file.name} "
-            f"(UNet channels {list(network_def.channels)})",
-            found=f"weights that do not fit: {' '.join(first[:3])[:300]}",
+            str(weights), expected=expected, found=f"weights that do not fit: {first}"
         ) from exc
-    network.to(device).eval()
-    return Bundle(root, network, network_def, inference, meta)

@@ -1,0 +1,254 @@
+"""Training lesions for the rim classifier: phantom sessions over randomised acquisitions.
+
+There is no open susceptibility data of MS patients with expert rim labels, so the classifier
+learns from the phantom (:mod:`smoulder.phantom`), whose rims are real susceptibility sources
+seen through the dipole forward model, noise and the QSM reconstruction the pipeline runs.
+Each draw (:func:`draw_acquisition`) is one single-session subject of its own seed with a new
+acquisition: field strength (3 T or 7 T), 1–5 echoes, echo spacing, GRE voxel, SNR; and more
+of the lesions raters find hard than a default phantom has (partial rims, veins beside lesions,
+central veins, iso-rims).
+
+For every truth lesion of the session two patches are cut (:func:`smoulder.rims.patches.
+extract_patch`), one from the QSM (reconstructed as the pipeline does, total variation,
+referenced to the ventricles' CSF) and one from the homodyne-filtered phase of the last echo,
+both in the GRE's own grid, with the truth lesion mask. The label is the phantom's truth: 1
+for a rim around at least two thirds of the edge (``rim == "yes"``), 0 for partial rims, no
+rim, and every mimic. Shards are ``.npz`` files (:func:`smoulder.rims.train.write_shard`) that
+:mod:`smoulder.rims.train` reads.
+
+Run (one shard per seed; seeds never reused by the benchmark, which starts at 10 000)::
+
+    python -m smoulder.rims.simulate OUT_DIR --first-seed 0 --count 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from smoulder.rims.train import PatchSet, write_shard
+
+#: The phantom's lesion mix for training: more rims and hard negatives than the default.
+TRAINING_MIX = {
+    "lesions": 20,
+    "prl_fraction": 0.35,
+    "partial_rim_fraction": 0.15,
+    "vein_adjacent": 3,
+    "central_veins": 3,
+    "iso_rims": 2,
+}
+#: Seeds from which the benchmark's held-out phantoms are drawn; training seeds stay below.
+FIRST_HELD_OUT_SEED = 10_000
+
+
+@dataclass(frozen=True)
+class Acquisition:
+    """One simulated GRE acquisition (and the phantom grid it is simulated on)."""
+
+    b0_tesla: float
+    echo_times_ms: tuple[float, ...]
+    resolution_mm: float
+    snr: float
+
+
+def draw_acquisition(rng: np.random.Generator) -> Acquisition:
+    """Return a random acquisition: 3 T (70 %) or 7 T, 1–5 echoes, 0.8 or 1 mm, SNR 15–50.
+
+    Echo times shrink with the field (T2* is shorter at 7 T): first echo 4–8 ms at 3 T and
+    3–5 ms at 7 T, spacing in the same ranges.
+
+    Examples:
+        >>> acq = draw_acquisition(np.random.default_rng(0))
+        >>> acq.b0_tesla in (3.0, 7.0), 1 <= len(acq.echo_times_ms) <= 5
+        (True, True)
+    """
+    b0 = 3.0 if rng.random() < 0.7 else 7.0
+    lo, hi = (4.0, 8.0) if b0 == 3.0 else (3.0, 5.0)
+    n_echoes = int(rng.integers(1, 6))
+    first, spacing = float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi))
+    tes = tuple(round(first + k * spacing, 2) for k in range(n_echoes))
+    resolution = 1.0 if rng.random() < 0.7 else 0.8
+    return Acquisition(b0, tes, resolution, float(rng.uniform(15.0, 50.0)))
+
+
+def simulate_session(seed: int, work_dir: str | Path) -> PatchSet:
+    """Return the patches of every lesion of one phantom session drawn with ``seed``.
+
+    Args:
+        seed: the phantom's seed and the acquisition draw's.
+        work_dir: a folder for the phantom dataset (kept: it holds the truth behind the shard).
+    """
+    from smoulder.phantom.dataset import generate_dataset
+    from smoulder.phantom.generate import PhantomConfig
+
+    acq = draw_acquisition(np.random.default_rng([seed, 1]))
+    config = replace(
+        PhantomConfig(),
+        subjects=1,
+        sessions=1,
+        seed=seed,
+        new_lesions_per_session=0,
+        resolution_mm=acq.resolution_mm,
+        b0_tesla=acq.b0_tesla,
+        echo_times_ms=acq.echo_times_ms,
+        snr=acq.snr,
+        **TRAINING_MIX,
+    )
+    root = generate_dataset(Path(work_dir) / f"seed-{seed}", config)
+    return session_patches(root, subject=f"seed{seed}")
+
+
+def session_patches(root: Path, *, subject: str) -> PatchSet:
+    """Return the QSM and filtered-phase patches of every truth lesion of a phantom's first
+    session (``sub-01``, ``ses-01``), labelled from its truth table."""
+    from smoulder.qsm.masks import session_masks
+    from smoulder.qsm.reconstruct import filtered_phase, load_echoes, reconstruct
+    from smoulder.registration.transforms import AffineTransform
+    from smoulder.rims.patches import lesion_labels_in_gre
+
+    anat = root / "sub-01" / "ses-01" / "anat"
+    truth = root / "derivatives" / "truth" / "sub-01"
+    t_anat = truth / "ses-01" / "anat"
+    mags = sorted(anat.glob("*_part-mag_MEGRE.nii.gz"))
+    echoes = load_echoes(mags, [Path(str(m).replace("part-mag", "part-phase")) for m in mags])
+    gre = nib.load(mags[0])
+    same_space = AffineTransform.identity()  # one session: every image in scanner coordinates
+    mask, reference = session_masks(
+        echoes.magnitude,
+        gre,
+        nib.load(t_anat / "sub-01_ses-01_space-T1w_desc-brain_mask.nii.gz"),
+        same_space,
+        csf_probseg=nib.load(t_anat / "sub-01_ses-01_space-T1w_label-CSF_probseg.nii.gz"),
+    )
+    chi = reconstruct(echoes, mask, method="tv", reference_mask=reference).chi_ppm
+    phase = filtered_phase(echoes)
+    instances = nib.load(t_anat / "sub-01_ses-01_space-T1w_desc-lesions_dseg.nii.gz")
+    labels_gre = lesion_labels_in_gre(instances, gre, same_space)
+    wm = _on_grid(nib.load(t_anat / "sub-01_ses-01_space-T1w_label-WM_probseg.nii.gz"), gre)
+    rims = _truth_labels(truth / "sub-01_desc-lesions_truth.tsv")
+    context = _Context(
+        gre.affine,
+        echoes.magnitude[0],
+        mask,
+        wm,
+        labels_gre,
+        nib.load(anat / "sub-01_ses-01_FLAIR.nii.gz"),
+        same_space,
+    )
+    rows: list[tuple[np.ndarray, int, str, int]] = []
+    for lesion in sorted(int(i) for i in np.unique(labels_gre) if i > 0 and i in rims):
+        for kind, data in (("qsm", chi), ("phase", phase)):
+            patch = context.patch(lesion, data, kind)
+            if patch is not None:
+                rows.append((patch, rims[lesion], kind, lesion))
+    n = len(rows)
+    return PatchSet(
+        patches=np.stack([r[0] for r in rows]).astype(np.float16)
+        if rows
+        else np.zeros((0, 4, 24, 24, 24), np.float16),
+        labels=np.array([r[1] for r in rows], np.uint8),
+        input_kind=np.array([r[2] for r in rows], "<U5"),
+        lesion_id=np.array([r[3] for r in rows], np.int32),
+        subject=np.array([subject] * n, "<U16"),
+        session=np.array(["01"] * n, "<U8"),
+    )
+
+
+@dataclass
+class _Context:
+    """What every lesion's patches of one session share."""
+
+    affine: np.ndarray
+    magnitude: np.ndarray
+    qsm_mask: np.ndarray
+    wm: np.ndarray
+    labels: np.ndarray
+    flair: nib.Nifti1Image
+    flair_to_gre: object
+
+    def patch(self, lesion: int, data: np.ndarray, kind: str) -> np.ndarray | None:
+        """Return the lesion's patch from ``data`` (QSM or phase), or None when it is too
+        small to have a voxel of fraction ≥ 0.5 in the GRE grid."""
+        from smoulder.rims.patches import extract_patch, lesion_box, susceptibility_scale
+
+        lesion_mask = (self.labels == lesion).astype(np.float32)
+        if not lesion_mask.any():
+            return None
+        box = lesion_box(lesion_mask, self.affine)
+        others = (self.labels > 0) & (self.labels != lesion)
+        scale = susceptibility_scale(
+            data,
+            lesion_mask,
+            self.affine,
+            input_kind=kind,  # type: ignore[arg-type]
+            wm=self.wm,
+            other_lesions=others,
+            valid=self.qsm_mask,
+        )
+        return extract_patch(
+            box,
+            susceptibility=data,
+            magnitude=self.magnitude,
+            lesion_mask=lesion_mask,
+            gre_affine=self.affine,
+            flair=self.flair,
+            flair_to_gre=self.flair_to_gre,  # type: ignore[arg-type]
+            scale=scale,
+            brain_mask=self.qsm_mask,
+        )
+
+
+def _on_grid(img: nib.Nifti1Image, grid: nib.Nifti1Image) -> np.ndarray:
+    """Return ``img`` on the grid of ``grid`` (same world space; linear)."""
+    from smoulder.grids import resample_to_grid
+
+    return resample_to_grid(np.asarray(img.dataobj), img.affine, grid.shape[:3], grid.affine)
+
+
+def _truth_labels(table: Path) -> dict[int, int]:
+    """Return ``{lesion id: 1 if its rim is complete (rim == "yes") else 0}``."""
+    import csv
+
+    with table.open(newline="") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    return {int(r["lesion_id"]): int(r["rim"] == "yes") for r in rows}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Write one shard per seed into ``OUT_DIR``; skip seeds whose shard exists (resumable)."""
+    p = argparse.ArgumentParser(prog="python -m smoulder.rims.simulate", description=__doc__)
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--count", type=int, default=10)
+    p.add_argument("--keep-phantoms", action="store_true", help="keep each session's phantom")
+    args = p.parse_args(argv)
+    if args.first_seed + args.count > FIRST_HELD_OUT_SEED:
+        p.error(f"training seeds must stay below {FIRST_HELD_OUT_SEED} (the benchmark's)")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    for seed in range(args.first_seed, args.first_seed + args.count):
+        path = args.out_dir / f"shard-{seed:05d}.npz"
+        if path.exists():
+            continue
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="smoulder-rims-", dir=args.out_dir) as tmp:
+            work = args.out_dir / "phantoms" if args.keep_phantoms else Path(tmp)
+            shard = simulate_session(seed, work)
+        write_shard(shard, path)
+        print(
+            f"seed {seed}: {len(shard.labels)} patches, {int(shard.labels.sum())} rim, "
+            f"{time.perf_counter() - start:.0f} s",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
