@@ -199,6 +199,8 @@ def main(
     worker_input: str,
     worker: Callable[[str, Path, Path, str, int], int],
     run_benchmark: Callable[[argparse.Namespace], list[dict]],
+    *,
+    options: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> int:
     """Run a comparative benchmark's command line; return its exit status.
 
@@ -211,9 +213,12 @@ def main(
         worker_input: the hidden option naming the worker's input (``--pair``...).
         worker: the child process's entry.
         run_benchmark: runs the benchmark, returns its records.
+        options: adds the benchmark's own options to the parser.
     """
     parser = benchmark_parser(name, doc, **helps)
     parser.add_argument(worker_input, type=Path, help=argparse.SUPPRESS)
+    if options is not None:
+        options(parser)
     args = parser.parse_args(argv)
     if args.worker:
         given = getattr(args, worker_input.lstrip("-").replace("-", "_"))
@@ -331,6 +336,14 @@ def results_table(records: list[dict], cols: list[str]) -> list[str]:
         if rec["status"] == "ok":
             lines.append("| " + " | ".join(fmt(rec.get(c)) for c in cols) + " |")
     return lines
+
+
+def note_lines(records: list[dict]) -> list[str]:
+    """Return the "Notes" list: the notes of the successful records."""
+    noted = [r for r in records if r["status"] == "ok" and r["note"]]
+    if not noted:
+        return []
+    return ["", "Notes:", ""] + [f"- {r['method']} on {r['case']}: {r['note']}" for r in noted]
 
 
 def not_run_lines(records: list[dict], notes: list[str]) -> list[str]:

@@ -786,11 +786,7 @@ def write_outputs(args: argparse.Namespace, records: list[dict], notes: list[str
         "",
         *benchenv.results_table(records, cols),
     ]
-    cached = [r for r in records if r["status"] == "ok" and r["note"]]
-    if cached:
-        lines += ["", "Notes:", ""]
-        lines += [f"- {r['method']} on {r['case']}: {r['note']}" for r in cached]
-    lines += benchenv.not_run_lines(records, notes)
+    lines += benchenv.note_lines(records) + benchenv.not_run_lines(records, notes)
     (args.out / "segmentation.md").write_text("\n".join(lines) + "\n")
 
 

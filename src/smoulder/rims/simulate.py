@@ -14,7 +14,9 @@ referenced to the ventricles' CSF) and one from the homodyne-filtered phase of t
 both in the GRE's own grid, with the truth lesion mask. The label is the phantom's truth: 1
 for a rim around at least two thirds of the edge (``rim == "yes"``), 0 for partial rims, no
 rim, and every mimic. Shards are ``.npz`` files (:func:`smoulder.rims.train.write_shard`) that
-:mod:`smoulder.rims.train` reads.
+:mod:`smoulder.rims.train` reads. :func:`load_session` gives the loaded session itself
+(:class:`PhantomSession`: the arrays on the GRE grid, each lesion's patch and rule-based
+measures), which ``benchmarks/rims.py`` scores on held-out seeds.
 
 Run (one shard per seed; seeds never reused by the benchmark, which starts at 10 000)::
 
@@ -30,11 +32,17 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
 
 from smoulder.rims.train import PatchSet, write_shard
+
+if TYPE_CHECKING:
+    from smoulder.phantom.generate import PhantomConfig
+    from smoulder.registration.transforms import AffineTransform
+    from smoulder.rims.rules import InputKind, RimMeasures
 
 #: The phantom's lesion mix for training: more rims and hard negatives than the default.
 TRAINING_MIX = {
@@ -79,6 +87,25 @@ def draw_acquisition(rng: np.random.Generator) -> Acquisition:
     return Acquisition(b0, tes, resolution, float(rng.uniform(15.0, 50.0)))
 
 
+def session_config(seed: int, acquisition: Acquisition) -> PhantomConfig:
+    """Return the phantom settings of a one-session subject of ``seed`` seen through
+    ``acquisition``, with the lesion mix of :data:`TRAINING_MIX`."""
+    from smoulder.phantom.generate import PhantomConfig
+
+    return replace(
+        PhantomConfig(),
+        subjects=1,
+        sessions=1,
+        seed=seed,
+        new_lesions_per_session=0,
+        resolution_mm=acquisition.resolution_mm,
+        b0_tesla=acquisition.b0_tesla,
+        echo_times_ms=acquisition.echo_times_ms,
+        snr=acquisition.snr,
+        **TRAINING_MIX,
+    )
+
+
 def simulate_session(seed: int, work_dir: str | Path) -> PatchSet:
     """Return the patches of every lesion of one phantom session drawn with ``seed``.
 
@@ -87,21 +114,8 @@ def simulate_session(seed: int, work_dir: str | Path) -> PatchSet:
         work_dir: a folder for the phantom dataset (kept: it holds the truth behind the shard).
     """
     from smoulder.phantom.dataset import generate_dataset
-    from smoulder.phantom.generate import PhantomConfig
 
-    acq = draw_acquisition(np.random.default_rng([seed, 1]))
-    config = replace(
-        PhantomConfig(),
-        subjects=1,
-        sessions=1,
-        seed=seed,
-        new_lesions_per_session=0,
-        resolution_mm=acq.resolution_mm,
-        b0_tesla=acq.b0_tesla,
-        echo_times_ms=acq.echo_times_ms,
-        snr=acq.snr,
-        **TRAINING_MIX,
-    )
+    config = session_config(seed, draw_acquisition(np.random.default_rng([seed, 1])))
     root = generate_dataset(Path(work_dir) / f"seed-{seed}", config)
     return session_patches(root, subject=f"seed{seed}")
 
@@ -109,6 +123,30 @@ def simulate_session(seed: int, work_dir: str | Path) -> PatchSet:
 def session_patches(root: Path, *, subject: str) -> PatchSet:
     """Return the QSM and filtered-phase patches of every truth lesion of a phantom's first
     session (``sub-01``, ``ses-01``), labelled from its truth table."""
+    session = load_session(root)
+    rows: list[tuple[np.ndarray, int, str, int]] = []
+    for lesion in session.lesions():
+        for kind in ("qsm", "phase"):
+            patch = session.patch(lesion, kind)
+            if patch is not None:
+                rows.append((patch, session.rims[lesion], kind, lesion))
+    n = len(rows)
+    return PatchSet(
+        patches=np.stack([r[0] for r in rows]).astype(np.float16)
+        if rows
+        else np.zeros((0, 4, 24, 24, 24), np.float16),
+        labels=np.array([r[1] for r in rows], np.uint8),
+        input_kind=np.array([r[2] for r in rows], "<U5"),
+        lesion_id=np.array([r[3] for r in rows], np.int32),
+        subject=np.array([subject] * n, "<U16"),
+        session=np.array(["01"] * n, "<U8"),
+    )
+
+
+def load_session(root: Path) -> PhantomSession:
+    """Return a phantom's first session (``sub-01``, ``ses-01``) on its GRE grid: the QSM
+    (reconstructed as the pipeline does) and filtered phase, the truth lesions and their labels.
+    """
     from smoulder.qsm.masks import session_masks
     from smoulder.qsm.reconstruct import filtered_phase, load_echoes, reconstruct
     from smoulder.registration.transforms import AffineTransform
@@ -128,43 +166,37 @@ def session_patches(root: Path, *, subject: str) -> PatchSet:
         same_space,
         csf_probseg=nib.load(t_anat / "sub-01_ses-01_space-T1w_label-CSF_probseg.nii.gz"),
     )
-    chi = reconstruct(echoes, mask, method="tv", reference_mask=reference).chi_ppm
-    phase = filtered_phase(echoes)
     instances = nib.load(t_anat / "sub-01_ses-01_space-T1w_desc-lesions_dseg.nii.gz")
-    labels_gre = lesion_labels_in_gre(instances, gre, same_space)
-    wm = _on_grid(nib.load(t_anat / "sub-01_ses-01_space-T1w_label-WM_probseg.nii.gz"), gre)
-    rims = _truth_labels(truth / "sub-01_desc-lesions_truth.tsv")
-    context = _Context(
-        gre.affine,
-        echoes.magnitude[0],
-        mask,
-        wm,
-        labels_gre,
-        nib.load(anat / "sub-01_ses-01_FLAIR.nii.gz"),
-        same_space,
-    )
-    rows: list[tuple[np.ndarray, int, str, int]] = []
-    for lesion in sorted(int(i) for i in np.unique(labels_gre) if i > 0 and i in rims):
-        for kind, data in (("qsm", chi), ("phase", phase)):
-            patch = context.patch(lesion, data, kind)
-            if patch is not None:
-                rows.append((patch, rims[lesion], kind, lesion))
-    n = len(rows)
-    return PatchSet(
-        patches=np.stack([r[0] for r in rows]).astype(np.float16)
-        if rows
-        else np.zeros((0, 4, 24, 24, 24), np.float16),
-        labels=np.array([r[1] for r in rows], np.uint8),
-        input_kind=np.array([r[2] for r in rows], "<U5"),
-        lesion_id=np.array([r[3] for r in rows], np.int32),
-        subject=np.array([subject] * n, "<U16"),
-        session=np.array(["01"] * n, "<U8"),
+    return PhantomSession(
+        affine=gre.affine,
+        magnitude=echoes.magnitude[0],
+        qsm_mask=mask,
+        wm=_on_grid(nib.load(t_anat / "sub-01_ses-01_space-T1w_label-WM_probseg.nii.gz"), gre),
+        labels=lesion_labels_in_gre(instances, gre, same_space),
+        flair=nib.load(anat / "sub-01_ses-01_FLAIR.nii.gz"),
+        flair_to_gre=same_space,
+        chi_ppm=reconstruct(echoes, mask, method="tv", reference_mask=reference).chi_ppm,
+        phase_rad=filtered_phase(echoes),
+        rims=_truth_labels(truth / "sub-01_desc-lesions_truth.tsv"),
     )
 
 
 @dataclass
-class _Context:
-    """What every lesion's patches of one session share."""
+class PhantomSession:
+    """One phantom session on its GRE grid: what every lesion's patch and measures read.
+
+    Attributes:
+        affine: the GRE grid's voxel-to-world matrix.
+        magnitude: the first echo's magnitude.
+        qsm_mask: where the QSM is defined.
+        wm: white-matter probability.
+        labels: lesion instances (0 outside lesions).
+        flair: the FLAIR image (the patch's FLAIR channel).
+        flair_to_gre: the FLAIR → GRE transform (identity: one session, scanner coordinates).
+        chi_ppm: the QSM (ppm).
+        phase_rad: the homodyne-filtered phase of the last echo (rad).
+        rims: ``{lesion id: 1 for a complete rim, else 0}`` (the truth).
+    """
 
     affine: np.ndarray
     magnitude: np.ndarray
@@ -172,37 +204,61 @@ class _Context:
     wm: np.ndarray
     labels: np.ndarray
     flair: nib.Nifti1Image
-    flair_to_gre: object
+    flair_to_gre: AffineTransform
+    chi_ppm: np.ndarray
+    phase_rad: np.ndarray
+    rims: dict[int, int]
 
-    def patch(self, lesion: int, data: np.ndarray, kind: str) -> np.ndarray | None:
-        """Return the lesion's patch from ``data`` (QSM or phase), or None when it is too
-        small to have a voxel of fraction ≥ 0.5 in the GRE grid."""
+    def lesions(self) -> list[int]:
+        """Return the ids of the lesions on the GRE grid that have a label, ascending."""
+        return sorted(int(i) for i in np.unique(self.labels) if i > 0 and int(i) in self.rims)
+
+    def susceptibility(self, kind: InputKind) -> np.ndarray:
+        """Return the QSM (``"qsm"``) or the filtered phase (``"phase"``)."""
+        return self.chi_ppm if kind == "qsm" else self.phase_rad
+
+    def patch(self, lesion: int, kind: InputKind) -> np.ndarray | None:
+        """Return the lesion's patch from the QSM or phase, or None when it is too small to
+        have a voxel of fraction ≥ 0.5 in the GRE grid."""
         from smoulder.rims.patches import extract_patch, lesion_box, susceptibility_scale
 
         lesion_mask = (self.labels == lesion).astype(np.float32)
         if not lesion_mask.any():
             return None
-        box = lesion_box(lesion_mask, self.affine)
-        others = (self.labels > 0) & (self.labels != lesion)
+        data, others = self.susceptibility(kind), (self.labels > 0) & (self.labels != lesion)
         scale = susceptibility_scale(
             data,
             lesion_mask,
             self.affine,
-            input_kind=kind,  # type: ignore[arg-type]
+            input_kind=kind,
             wm=self.wm,
             other_lesions=others,
             valid=self.qsm_mask,
         )
         return extract_patch(
-            box,
+            lesion_box(lesion_mask, self.affine),
             susceptibility=data,
             magnitude=self.magnitude,
             lesion_mask=lesion_mask,
             gre_affine=self.affine,
             flair=self.flair,
-            flair_to_gre=self.flair_to_gre,  # type: ignore[arg-type]
+            flair_to_gre=self.flair_to_gre,
             scale=scale,
             brain_mask=self.qsm_mask,
+        )
+
+    def measure(self, lesion: int, kind: InputKind) -> RimMeasures:
+        """Return the rule-based measures of the lesion on the QSM or phase."""
+        from smoulder.rims.rules import measure_rim
+
+        return measure_rim(
+            self.susceptibility(kind),
+            (self.labels == lesion).astype(np.float32),
+            self.affine,
+            input_kind=kind,
+            wm=self.wm,
+            other_lesions=(self.labels > 0) & (self.labels != lesion),
+            valid=self.qsm_mask,
         )
 
 
