@@ -53,6 +53,8 @@ TRAINING_MIX = {
     "central_veins": 3,
     "iso_rims": 2,
 }
+#: Latest echo time drawn (ms): before the phantom GRE's repetition time of 30 ms.
+LAST_ECHO_MAX_MS = 28.0
 #: Seeds from which the benchmark's held-out phantoms are drawn; training seeds stay below.
 FIRST_HELD_OUT_SEED = 10_000
 
@@ -82,6 +84,8 @@ def draw_acquisition(rng: np.random.Generator) -> Acquisition:
     lo, hi = (4.0, 8.0) if b0 == 3.0 else (3.0, 5.0)
     n_echoes = int(rng.integers(1, 6))
     first, spacing = float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi))
+    # the phantom's GRE repeats every 30 ms: the last echo must come before it
+    spacing = min(spacing, (LAST_ECHO_MAX_MS - first) / max(n_echoes - 1, 1))
     tes = tuple(round(first + k * spacing, 2) for k in range(n_echoes))
     resolution = 1.0 if rng.random() < 0.7 else 0.8
     return Acquisition(b0, tes, resolution, float(rng.uniform(15.0, 50.0)))
