@@ -383,10 +383,10 @@ def measure_rim(
         )
         chi = np.where(finite, chi, 0.0)
     shell, core = chi[regions.shell], chi[regions.core]
-    spread = max(_robust_sd(shell), floor) if shell.size else floor
+    spread = max(robust_sd(shell), floor) if shell.size else floor
     reference = _reference(chi, regions)
     smooth = _smoothed(chi, regions.usable, regions.voxel_mm)
-    noise = max(_robust_sd(smooth[regions.shell]), floor) if shell.size else floor
+    noise = max(robust_sd(smooth[regions.shell]), floor) if shell.size else floor
     threshold = reference + CONTRAST_SPREADS * noise
     longest = _longest_run(_slice_coverages(smooth, regions, threshold) >= CONSENSUS_COVERAGE)
     vein_fraction, vein = _central_vein(chi, regions, reference + VEIN_SPREADS * spread)
@@ -539,11 +539,11 @@ def _positive_fraction(means: np.ndarray, counts: np.ndarray, threshold: float) 
     return float((peaks > threshold).mean())
 
 
-def _robust_sd(values: np.ndarray) -> float:
+def robust_sd(values: np.ndarray) -> float:
     """Return 1.4826 × the median absolute deviation of ``values`` (a normal's SD).
 
     Examples:
-        >>> round(_robust_sd(np.random.default_rng(0).normal(0.0, 2.0, 100_000)), 1)
+        >>> round(robust_sd(np.random.default_rng(0).normal(0.0, 2.0, 100_000)), 1)
         2.0
     """
     return _MAD_TO_SD * float(np.median(np.abs(values - np.median(values))))

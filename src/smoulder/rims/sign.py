@@ -38,6 +38,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from smoulder.errors import InputError
+from smoulder.rims.rules import robust_sd
 
 #: Sidecar keys read by :func:`phase_sign_from_sidecar`, in order of precedence.
 SIGN_KEYS: tuple[str, ...] = (
@@ -224,7 +225,7 @@ def check_paramagnetic_sign(
     inner = _eroded(mask, voxel)
     brain_values = chi[inner]
     brain_median = float(np.median(brain_values))
-    scale = 1.4826 * float(np.median(np.abs(brain_values - brain_median)))
+    scale = robust_sd(brain_values)
 
     candidates = _dark_voxels(mag, inner, voxel, dark_fraction)
     tubular, direction = _tubes(mag, candidates, voxel)

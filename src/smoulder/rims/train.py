@@ -315,19 +315,6 @@ def _recipe(settings: RimTrainSettings, data: PatchSet) -> dict[str, Any]:
     }
 
 
-def _refuse_changed_recipe(saved: dict[str, Any], now: dict[str, Any], where: Path) -> None:
-    """Raise :class:`ConfigError` naming the first entry that differs from the checkpoint's."""
-    for part in ("settings", "data"):
-        a, b = saved.get(part, {}), now.get(part, {})
-        for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key):
-                raise ConfigError(
-                    f"{where}: expected the recipe this run was started with, found "
-                    f"{part}.{key} = {b.get(key)!r} (checkpoint: {a.get(key)!r}); resume with "
-                    "the same options and shards or use a new folder"
-                )
-
-
 @dataclass
 class _Run:
     """The state of a training run: what its checkpoint holds."""
@@ -426,7 +413,9 @@ def _start(
     run = _Run(net, opt, sched, recipe)
     if ckpt_file.is_file():
         ckpt = torch.load(ckpt_file, map_location=device, weights_only=False)
-        _refuse_changed_recipe(ckpt["recipe"], recipe, ckpt_file)
+        from smoulder.segmentation.train import check_recipe
+
+        check_recipe(ckpt["recipe"], recipe, ckpt_file)
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])

@@ -261,7 +261,7 @@ def _start(
     run = _Run(net, opt, sched, {"settings": _plain(asdict(settings)), "device": device})
     if ckpt_file.is_file():
         ckpt = torch.load(ckpt_file, map_location=device, weights_only=False)
-        _check_recipe(ckpt["recipe"]["settings"], run.recipe["settings"], ckpt_file)
+        check_recipe(ckpt["recipe"]["settings"], run.recipe["settings"], ckpt_file)
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
@@ -334,8 +334,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _check_recipe(saved: dict[str, Any], now: dict[str, Any], where: Path) -> None:
-    """Raise :class:`ConfigError` when a run would resume with another recipe."""
+def check_recipe(saved: dict[str, Any], now: dict[str, Any], where: Path) -> None:
+    """Raise :class:`ConfigError` naming the first (dotted) entry of ``now`` that differs from
+    the ``saved`` recipe a run was started with: a run resumes only with its own recipe."""
     from smoulder.errors import ConfigError
 
     def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
