@@ -441,6 +441,7 @@ def classify(
     from smoulder.errors import InputError
     from smoulder.rims.network import load_bundle, predict
     from smoulder.rims.patches import CHANNELS, PATCH_SHAPE
+    from smoulder.rims.rules import FEATURES
 
     try:
         bundle = load_bundle(bundle_path, device=device)
@@ -448,16 +449,21 @@ def classify(
         raise Skipped(
             f"no rim bundle ({exc}): train one (`smoulder train rims RUN`) or pass --bundle"
         ) from exc
-    predict(bundle, np.zeros((1, len(CHANNELS), *PATCH_SHAPE), np.float32), device)
+    fused = bundle.fusion is not None  # then the rule-based measures are part of its input
+    warm = np.zeros((1, len(CHANNELS), *PATCH_SHAPE), np.float32)
+    predict(bundle, warm, device, features=np.zeros((1, len(FEATURES)), np.float32))
     start = time.perf_counter()
-    keys, patches = [], []
+    keys, patches, features = [], [], []
     for subject, session in sessions.items():
         for lesion in session.lesions():
             keys.append((subject, lesion, session.rims[lesion]))
             patches.append(session.patch(lesion, kind))
+            if fused:
+                features.append(session.measure(lesion, kind).features())
     patched = time.perf_counter()
     # predict returns host arrays: a GPU has finished when it returns
-    prob = predict(bundle, np.stack(patches), device) if patches else np.zeros(0)
+    measures = np.stack(features) if features else None
+    prob = predict(bundle, np.stack(patches), device, features=measures) if patches else np.zeros(0)
     seconds = time.perf_counter() - start
     rows = [
         {"subject": s, "lesion": int(i), "label": int(y), "score": float(p)}
@@ -469,12 +475,13 @@ def classify(
 
         label = f"cuda ({torch.cuda.get_device_name()})"
     share = (patched - start) / seconds if seconds > 0 else float("nan")
+    what = "patches and rule-based measures" if fused else "patches"
     return {
         "lesions": rows,
         "seconds": seconds,
         "operating_points": bundle.operating_points,
         "device": label,
-        "note": f"bundle {bundle.path.name} {bundle.version}; patches {share:.0%} of wall_s",
+        "note": f"bundle {bundle.path.name} {bundle.version}; {what} {share:.0%} of wall_s",
     }
 
 

@@ -712,6 +712,7 @@ def run_participant(
             participant_labels=participant_labels,
             session_labels=session_labels,
             read_data=cfg.inputs.read_data,
+            models=model_versions(cfg),
         )
         failed_nodes = run_sessions(
             cfg,
@@ -737,8 +738,11 @@ def check_inputs(
     participant_labels: list[str] | None,
     session_labels: list[str] | None,
     read_data: bool,
+    models: dict[str, str] | None = None,
 ) -> tuple[list[Any], Path]:
     """Return the checked sessions and the inputs page, once the check is printed and saved.
+
+    ``models`` (bundle name → version) go into the dataset description's ``GeneratedBy``.
 
     Saves each subject's inputs table, the dataset description and the inputs report.
     """
@@ -754,8 +758,29 @@ def check_inputs(
     records = sessions_to_records(checked)
     for subject in sorted({s.subject for s in checked}):
         writer.save_subject_inputs(subject, [r for r in records if r["subject"] == subject])
-    writer.save_description()
+    writer.save_description(models)
     return checked, writer.save_inputs_report(records)
+
+
+def model_versions(cfg: Config) -> dict[str, str]:
+    """Return the name and version of every trained network the run uses (its bundles')."""
+    import json
+
+    from smoulder.rims.network import DEFAULT_BUNDLE as RIMS
+    from smoulder.segmentation.network import DEFAULT_BUNDLE as SEGMENTATION
+    from smoulder.segmentation.network import bundle_dir
+
+    used = []
+    if cfg.segmentation.enabled:
+        used.append(cfg.segmentation.model or SEGMENTATION)
+        if cfg.rims.enabled:
+            used.append(cfg.rims.model or RIMS)
+    versions = {}
+    for model in used:
+        folder = bundle_dir(model)
+        meta = json.loads((folder / "configs" / "metadata.json").read_text())
+        versions[folder.name] = str(meta.get("version", "unknown"))
+    return versions
 
 
 def run_sessions(

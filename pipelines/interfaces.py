@@ -447,6 +447,141 @@ class MapChimap(SimpleInterface):
         return runtime
 
 
+class _AssessLesionsInputSpec(_DeviceInputSpec):
+    lesions = File(exists=True, mandatory=True, desc="lesion instances (FLAIR grid)")
+    lesion_stats = File(exists=True, mandatory=True, desc="the segmentation's lesion table")
+    flair_file = File(exists=True, mandatory=True, desc="the session reference (FLAIR grid)")
+    brain_mask = File(exists=True, mandatory=True, desc="brain mask (FLAIR grid)")
+    wm_probseg = File(exists=True, mandatory=True, desc="white-matter probability (FLAIR grid)")
+    gm_probseg = File(exists=True, desc="grey-matter probability (FLAIR grid)")
+    t1_file = File(exists=True, desc="T1w (else UNIT1) on the FLAIR grid: T1 black holes")
+    unit1_file = File(exists=True, desc="MP2RAGE UNIT1 on the FLAIR grid: quantitative T1")
+    mp2rage_files = traits.List(File(exists=True), desc="MP2RAGE INV1 and INV2 (their sidecars)")
+    rims = traits.Bool(True, usedefault=True, desc="assess paramagnetic rims")
+    model = traits.Str("", usedefault=True, desc="rim bundle folder; empty: the shipped one")
+    input_kind = traits.Enum("auto", "qsm", "phase", usedefault=True, desc="image to assess")
+    magnitude_files = traits.List(File(exists=True), desc="GRE magnitude, per echo")
+    phase_files = traits.List(File(exists=True), desc="GRE phase, per echo")
+    chimap = File(exists=True, desc="χ (ppm) on the GRE grid: the QSM or the user's Chimap")
+    chimap_sidecar = File(exists=True, desc="the file whose sidecar states the map's sign")
+    qsm_mask = File(exists=True, desc="where the QSM is defined (GRE grid)")
+    xfm = File(exists=True, desc="GRE → FLAIR transform (FLAIR points to GRE points)")
+    subject = traits.Str("", usedefault=True, desc="participant label (of the patches)")
+    session = traits.Str("", usedefault=True, desc="session label (of the patches)")
+
+
+class _AssessLesionsOutputSpec(TraitedSpec):
+    lesion_stats = File(exists=True, desc="the lesion table with the rim and tissue columns")
+    metadata = traits.Dict(desc="the table's sidecar: column dictionary and the rim summary")
+    rims_input = File(desc="the assessed susceptibility image, paramagnetic positive (GRE grid)")
+    rims_kind = traits.Str(desc="qsm, phase, or empty when there was none")
+    patches = File(desc="the classified lesions' patches and measures (a rim shard)")
+
+
+class AssessLesions(SimpleInterface):
+    """Rims (:func:`smoulder.rims.assess.assess_rims`) and lesion tissue
+    (:func:`smoulder.rims.assess.lesion_tissue`) of every lesion, added to the lesion table."""
+
+    input_spec = _AssessLesionsInputSpec
+    output_spec = _AssessLesionsOutputSpec
+
+    def _run_interface(self, runtime: Any) -> Any:
+        import nibabel as nib
+        import numpy as np
+
+        from smoulder.devices import torch_threads
+        from smoulder.images import write_nifti
+        from smoulder.rims import assess
+        from smoulder.rims.train import write_shard
+        from smoulder.segmentation.lesions import LESION_COLUMNS, write_lesion_stats
+
+        def opt(name: str) -> Any:
+            value = getattr(self.inputs, name)
+            return nib.load(value) if isdefined(value) else None
+
+        instances = nib.load(self.inputs.lesions)
+        with torch_threads(self.inputs.num_threads):
+            loaded = self._gre(instances) if self.inputs.rims else None
+            bundle = self._bundle() if loaded is not None else None
+            result = assess.assess_rims(
+                instances, *(loaded or (None, None)), bundle, device=self.inputs.device
+            )
+        mp2rage = self.inputs.mp2rage_files if isdefined(self.inputs.mp2rage_files) else []
+        tissue = assess.lesion_tissue(
+            instances,
+            t1w=opt("t1_file"),
+            wm=opt("wm_probseg"),
+            gm=opt("gm_probseg"),
+            unit1=opt("unit1_file"),
+            mp2rage=(Path(mp2rage[0]), Path(mp2rage[1])) if len(mp2rage) == 2 else None,
+        )
+        blank = {**assess.not_assessed(assess.NO_SUSCEPTIBILITY), "t1w_ratio": None,
+                 "t1_black_hole": None, "qt1_ms": None}  # fmt: skip
+        rows = [{**blank, **r} for r in assess.merge_lesion_rows(
+            _read_tsv(self.inputs.lesion_stats), result.rows, tissue)]  # fmt: skip
+        columns = {**LESION_COLUMNS, **assess.RIM_COLUMNS}
+        out = Path(runtime.cwd) / "lesion_stats.tsv"
+        write_lesion_stats(rows, out, columns)
+        self._results["lesion_stats"] = str(out)
+        self._results["metadata"] = {**columns, **result.summary.sidecar()}
+        self._results["rims_kind"] = loaded[1].kind if loaded else ""
+        if loaded is not None:
+            grid, source = loaded[0], loaded[1]
+            path = Path(runtime.cwd) / "rims_input.nii.gz"
+            data = np.asarray(source.data, np.float32)
+            write_nifti(nib.Nifti1Image(data, grid.affine), path)
+            self._results["rims_input"] = str(path)
+            labels = (self.inputs.subject, self.inputs.session)
+            shard = assess.patch_shard(result, source.kind, *labels)
+            self._results["patches"] = str(write_shard(shard, Path(runtime.cwd) / "patches.npz"))
+        return runtime
+
+    def _gre(self, instances: Any) -> Any:
+        import nibabel as nib
+
+        from smoulder.registration.transforms import AffineTransform
+        from smoulder.rims import assess
+
+        def path(name: str) -> Path | None:
+            value = getattr(self.inputs, name)
+            return Path(value) if isdefined(value) and value else None
+
+        def paths(name: str) -> tuple[Path, ...]:
+            value = getattr(self.inputs, name)
+            return tuple(Path(p) for p in value) if isdefined(value) else ()
+
+        files = assess.GreInputs(
+            magnitudes=paths("magnitude_files"),
+            phases=paths("phase_files"),
+            chimap=path("chimap"),
+            chimap_sidecar=path("chimap_sidecar"),
+            qsm_mask=path("qsm_mask"),
+        )
+        xfm = path("xfm")
+        return assess.load_gre_session(
+            files,
+            self.inputs.input_kind,
+            instances=instances,
+            flair=nib.load(self.inputs.flair_file),
+            brain_mask=nib.load(self.inputs.brain_mask),
+            flair_to_gre=AffineTransform.load(xfm) if xfm else AffineTransform.identity(),
+            wm_flair=nib.load(self.inputs.wm_probseg),
+        )
+
+    def _bundle(self) -> Any:
+        from smoulder.rims.network import load_bundle
+
+        return load_bundle(self.inputs.model or None, device=self.inputs.device)
+
+
+def _read_tsv(path: str | os.PathLike[str]) -> list[dict[str, str]]:
+    """Return the rows of a TSV file as dicts of strings."""
+    import csv
+
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle, delimiter="\t"))
+
+
 class _FillLesionsInputSpec(BaseInterfaceInputSpec):
     t1_file = File(exists=True, mandatory=True, desc="T1-weighted image on the FLAIR grid")
     lesions = File(exists=True, mandatory=True, desc="lesion instances on the same grid")

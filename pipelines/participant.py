@@ -39,6 +39,8 @@ class SessionPlan:
     #: every echo's magnitude and phase of the GRE, when both are usable (for QSM)
     megre_echoes: tuple[list[Path], list[Path]] | None = None
     chimap: Path | None = None
+    #: the MP2RAGE's INV1 and INV2 (their sidecars: quantitative T1), with a usable UNIT1
+    mp2rage: tuple[Path, Path] | None = None
 
     @property
     def label(self) -> str:
@@ -74,6 +76,9 @@ def plan_sessions(
                 plan.images[modality] = Path(value[0] if isinstance(value, list) else value)
             if "chimap" in usable and s.chimap is not None:
                 plan.chimap = Path(s.chimap)
+            inversions = (s.mp2rage_inv1, s.mp2rage_inv2)
+            if {"mp2rage_inv1", "mp2rage_inv2"} <= usable and "UNIT1" in plan.images:
+                plan.mp2rage = (Path(inversions[0]), Path(inversions[1]))  # type: ignore[arg-type]
             if {"megre_mag", "megre_phase"} <= usable and "MEGRE" in plan.images:
                 plan.megre_echoes = (
                     [Path(p) for p in s.megre_mag],
@@ -99,8 +104,8 @@ def init_participant_wf(
 
     Args:
         plans: from :func:`plan_sessions`.
-        cfg: the resolved configuration (its ``registration``, ``segmentation`` and ``qsm``
-            sections are used).
+        cfg: the resolved configuration (its ``registration``, ``segmentation``, ``qsm`` and
+            ``rims`` sections are used).
         output_dir: the BIDS-App output folder.
         bids_dir: the input BIDS dataset.
         work_dir: Nipype's cache; reusing it resumes a run.
@@ -143,6 +148,8 @@ def _init_sub_wf(
             qsm=cfg.qsm if cfg.qsm.enabled else None,
             megre_echoes=plan.megre_echoes,
             chimap=plan.chimap,
+            rims=cfg.rims if cfg.rims.enabled else None,
+            mp2rage=plan.mp2rage,
             name=f"ses_{plan.session}_wf" if plan.session else "session_wf",
         )
         sub_wf.add_nodes([session_wfs[plan.session]])

@@ -30,6 +30,7 @@ from nipype.pipeline import engine as pe
 from smoulder.derivatives import DerivativesWriter
 from smoulder.pipelines.interfaces import (
     QSM,
+    AssessLesions,
     Conform,
     CoRegister,
     FillLesions,
@@ -42,7 +43,12 @@ from smoulder.segmentation.outputs import OUTPUTS
 if TYPE_CHECKING:
     import os
 
-    from smoulder.config import QSMSettings, SegmentationSettings, SessionRegistration
+    from smoulder.config import (
+        QSMSettings,
+        RimsSettings,
+        SegmentationSettings,
+        SessionRegistration,
+    )
 
 #: The modality every other image of a session is aligned to.
 REFERENCE = "FLAIR"
@@ -201,6 +207,8 @@ def init_session_wf(
     qsm: QSMSettings | None = None,
     megre_echoes: tuple[list[Path], list[Path]] | None = None,
     chimap: str | Path | None = None,
+    rims: RimsSettings | None = None,
+    mp2rage: tuple[Path, Path] | None = None,
     name: str = "session_wf",
 ) -> pe.Workflow:
     """Return the workflow of one session.
@@ -222,6 +230,12 @@ def init_session_wf(
         megre_echoes: ``(magnitudes, phases)`` of every echo of the session's GRE.
         chimap: a ready susceptibility map of the session: used as is (resampled onto the
             FLAIR) instead of reconstructing QSM, when ``qsm`` is given.
+        rims: ``enabled``, ``model`` (rim bundle folder, ``None``: shipped) and ``input``
+            (``auto``, ``qsm`` or ``phase``); ``None``: no rim assessment. The lesion step
+            (rims where the session has susceptibility data, T1 black holes, qT1) runs whenever
+            segmentation does and publishes the lesion table.
+        mp2rage: the MP2RAGE INV1 and INV2 images (their sidecars hold the sequence
+            parameters): quantitative T1 per lesion from the UNIT1.
         name: workflow name.
 
     Outputs (``outputnode``):
@@ -267,10 +281,25 @@ def init_session_wf(
     if segmentation is None:
         return wf
     seg = _add_segmentation(wf, conform_ref, coregs, context, files, segmentation)
+    assess = _add_lesion_assessment(wf, conform_ref, coregs, seg, context, files, rims, mp2rage)
+    gre: dict[str, Any] = {}  # the susceptibility inputs of the lesion step
+    if megre_echoes is not None and "MEGRE" in coregs:
+        gre["magnitude_files"], gre["phase_files"] = (
+            [str(Path(p).absolute()) for p in group] for group in megre_echoes
+        )
     if qsm is not None and chimap is not None:
         _add_ready_chimap(wf, conform_ref, coregs.get("MEGRE"), context, files, Path(chimap))
+        gre["chimap"] = gre["chimap_sidecar"] = str(Path(chimap).absolute())
     elif qsm is not None and megre_echoes is not None and "MEGRE" in coregs:
-        _add_qsm(wf, conform_ref, coregs["MEGRE"], seg, context, files, megre_echoes, qsm)
+        node = _add_qsm(wf, conform_ref, coregs["MEGRE"], seg, context, files, megre_echoes, qsm)
+        wf.connect([(node, assess, [("chimap", "chimap"), ("qsm_mask", "qsm_mask")])])
+        gre["chimap_sidecar"] = gre["phase_files"][-1]
+    if rims is not None and rims.enabled and gre:
+        for key, value in gre.items():
+            setattr(assess.inputs, key, value)
+        phase = rims.input == "phase" and bool(gre.get("phase_files"))
+        qsm_input = "chimap_sidecar" in gre and not phase
+        _add_rims_input_sink(wf, assess, context, files, qsm=qsm_input)
     return wf
 
 
@@ -359,12 +388,10 @@ def _add_segmentation(
             break
     if "T1w" in coregs:  # the lesion-filled T1w: for tissue volumes unbiased by lesions
         _add_lesion_filling(wf, coregs["T1w"], seg, context, files)
-    from smoulder.segmentation.lesions import LESION_COLUMNS
-
     for out in OUTPUTS:
+        if out.key == "lesion_stats":  # published by the lesion step, with its columns
+            continue
         meta: dict[str, Any] = {"Description": out.description}
-        if out.key == "lesion_stats":
-            meta.update(LESION_COLUMNS)
         sink = context.sink(
             f"ds_{out.key}",
             entities={**files.entities, **out.entities},
@@ -375,6 +402,99 @@ def _add_segmentation(
         )
         wf.connect(seg, out.key, sink, "in_file")
     return seg
+
+
+def _add_lesion_assessment(
+    wf: pe.Workflow,
+    conform_ref: pe.Node,
+    coregs: dict[str, pe.Node],
+    seg: pe.Node,
+    context: WorkflowContext,
+    files: _SessionFiles,
+    rims: RimsSettings | None,
+    mp2rage: tuple[Path, Path] | None,
+) -> pe.Node:
+    """Return the lesion step (rims, T1 black holes, qT1), after adding it and the lesion
+    table's sink; the caller connects the susceptibility inputs."""
+    from smoulder.segmentation.outputs import BY_KEY
+
+    node = pe.Node(
+        AssessLesions(
+            rims=bool(rims is not None and rims.enabled),
+            model=str((rims.model if rims else None) or ""),
+            input_kind=rims.input if rims else "auto",
+            subject=files.subject,
+            session=files.session or "",
+            **context.device_inputs(),
+        ),
+        name="assess_lesions",
+        n_procs=context.n_procs,
+        mem_gb=context.memory_gb("segment"),
+    )
+    out = BY_KEY["lesion_stats"]
+    sink = context.sink(
+        "ds_lesion_stats",
+        entities={**files.entities, **out.entities},
+        suffix=out.suffix,
+        sources=files.sources,
+    )
+    wf.connect([
+        (conform_ref, node, [("out_file", "flair_file")]),
+        (seg, node, [("lesions", "lesions"), ("lesion_stats", "lesion_stats"),
+                     ("brain_mask", "brain_mask"), ("probseg_wm", "wm_probseg"),
+                     ("probseg_gm", "gm_probseg")]),
+        (node, sink, [("lesion_stats", "in_file"), ("metadata", "metadata")]),
+    ])  # fmt: skip
+    for t1 in ("T1w", "UNIT1"):
+        if t1 in coregs:
+            wf.connect(coregs[t1], "out_file", node, "t1_file")
+            break
+    if "UNIT1" in coregs and mp2rage is not None:
+        wf.connect(coregs["UNIT1"], "out_file", node, "unit1_file")
+        node.inputs.mp2rage_files = [str(Path(p).absolute()) for p in mp2rage]
+    if "MEGRE" in coregs:
+        wf.connect(coregs["MEGRE"], "out_xfm", node, "xfm")
+    return node
+
+
+def _add_rims_input_sink(
+    wf: pe.Workflow,
+    assess: pe.Node,
+    context: WorkflowContext,
+    files: _SessionFiles,
+    *,
+    qsm: bool,
+) -> None:
+    """Publish the susceptibility image the rims were assessed on (GRE grid, paramagnetic
+    positive): ``desc-rims_Chimap`` (QSM) or ``part-phase_desc-rims_MEGRE`` (filtered phase),
+    and the classified patches (``desc-rims_patches.npz``)."""
+    sink = context.sink(
+        "ds_rims_input",
+        entities={**files.entities, "desc": "rims"} if qsm else
+        {**files.entities, "part": "phase", "desc": "rims"},
+        suffix="Chimap" if qsm else "MEGRE",
+        sources=files.sources,
+        metadata={
+            "Description": "the image the lesions' rims were assessed on, on the GRE's own "
+            "grid, paramagnetic positive (see SignConvention in the lesion table's sidecar)",
+            "Units": "ppm" if qsm else "rad",
+        },
+    )  # fmt: skip
+    patches = context.sink(
+        "ds_rims_patches",
+        entities={**files.entities, "desc": "rims"},
+        suffix="patches",
+        sources=files.sources,
+        metadata={
+            "Description": "the classifier's patch and rule-based measures of every assessed "
+            "lesion (a rim shard: `smoulder train rims RUN --ratings TSV --shards OUT` "
+            "fine-tunes on them); labels 0 until rated"
+        },
+    )
+    wf.connect([
+        (assess, sink, [("rims_input", "in_file")]),
+        (assess, patches, [("patches", "in_file")]),
+    ])  # fmt: skip
 
 
 def _add_lesion_filling(
@@ -439,8 +559,9 @@ def _add_qsm(
     files: _SessionFiles,
     echoes: tuple[list[Path], list[Path]],
     settings: QSMSettings,
-) -> None:
-    """Add QSM of the session's GRE (native grid) and its copy on the FLAIR grid."""
+) -> pe.Node:
+    """Return the QSM node of the session's GRE (native grid), after adding it, its copy on the
+    FLAIR grid and their sinks."""
     mags, phases = ([str(Path(p).absolute()) for p in group] for group in echoes)
     node = pe.Node(
         QSM(
@@ -471,3 +592,4 @@ def _add_qsm(
     ])  # fmt: skip
     if settings.reference == "csf":
         wf.connect(seg, "probseg_csf", node, "csf_probseg")
+    return node

@@ -32,6 +32,7 @@ from smoulder.phantom.dataset import generate_dataset
 from smoulder.phantom.generate import PhantomConfig
 from smoulder.pipelines.execution import plugin_settings, run_workflow, workflow_nodes
 from smoulder.pipelines.participant import init_participant_wf, plan_sessions
+from smoulder.rims.train import load_shards
 
 PIPELINE_PHANTOM = PhantomConfig(
     subjects=2, sessions=2, resolution_mm=4.0, lesions=4, new_lesions_per_session=1, seed=5
@@ -78,11 +79,13 @@ def test_graph_has_only_real_steps(phantom_dir: Path, tmp_path: Path) -> None:
     nodes = workflow_nodes(build(phantom_dir, tmp_path, device="cpu", engine="greedy", **config))
     steps = sorted(n for n in nodes if ".ds_" not in n)
     assert steps == [
+        "sub_01_wf.ses_01_wf.assess_lesions",
         "sub_01_wf.ses_01_wf.conform_flair",
         "sub_01_wf.ses_01_wf.conform_t1w",
         "sub_01_wf.ses_01_wf.coreg_t1w",
         "sub_01_wf.ses_01_wf.fill_lesions",
         "sub_01_wf.ses_01_wf.segment",
+        "sub_01_wf.ses_02_wf.assess_lesions",
         "sub_01_wf.ses_02_wf.conform_flair",
         "sub_01_wf.ses_02_wf.conform_t1w",
         "sub_01_wf.ses_02_wf.coreg_t1w",
@@ -108,6 +111,10 @@ def test_a_ready_chimap_is_used_as_is(phantom_dir: Path, tmp_path: Path) -> None
     steps = {n.split(".", 1)[1] for n in nodes if ".ds_" not in n and "ses_" in n}
     assert "ses_01_wf.map_chimap" in steps and "ses_01_wf.qsm" not in steps
     assert "ses_02_wf.qsm" in steps and "ses_02_wf.map_chimap" not in steps
+    # the rims are assessed on the ready map, and on the reconstructed QSM where there is none
+    ready = nodes["sub_01_wf.ses_01_wf.assess_lesions"].inputs
+    assert ready.chimap == str(anat / "sub-01_ses-01_Chimap.nii.gz") == ready.chimap_sidecar
+    assert "ses_02_wf.assess_lesions" in steps
     # the interface itself, on the files: a constant map stays that constant on the FLAIR
     from smoulder.pipelines.interfaces import MapChimap
 
@@ -130,7 +137,8 @@ def test_gpu_steps_are_marked_for_multiproc(phantom_dir: Path, tmp_path: Path) -
     nodes = workflow_nodes(build(phantom_dir, tmp_path, device="cuda", engine="torch"))
     gpu = sorted(name.split(".")[-1] for name, n in nodes.items() if n.is_gpu_node())
     assert gpu == sorted(
-        ["coreg_megre", "coreg_t1w", "coreg_unit1", "qsm", "segment"] * 2 + ["halfway_01_02"]
+        ["assess_lesions", "coreg_megre", "coreg_t1w", "coreg_unit1", "qsm", "segment"] * 2
+        + ["halfway_01_02"]
     )
     # one GPU slot each: MultiProc counts a GPU node's n_procs against n_gpu_procs
     assert all(n.n_procs == 1 for n in nodes.values() if n.is_gpu_node())
@@ -449,6 +457,7 @@ def test_corrupt_session_is_reported_and_the_others_finish(runs: Runs) -> None:
         "sub_02_wf.ses_02_wf.segment",
         "sub_02_wf.ses_02_wf.fill_lesions",
         "sub_02_wf.ses_02_wf.qsm",
+        "sub_02_wf.ses_02_wf.assess_lesions",
         "sub_02_wf.subject_wf.halfway_01_02",
         "sub_02_wf.subject_wf.jacobian_01_02",
     }
@@ -473,7 +482,7 @@ def test_rerun_resumes_without_redoing_finished_steps(runs: Runs) -> None:
     assert _steps(after, "cached") == _steps(before, "ran")
     # Nipype did not execute them again: their result files are untouched
     finished = [_result_file(node) for node in _steps(before, "ran")]
-    assert len(finished) == 28  # 18 of sub-01, 8 of sub-02 ses-01, 2 conforms of ses-02
+    assert len(finished) == 31  # 20 of sub-01, 9 of sub-02 ses-01, 2 conforms of ses-02
     assert all(after.result_mtimes[k] == before.result_mtimes[k] for k in finished)
     summary = json.loads(sorted(runs.out.glob("smoulder/logs/provenance-*.json"))[1].read_text())
     assert {(r["subject"], r["session"]): r["status"] for r in summary["summary"]} == {
@@ -493,7 +502,7 @@ def test_changed_setting_reruns_exactly_the_affected_steps(runs: Runs) -> None:
         "sub_01_wf.subject_wf.halfway_01_02",
         "sub_01_wf.subject_wf.jacobian_01_02",
     }
-    assert len(_steps(run, "cached")) == 16
+    assert len(_steps(run, "cached")) == 18
     assert not _steps(run, "failed") and not _steps(run, "not run")
     ran = [n for n in run.nodes.values() if n["status"] == "ran" and n["kind"] == "step"]
     assert all(n["mem_peak_gb"] is not None and n["mem_peak_gb"] > 0 for n in ran)
@@ -529,9 +538,23 @@ def test_outputs_are_bids_derivatives(runs: Runs) -> None:
             )
             (stats,) = layout.get(suffix="stats", desc="lesions", subject=subject,
                                   session=session, extension=".tsv")  # fmt: skip
-            assert "volume_ul" in stats.get_metadata()
+            meta = stats.get_metadata()
+            assert "volume_ul" in meta and meta["rim_probability"]["Description"]
+            assert meta["RimInput"] == "qsm" and meta["RimModel"].startswith("smoulder_prl")
+            assert meta["PRLCount"] == sum(r["rim_call"] == "yes" for r in _rows(stats.path))
+            assert {r["rim_call"] for r in _rows(stats.path)} <= {"yes", "no", "not assessed"}
+            # what the rims were assessed on: the QSM, on the GRE's own grid
+            (assessed,) = layout.get(suffix="Chimap", desc="rims", **query)
+            assert "SignConvention" not in assessed.get_metadata()  # it is the table's
+            # ... and the patches it classified, a shard for fine-tuning on a site's ratings
+            (shard,) = layout.get(suffix="patches", desc="rims", subject=subject,
+                                  session=session, extension=".npz")  # fmt: skip
+            patches = load_shards([shard.path])
+            called = {int(r["index"]) for r in _rows(stats.path) if r["rim_call"] != "not assessed"}
+            assert set(patches.lesion_id.tolist()) == called
+            assert {k[:2] for k in patches.keys()} <= {(subject, session)}
             # susceptibility: on the GRE's own grid and on the FLAIR's
-            (chi,) = layout.get(suffix="Chimap", space=Query.NONE, **query)
+            (chi,) = layout.get(suffix="Chimap", space=Query.NONE, desc=Query.NONE, **query)
             assert chi.get_metadata()["Units"] == "ppm" and chi.get_metadata()["Method"] == "tv"
             assert chi.get_metadata()["Reference"].startswith("mean susceptibility of the")
             assert layout.get(suffix="Chimap", space="FLAIR", **query)
@@ -568,6 +591,14 @@ def test_outputs_are_bids_derivatives(runs: Runs) -> None:
     assert description["DatasetLinks"]["raw"] == runs.bids.resolve().as_uri()
     assert not list(root.rglob("*.part*")), "temporary files were left behind"
     assert not list(runs.cwd.iterdir()), "files left in the working directory of the runs"
+
+
+def _rows(path: str) -> list[dict[str, str]]:
+    """Return the rows of a TSV file."""
+    import csv
+
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle, delimiter="\t"))
 
 
 def test_transforms_are_readable_itk(runs: Runs) -> None:

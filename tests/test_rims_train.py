@@ -375,3 +375,34 @@ def test_command_evaluates_without_writing(trained, shards, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "fine-tuned model" in out and "nothing written" in out
     assert not (tmp_path / "site").exists()
+
+
+def test_rule_measures_in_the_shards_are_fused_with_the_logit(shards, tmp_path):
+    """Shards with the rule-based measures give a bundle that fuses them; it refuses to
+    predict without them, and a shard set where one shard lacks them trains without."""
+    from smoulder.rims.rules import FEATURES
+
+    folder = tmp_path / "measured"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for f in sorted(shards.glob("*.npz")):
+        with np.load(f) as data:
+            arrays = dict(data)
+        informative = arrays["labels"] + rng.normal(0, 0.3, arrays["labels"].size)
+        features = rng.normal(0, 1, (arrays["labels"].size, len(FEATURES)))
+        features[:, 0] = informative  # the coverage carries the label
+        np.savez(folder / f.name, **arrays, features=features.astype(np.float32))
+    assert load_shards([folder]).features.shape[1] == len(FEATURES)
+    metrics = train(tmp_path / "run", [folder], epochs=1, batch_size=16, seed=0, threads=2,
+                    network=TINY, say=print)  # fmt: skip
+    assert metrics["fusion"]["features"] == list(FEATURES)
+    assert metrics["validation"]["roc_auc"] >= metrics["validation_network_only"]["roc_auc"]
+    bundle = load_bundle(metrics["bundle"])
+    data = load_shards([folder])
+    with pytest.raises(ValueError, match="pass features="):
+        predict(bundle, data.patches[:2].astype(np.float32))
+    prob = predict(bundle, data.patches[:2].astype(np.float32), features=data.features[:2])
+    assert prob.shape == (2,) and np.all((prob >= 0) & (prob <= 1))
+    (folder / "a.npz").unlink()
+    np.savez(folder / "a.npz", **dict(np.load(shards / "a.npz")))  # no measures
+    assert load_shards([folder]).features is None

@@ -2,7 +2,7 @@
 # Run ON THE LENT GPU MACHINE (after benchmarks/device/prepare.sh here), as one call:
 #   run(command="bash benchmarks/device/run.sh", carry=[".whl", ".device-data"], timeout_s=570)
 # Each stage has its own time limit and its failure does not stop the next; everything they
-# print goes to $OUT/run.log, and each benchmark's JSON and table land in $OUT (7 files).
+# print goes to $OUT/run.log, and each benchmark's JSON and table land in $OUT (9 files).
 # DEVICE=cpu THREADS=2 SCALE=6 runs the same stages on a machine without a GPU (to check this
 # script; SCALE multiplies every time limit).
 set -uo pipefail
@@ -53,4 +53,8 @@ stage qsm 200 "$PY" benchmarks/qsm.py --out "$OUT" --cases head-e5-snr100-axial 
 stage registration 60 "$PY" benchmarks/registration.py --out "$OUT" --cases phantom-2mm \
   --methods smoulder-torch,smoulder-halfway --device "$DEVICE" --threads "$THREADS" \
   --cache /tmp/smoulder-registration-cache
+# 5. the rim classifier per 100 lesions (issue 22: <= 5 s on 2 CPU cores; GPU figure for the
+#    record), on the quick 3 T set (two 2-mm phantom sessions made here)
+stage rims 150 "$PY" benchmarks/rims.py --out "$OUT" --quick --cases 3T-1mm \
+  --methods smoulder-prl --device "$DEVICE" --threads "$THREADS" --cache /tmp/smoulder-rims-cache
 log "done; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"

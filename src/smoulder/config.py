@@ -273,6 +273,15 @@ class QSMSettings:
 
 
 @dataclass(frozen=True)
+class RimsSettings:
+    """Paramagnetic rim lesions: whether, with which classifier, and on which image."""
+
+    enabled: bool
+    model: str | None
+    input: str = field(metadata=_accepts(choices=("auto", "qsm", "phase")))
+
+
+@dataclass(frozen=True)
 class PhantomSettings:
     """The dataset ``smoulder phantom`` writes (PhantomConfig keys; it checks their ranges)."""
 
@@ -307,6 +316,7 @@ class Config:
     registration: RegistrationSettings
     segmentation: SegmentationSettings
     qsm: QSMSettings
+    rims: RimsSettings
     phantom: PhantomSettings
 
 

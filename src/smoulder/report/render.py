@@ -17,6 +17,9 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
+#: Point coordinates or per-axis sizes: a sequence or an array of floats.
+Floats = Sequence[float] | np.ndarray
+
 #: Overlay colours (RGB).
 RED, YELLOW, CYAN, GREEN, MAGENTA = (
     (255, 40, 40),
@@ -105,6 +108,73 @@ def display(plane: np.ndarray) -> np.ndarray:
     """Return a RAS slice (first axis left→right, second posterior→anterior or inferior→superior)
     as picture rows and columns: subject's left on the left, anterior/superior up."""
     return np.rot90(plane)
+
+
+def display_native(plane: np.ndarray, affine: np.ndarray, axis: int = 2) -> np.ndarray:
+    """Return a slice of a volume in its own voxel axes as :func:`display` shows RAS slices.
+
+    ``plane`` is the slice across voxel axis ``axis`` of a grid with voxel-to-world ``affine``.
+    Its two axes are flipped and swapped to the closest RAS axes (as :func:`canonical` would
+    reorient the volume, without resampling), so a native crop sits beside the RAS crops.
+
+    Examples:
+        >>> p = np.arange(6).reshape(2, 3)  # first voxel axis towards the left (L), second A
+        >>> lps = np.diag([-1.0, 1.0, 1.0, 1.0])
+        >>> display_native(p, lps).tolist() == display(p[::-1]).tolist()
+        True
+    """
+    from nibabel.orientations import io_orientation
+
+    ornt = io_orientation(np.asarray(affine, float))
+    in_plane = [a for a in range(3) if a != axis]
+    out = np.asarray(plane)
+    for i, a in enumerate(in_plane):
+        if ornt[a, 1] < 0:
+            out = np.flip(out, i)
+    if ornt[in_plane[0], 0] > ornt[in_plane[1], 0]:
+        out = out.T
+    return display(out)
+
+
+def crop(plane: np.ndarray, centre: Floats, half: Floats) -> np.ndarray:
+    """Return ``plane[centre ± half]`` along both axes, zero beyond the plane (integer pixels).
+
+    Examples:
+        >>> crop(np.ones((3, 3)), (0, 0), (1, 1)).tolist()
+        [[0.0, 0.0, 0.0], [0.0, 1.0, 1.0], [0.0, 1.0, 1.0]]
+    """
+    (ci, cj), (hi, hj) = (int(c) for c in centre), (int(h) for h in half)
+    out = np.zeros((2 * hi + 1, 2 * hj + 1), plane.dtype)
+    i0, j0 = max(ci - hi, 0), max(cj - hj, 0)
+    i1, j1 = min(ci + hi + 1, plane.shape[0]), min(cj + hj + 1, plane.shape[1])
+    if i1 > i0 and j1 > j0:
+        out[i0 - (ci - hi) : i1 - (ci - hi), j0 - (cj - hj) : j1 - (cj - hj)] = plane[i0:i1, j0:j1]
+    return out
+
+
+def enlarge(plane: np.ndarray, factor: int) -> np.ndarray:
+    """Return a 2D ``plane`` with each pixel repeated ``factor`` × ``factor`` times."""
+    return np.repeat(np.repeat(plane, factor, axis=0), factor, axis=1)
+
+
+def symmetric_window(values: np.ndarray, *, spreads: float = 3.0, unit: str = "") -> Window:
+    """Return the window ``±spreads`` robust SDs (1.4826 × MAD) of the non-zero ``values``.
+
+    Centred on 0 (not on the median), so that paramagnetic (bright) and diamagnetic (dark)
+    read the same on every picture.
+
+    Examples:
+        >>> w = symmetric_window(np.array([0.0, -1.0, 1.0, -1.0, 1.0]), unit="rad")
+        >>> round(w.low, 3), round(w.high, 3), w.label
+        (-4.448, 4.448, '±3 robust SD (rad)')
+    """
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v) & (v != 0)]
+    sd = 1.4826 * float(np.median(np.abs(v - np.median(v)))) if v.size else 0.0
+    if not sd > 0:
+        sd = float(np.abs(v).max()) / spreads if v.size and np.abs(v).max() > 0 else 1.0
+    label = f"±{spreads:g} robust SD" + (f" ({unit})" if unit else "")
+    return Window(-spreads * sd, spreads * sd, label)
 
 
 def png_uri(rgb: np.ndarray, scale: int = 1) -> str:
@@ -198,3 +268,96 @@ def trajectory_svg(
         f'stroke="currentColor"/>{dots}<text x="2" y="10" font-size="9">{v1:.4g} {label}</text>'
         f'<text x="2" y="{height - 2}" font-size="9">{v0:.4g}</text></svg>'
     )
+
+
+def sector_index(x_mm: np.ndarray, y_mm: np.ndarray, n: int) -> np.ndarray:
+    """Return the angular sector (0…n−1) of each in-plane offset ``(x_mm, y_mm)``.
+
+    Sector ``s`` covers the angles ``[−π + 2πs/n, −π + 2π(s+1)/n)`` of ``atan2(y, x)``: the
+    convention of the lesion table's ``rim_sectors`` (:func:`smoulder.rims.rules.slice_sectors`).
+
+    Examples:
+        >>> sector_index(np.array([-1.0, 1.0, 0.0]), np.array([-0.1, 0.1, -1.0]), 12).tolist()
+        [0, 6, 3]
+    """
+    angle = np.arctan2(np.asarray(y_mm, float), np.asarray(x_mm, float))
+    return np.clip(np.floor((angle + np.pi) / (2 * np.pi) * n).astype(int), 0, n - 1)
+
+
+def _offsets_mm(
+    shape: tuple[int, int], centre: Floats, spacing_mm: Floats
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return the offsets (mm) of every pixel of a ``shape`` plane from ``centre`` (pixels)."""
+    ii, jj = np.indices(shape, dtype=float)
+    return (ii - centre[0]) * spacing_mm[0], (jj - centre[1]) * spacing_mm[1]
+
+
+def sector_radii_mm(
+    mask: np.ndarray, centre: Floats, n: int, spacing_mm: Floats = (1.0, 1.0)
+) -> np.ndarray:
+    """Return, per angular sector (:func:`sector_index`), the farthest pixel of ``mask`` (mm).
+
+    Sectors the mask does not reach take its farthest pixel overall (0 for an empty mask), so
+    that marks placed beyond these radii stay outside the whole lesion.
+
+    Examples:
+        >>> m = np.zeros((9, 9), bool); m[4, 4:7] = True  # from the centre towards +y
+        >>> sector_radii_mm(m, (4, 4), 4).tolist()  # sector 2 holds only the centre pixel
+        [2.0, 2.0, 0.0, 2.0]
+    """
+    x, y = _offsets_mm(mask.shape, centre, spacing_mm)
+    m = np.asarray(mask, bool)
+    radius, sector = np.hypot(x[m], y[m]), sector_index(x[m], y[m], n)
+    out = np.full(n, -np.inf)
+    np.maximum.at(out, sector, radius)
+    return np.where(np.isfinite(out), out, radius.max() if radius.size else 0.0)
+
+
+def sector_marks(
+    shape: tuple[int, int],
+    centre: Floats,
+    flags: str,
+    radius_mm: float | Floats,
+    *,
+    spacing_mm: Floats = (1.0, 1.0),
+    width_mm: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(rim, no_rim)`` masks of a ``shape`` plane: arcs marking each angular sector.
+
+    Sector ``s`` (:func:`sector_index`, angles of the offsets in mm along the plane's first and
+    second axes from ``centre``) is flagged by ``flags[s]``: ``1`` a rim (its arc goes into
+    ``rim``), ``0`` no rim (a dotted arc in ``no_rim``), ``-`` not measured (nothing). Each arc
+    spans its sector's angles between ``radius_mm`` (one for all or one per sector) and
+    ``radius_mm + width_mm``.
+
+    Args:
+        shape: the plane's shape (pixels).
+        centre: the lesion's centre, pixel coordinates (fractional allowed).
+        flags: one character per sector, ``1``, ``0`` or ``-`` (e.g. the 12 of ``rim_sectors``).
+        radius_mm: inner radius of the arcs, mm.
+        spacing_mm: pixel size along the plane's two axes, mm.
+        width_mm: radial thickness of the arcs, mm.
+
+    Returns:
+        Two boolean masks of ``shape``.
+
+    Raises:
+        ValueError: ``flags`` holds a character other than ``1``, ``0`` or ``-``.
+
+    Examples:
+        >>> rim, _ = sector_marks((21, 21), (10, 10), "1" + "-" * 11, 5.0)
+        >>> ii, jj = np.nonzero(rim)
+        >>> bool((ii < 10).all() and (jj <= 10).all())  # sector 0: just above −π, negative x
+        True
+    """
+    if not flags or set(flags) - set("10-"):
+        raise ValueError(f"sector flags: expected characters '1', '0' or '-', found {flags!r}")
+    n = len(flags)
+    x, y = _offsets_mm(shape, centre, spacing_mm)
+    radius, sector = np.hypot(x, y), sector_index(x, y, n)
+    inner = np.broadcast_to(np.asarray(radius_mm, float), (n,))[sector]
+    ring = (radius >= inner) & (radius < inner + width_mm)
+    code = np.array([{"1": 1, "0": 0, "-": -1}[f] for f in flags])[sector]
+    ii, jj = np.indices(shape)
+    dotted = (ii + jj) % 2 == 0
+    return ring & (code == 1), ring & (code == 0) & dotted

@@ -12,6 +12,14 @@ OUT`` rebuilds it at any time.
 Lesions are those of the reference (first) session; their volume in a later session is the
 volume of that session's lesions mapped onto the reference grid through the longitudinal
 transform, inside the reference lesion (0 µl: gone or not yet matched).
+
+Paramagnetic rim lesions (PRL) come from the rim step's columns of the lesion table and its
+sidecar (:class:`RimEvidence`, :func:`prl_count`); a table without them was written by a run
+without that step, and its lesions show "not measured". The rim crop is a slice of the
+susceptibility image the classifier read, on the GRE's own grid (never resampled): the lesion
+instances are brought to it through the inverse of the GRE's co-registration onto the FLAIR
+(:func:`smoulder.rims.patches.lesion_labels_in_gre`), and the table's ``rim_sectors`` are drawn
+as arcs around the lesion in the same voxel axes they were measured in.
 """
 
 from __future__ import annotations
@@ -20,12 +28,13 @@ import csv
 import html
 import json
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import nibabel as nib
 import numpy as np
@@ -40,6 +49,9 @@ from smoulder.longitudinal.matching import lesion_volumes_ul, map_instances
 from smoulder.report import render
 from smoulder.report.review import read_review, review_path
 from smoulder.segmentation.classes import LESION, class_indices
+
+if TYPE_CHECKING:
+    from smoulder.registration.transforms import AffineTransform
 
 #: Half-size of the lesion-centred crops, mm.
 CROP_HALF_MM = 16.0
@@ -59,6 +71,29 @@ VOLUME_ROWS = (
 ON_FLAIR: dict[str, str | int] = {"space": "FLAIR", "desc": "preproc"}
 #: Entities of the GRE's first-echo magnitude on the FLAIR grid.
 GRE_ON_FLAIR: dict[str, str | int] = {"echo": 1, "part": "mag", **ON_FLAIR}
+#: Entities of the lesion table (``_stats.tsv``), in the order looked for: the name the
+#: segmentation publishes, then the rim step's ``space-FLAIR`` name.
+LESION_TABLE: tuple[dict[str, str | int], ...] = (
+    {"desc": "lesions"},
+    {"space": "FLAIR", "desc": "lesions"},
+)
+#: The susceptibility image the rim classifier read, on the GRE's own grid, by ``rim_input``:
+#: (entities, suffix, name shown, unit). Sign-corrected: paramagnetic positive.
+RIM_IMAGES: dict[str, tuple[dict[str, str | int], str, str, str]] = {
+    "qsm": ({"desc": "rims"}, "Chimap", "QSM", "ppm"),
+    "phase": ({"part": "phase", "desc": "rims"}, "MEGRE", "phase", "rad"),
+}
+#: Entities of the GRE's co-registration onto the FLAIR (maps FLAIR points to GRE points).
+GRE_TO_FLAIR: dict[str, str | int] = {"from": "MEGRE", "to": "FLAIR", "mode": "image"}
+#: Half-width of the filtered-phase window, in robust SDs of the slice.
+PHASE_WINDOW_SPREADS = 3.0
+#: Rim calls (``rim_call``) of an assessed lesion.
+RIM_CALLS = ("yes", "no")
+#: Colour of the dotted arcs of the sectors without a rim.
+DIM_CYAN = (0, 120, 140)
+#: Distance (mm) of the sector arcs beyond the lesion's farthest voxel centre: rims lie on the
+#: lesion's edge, so the arcs leave them visible between contour and arc.
+SECTOR_ARC_GAP_MM = 1.5
 
 
 @dataclass
@@ -71,6 +106,8 @@ class SessionData:
     when: datetime | None = None
     volumes_ml: dict[str, float] = field(default_factory=dict)
     lesions: list[dict[str, str]] = field(default_factory=list)
+    #: The lesion table's JSON sidecar (column dictionary, PRL counts, rim model).
+    lesion_meta: dict[str, Any] = field(default_factory=dict)
 
     def path(
         self,
@@ -149,10 +186,21 @@ def collect_sessions(root: Path, subject: str) -> list[SessionData]:
         if dseg is None:
             continue
         ses.volumes_ml = _volumes_ml(ses, dseg)
-        stats = ses.file("stats", {"desc": "lesions"}, ".tsv")
+        stats = lesion_table(ses)
         ses.lesions = _tsv(stats) if stats else []
+        side = stats.with_suffix(".json") if stats else None
+        ses.lesion_meta = json.loads(side.read_text()) if side and side.exists() else {}
         sessions.append(ses)
     return sessions
+
+
+def lesion_table(ses: SessionData) -> Path | None:
+    """Return the session's lesion table (see :data:`LESION_TABLE`), None without one."""
+    for entities in LESION_TABLE:
+        path = ses.file("stats", entities, ".tsv")
+        if path is not None:
+            return path
+    return None
 
 
 def session_years(sessions: list[SessionData]) -> list[float | None]:
@@ -189,6 +237,127 @@ def lesion_volumes_by_session(sessions: list[SessionData]) -> dict[int, list[flo
 
     later_instances = (mapped(later) for later in sessions[1:])
     return lesion_volumes_ul(np.asarray(ref_img.dataobj), ref_img.affine, later_instances)
+
+
+# ---------------------------------------------------------------------------------- rim results
+
+
+@dataclass(frozen=True)
+class RimEvidence:
+    """One lesion's paramagnetic-rim results, as its row of the lesion table states them.
+
+    ``call`` is ``""`` when the table has no ``rim_call`` column (a run without the rim step:
+    not measured), else ``yes`` or ``no`` (at the model's balanced operating point) or ``not
+    assessed``, the reason in ``status``. Values the row lacks (``n/a``) are None.
+    """
+
+    call: str = ""
+    status: str = ""
+    probability: float | None = None
+    input_kind: str | None = None
+    coverage: float | None = None
+    consensus: bool | None = None
+    rule_call: bool | None = None
+    central_vein: bool | None = None
+    rim_core_shell: tuple[float | None, float | None, float | None] = (None, None, None)
+    slice_k: int | None = None
+    sectors: str | None = None
+    t1_black_hole: bool | None = None
+    t1w_ratio: float | None = None
+    qt1_ms: float | None = None
+
+    @property
+    def assessed(self) -> bool:
+        """Return whether the lesion was assessed for a rim (called ``yes`` or ``no``)."""
+        return self.call in RIM_CALLS
+
+
+def _cell(row: Mapping[str, str], column: str) -> str | None:
+    """Return the row's ``column`` stripped (None when absent, empty or ``n/a``)."""
+    value = (row.get(column) or "").strip()
+    return None if value.lower() in ("", "n/a", "nan") else value
+
+
+def _number(row: Mapping[str, str], column: str) -> float | None:
+    """Return the row's ``column`` as a finite number (None when missing or not a number)."""
+    value = _cell(row, column)
+    try:
+        number = float(value) if value is not None else math.nan
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _flag(row: Mapping[str, str], column: str) -> bool | None:
+    """Return the row's ``column`` as a truth value (``True``/``False``; None otherwise)."""
+    value = (_cell(row, column) or "").lower()
+    return (
+        True if value in ("true", "yes", "1") else False if value in ("false", "no", "0") else None
+    )
+
+
+def rim_evidence(row: Mapping[str, str]) -> RimEvidence:
+    """Return the rim results of one lesion-table row (not measured without ``rim_call``).
+
+    Examples:
+        >>> rim_evidence({"index": "1"}).call
+        ''
+        >>> r = rim_evidence({"rim_call": "yes", "rim_probability": "0.87", "rim_input": "qsm",
+        ...                   "rim_chi_ppm": "0.03", "rim_slice": "7", "rim_sectors": "1" * 12})
+        >>> r.assessed, r.probability, r.rim_core_shell[0], r.slice_k, r.sectors == "1" * 12
+        (True, 0.87, 0.03, 7, True)
+    """
+    if "rim_call" not in row:
+        return RimEvidence()
+    kind = (_cell(row, "rim_input") or "").lower()
+    columns = {"qsm": "chi_ppm", "phase": "phase_rad"}
+    suffix = columns.get(kind) or next(
+        (c for c in columns.values() if _cell(row, f"rim_{c}") is not None), "chi_ppm"
+    )
+    sectors = _cell(row, "rim_sectors")
+    k = _number(row, "rim_slice")
+    return RimEvidence(
+        call=(_cell(row, "rim_call") or "not assessed").lower(),
+        status=_cell(row, "rim_status") or "",
+        probability=_number(row, "rim_probability"),
+        input_kind=kind if kind in columns else None,
+        coverage=_number(row, "rim_coverage"),
+        consensus=_flag(row, "rim_consensus"),
+        rule_call=_flag(row, "rim_rule_call"),
+        central_vein=_flag(row, "central_vein"),
+        rim_core_shell=(
+            _number(row, f"rim_{suffix}"),
+            _number(row, f"core_{suffix}"),
+            _number(row, f"shell_{suffix}"),
+        ),
+        slice_k=None if k is None else int(k),
+        sectors=sectors if sectors and re.fullmatch(r"[01-]+", sectors) else None,
+        t1_black_hole=_flag(row, "t1_black_hole"),
+        t1w_ratio=_number(row, "t1w_ratio"),
+        qt1_ms=_number(row, "qt1_ms"),
+    )
+
+
+def prl_count(ses: SessionData) -> int | None:
+    """Return the session's paramagnetic rim lesions (None: no lesion assessed for rims).
+
+    The sidecar's ``PRLCount`` when it has one, else the lesions the table calls ``yes``.
+    """
+    meta = ses.lesion_meta
+    if "LesionsAssessedForRims" in meta and not meta["LesionsAssessedForRims"]:
+        return None
+    count = meta.get("PRLCount")
+    if isinstance(count, int) and not isinstance(count, bool):
+        return count
+    rims = [rim_evidence(row) for row in ses.lesions]
+    if not any(r.assessed for r in rims):
+        return None
+    return sum(r.call == "yes" for r in rims)
+
+
+def _rims_measured(ses: SessionData) -> bool:
+    """Return whether the session's run had the rim step (rim columns or sidecar keys)."""
+    return "PRLCount" in ses.lesion_meta or any("rim_call" in row for row in ses.lesions)
 
 
 # ------------------------------------------------------------------------------------ pictures
@@ -286,6 +455,234 @@ def _strip(pictures: list[np.ndarray]) -> np.ndarray:
     h = max(p.shape[0] for p in pictures)
     padded = [np.pad(p, ((0, h - p.shape[0]), (0, 2), (0, 0))) for p in pictures]
     return np.concatenate(padded, axis=1)
+
+
+@dataclass(frozen=True)
+class RimImage:
+    """A session's classified susceptibility image on the GRE grid and its lesions, read once.
+
+    Attributes:
+        name: ``QSM`` or ``phase``; unit: ``ppm`` or ``rad``.
+        data: the image (3D, the GRE's own voxel axes), paramagnetic positive.
+        affine: its voxel-to-world matrix.
+        axis: its slice axis, the voxel axis closest to inferior–superior
+            (:func:`smoulder.rims.rules.axial_axis`: ``rim_slice`` counts along it, and
+            ``rim_sectors`` lie in the plane of the other two, in order).
+        lesions: the lesion instances (FLAIR grid) and ``lesions_affine`` their matrix.
+        flair_to_gre: the GRE's co-registration onto the FLAIR (FLAIR points → GRE points).
+    """
+
+    name: str
+    unit: str
+    data: np.ndarray
+    affine: np.ndarray
+    axis: int
+    lesions: np.ndarray
+    lesions_affine: np.ndarray
+    flair_to_gre: AffineTransform
+
+    def plane(self, k: int) -> np.ndarray:
+        """Return slice ``k`` (along :attr:`axis`), its axes the two in-plane voxel axes."""
+        return np.take(self.data, k, axis=self.axis)
+
+    def in_plane(self, values: np.ndarray) -> np.ndarray:
+        """Return the in-plane entries of a per-voxel-axis vector (drops :attr:`axis`)."""
+        return np.delete(np.asarray(values, float), self.axis)
+
+    def window(self, k: int) -> render.Window:
+        """Return the display window of slice ``k``: fixed for QSM, robust for the phase."""
+        if self.name == "QSM":
+            return render.Window(-QSM_WINDOW_PPM, QSM_WINDOW_PPM, f"QSM ±{QSM_WINDOW_PPM:g} ppm")
+        return render.symmetric_window(self.plane(k), spreads=PHASE_WINDOW_SPREADS, unit=self.unit)
+
+
+def rim_image(ses: SessionData) -> RimImage | None:
+    """Return the session's :class:`RimImage` (None without the image or the lesion map).
+
+    The image of the sidecar's ``RimInput`` is looked for first. Without the co-registration
+    file the GRE and the FLAIR share the scanner's space (identity).
+    """
+    from smoulder.registration.transforms import AffineTransform
+    from smoulder.rims.rules import axial_axis
+
+    lesions = ses.file("dseg", {"desc": "lesions"})
+    wanted = ses.lesion_meta.get("RimInput")
+    for kind in sorted(RIM_IMAGES, key=lambda k: k != wanted):
+        entities, suffix, name, unit = RIM_IMAGES[kind]
+        path = ses.file(suffix, entities)
+        if path is None or lesions is None:
+            continue
+        img, lesion_img = _nii(path), _nii(lesions)
+        data = np.asarray(img.dataobj, np.float32)
+        xfm = ses.file("xfm", GRE_TO_FLAIR, ".mat")
+        return RimImage(
+            name,
+            unit,
+            data[..., 0] if data.ndim == 4 else data,
+            img.affine,
+            axial_axis(img.affine),
+            np.asarray(lesion_img.dataobj).reshape(lesion_img.shape[:3]),
+            lesion_img.affine,
+            AffineTransform.load(xfm) if xfm else AffineTransform.identity(),
+        )
+    return None
+
+
+def _lesion_centres_gre(src: RimImage, ids: Sequence[int]) -> dict[int, np.ndarray]:
+    """Return each lesion's FLAIR centroid in GRE voxel coordinates (lesions with voxels)."""
+    from scipy import ndimage as ndi
+
+    if not ids:
+        return {}
+    with np.errstate(invalid="ignore", divide="ignore"):  # NaN for an id without voxels
+        voxels = np.array(ndi.center_of_mass(src.lesions > 0, src.lesions, list(ids)), float)
+    world = voxels @ src.lesions_affine[:3, :3].T + src.lesions_affine[:3, 3]
+    to_vox = np.linalg.inv(src.affine)
+    gre = src.flair_to_gre.apply(np.nan_to_num(world)) @ to_vox[:3, :3].T + to_vox[:3, 3]
+    found = np.isfinite(voxels).all(1)
+    return {int(i): g for i, g, ok in zip(ids, gre, found, strict=True) if ok}
+
+
+def _grid_affine(affine: np.ndarray, origin_vox: render.Floats) -> np.ndarray:
+    """Return ``affine`` of a grid whose first voxel is voxel ``origin_vox`` of ``affine``."""
+    out = np.array(affine, float)
+    out[:3, 3] = affine[:3, :3] @ np.asarray(origin_vox, float) + affine[:3, 3]
+    return out
+
+
+def _flair_lesions_near(
+    src: RimImage, affine: np.ndarray, shape: tuple[int, ...]
+) -> nib.Nifti1Image | None:
+    """Return the part of the FLAIR lesion map that a GRE grid (``affine``, ``shape``) reaches
+    through the co-registration (None when they do not overlap)."""
+    corners = np.array(list(np.ndindex(2, 2, 2)), float) * (np.array(shape) - 1)
+    corners = np.vstack([corners - 0.5, corners + 0.5])
+    world = src.flair_to_gre.inverse().apply(corners @ affine[:3, :3].T + affine[:3, 3])
+    to_vox = np.linalg.inv(src.lesions_affine)
+    vox = world @ to_vox[:3, :3].T + to_vox[:3, 3]
+    lo = np.maximum(np.floor(vox.min(0)).astype(int) - 1, 0)
+    hi = np.minimum(np.ceil(vox.max(0)).astype(int) + 1, np.array(src.lesions.shape) - 1)
+    if np.any(hi < lo):
+        return None
+    data = src.lesions[tuple(slice(a, b + 1) for a, b in zip(lo, hi, strict=True))]
+    return nib.Nifti1Image(np.ascontiguousarray(data), _grid_affine(src.lesions_affine, lo))
+
+
+def lesion_labels_on_slice(
+    src: RimImage, k: int, centre: render.Floats, half: render.Floats
+) -> np.ndarray:
+    """Return the lesion instances on GRE slice ``k`` within ``centre ± half`` (in-plane voxels).
+
+    Only this crop of the GRE grid, and the part of the FLAIR map it reaches, are resampled
+    (:func:`smoulder.rims.patches.lesion_labels_in_gre`): cheap for any number of lesions.
+    """
+    from smoulder.errors import RegistrationError
+    from smoulder.rims.patches import lesion_labels_in_gre
+
+    size = [2 * int(h) + 1 for h in half]
+    shape = tuple(int(n) for n in np.insert(size, src.axis, 1))
+    origin = np.insert(np.subtract(centre, half), src.axis, k)
+    affine = _grid_affine(src.affine, origin)
+    moving = _flair_lesions_near(src, affine, shape)
+    if moving is None:
+        return np.zeros(size, src.lesions.dtype)
+    reference = nib.Nifti1Image(np.zeros(shape, np.uint8), affine)
+    try:
+        labels = lesion_labels_in_gre(moving, reference, src.flair_to_gre)
+    except RegistrationError:  # the crop lies beyond the FLAIR
+        return np.zeros(size, src.lesions.dtype)
+    return np.take(labels, 0, axis=src.axis)
+
+
+def rim_picture(
+    src: RimImage, lid: int, guess: np.ndarray, k: int, sectors: str | None
+) -> dict[str, str]:
+    """Return the rim crop of lesion ``lid``: ``{gray, contour, window}`` (as the other crops).
+
+    Slice ``k`` of the GRE grid, centred on the lesion's centroid on that slice (``guess``, its
+    FLAIR centroid in GRE voxels, when the slice misses it), with the lesion's contour (red),
+    the other lesions' (yellow) and the ``sectors`` (``rim_sectors``) just outside the lesion:
+    cyan arcs where a sector says ``1``, dotted where ``0``.
+    """
+    from smoulder.grids import voxel_sizes
+
+    spacing = src.in_plane(voxel_sizes(src.affine))
+    half = np.array([max(3, int(round(CROP_HALF_MM / s))) for s in spacing])
+    start = np.rint(src.in_plane(guess)).astype(int)
+    labels = lesion_labels_on_slice(src, k, start, 2 * half)
+    inside = np.argwhere(labels == lid)
+    centroid = inside.mean(0) + start - 2 * half if len(inside) else src.in_plane(guess)
+    centre = np.rint(centroid).astype(int)
+    labels = render.crop(labels, centre - start + 2 * half, half)
+    f = max(1, CROP_PX // (2 * int(half.max()) + 1))
+    window = src.window(k)
+    gray = render.to_gray(render.enlarge(render.crop(src.plane(k), centre, half), f), window)
+    mask, others = (render.enlarge(m, f) for m in (labels == lid, (labels > 0) & (labels != lid)))
+    fine = (centroid - (centre - half) + 0.5) * f - 0.5
+    marks = _sector_arcs(mask, fine, sectors, spacing / f, float(spacing.max()))
+    shown = [render.display_native(a, src.affine, src.axis) for a in (gray, mask, others, *marks)]
+    lined = render.compose(
+        shown[0],
+        [
+            (render.contour(shown[2]), render.YELLOW),
+            (render.contour(shown[1]), render.RED),
+            (shown[4], DIM_CYAN),
+            (shown[3], render.CYAN),
+        ],
+    )
+    return {
+        "gray": render.png_uri(render.compose(shown[0], [])),
+        "contour": render.png_uri(lined),
+        "window": f"{window.label}: {window.low:.4g} to {window.high:.4g}",
+    }
+
+
+def _sector_arcs(
+    mask: np.ndarray,
+    centre: np.ndarray,
+    sectors: str | None,
+    spacing_mm: np.ndarray,
+    width_mm: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return the ``(rim, no_rim)`` arcs of ``sectors`` (:func:`render.sector_marks`), each
+    :data:`SECTOR_ARC_GAP_MM` beyond the lesion's farthest pixel in its sector."""
+    if not sectors:
+        empty = np.zeros(mask.shape, bool)
+        return empty, empty
+    radii = render.sector_radii_mm(mask, centre, len(sectors), spacing_mm) + SECTOR_ARC_GAP_MM
+    return render.sector_marks(
+        mask.shape, centre, sectors, radii, spacing_mm=spacing_mm, width_mm=width_mm
+    )
+
+
+def rim_pictures(ses: SessionData, rims: Mapping[int, RimEvidence]) -> dict[int, dict[str, str]]:
+    """Return the rim crop of each assessed lesion of ``rims``: ``{id: picture}``.
+
+    Each picture is :func:`rim_picture`'s, plus its ``name`` (the image and the slice, ``QSM
+    (GRE grid, slice 12)``). The slice is ``rim_slice``; a lesion assessed without one (its
+    sections too small for sectors) gets the slice through its centre, without sector marks.
+    Lesions not assessed, mapped outside the GRE's field of view, or of a session without the
+    image get none.
+    """
+    wanted = {i: r for i, r in rims.items() if r.assessed}
+    src = rim_image(ses) if wanted else None
+    if src is None:
+        return {}
+    guesses = _lesion_centres_gre(src, list(wanted))
+    shape = np.array(src.data.shape[:3])
+    out: dict[int, dict[str, str]] = {}
+    for lid, rim in wanted.items():
+        guess = guesses.get(lid)
+        if guess is None:
+            continue
+        k = int(round(guess[src.axis])) if rim.slice_k is None else rim.slice_k
+        at, size = src.in_plane(guess), src.in_plane(shape)
+        if not 0 <= k < shape[src.axis] or np.any(at < -0.5) or np.any(at > size - 0.5):
+            continue  # the lesion maps outside the GRE's field of view: nothing to show
+        sectors = rim.sectors if rim.slice_k is not None else None
+        name = f"{src.name} (GRE grid, slice {k}{'' if sectors else ', no sectors'})"
+        out[lid] = {"name": name, **rim_picture(src, lid, guess, k, sectors)}
+    return out
 
 
 def segmentation_mosaic(ses: SessionData, n: int = 8) -> str | None:
@@ -423,12 +820,42 @@ def _versions(root: Path, sessions: list[SessionData]) -> list[tuple[str, str]]:
             for key in ("ModelVersion", "Model"):
                 if key in meta:
                     out.append((f"segmentation {key}", str(meta[key])))
+    rim_models = {str(s.lesion_meta["RimModel"]) for s in sessions if s.lesion_meta.get("RimModel")}
+    out.extend(("rim model", m) for m in sorted(rim_models))
     return out
 
 
 def _e(value: Any) -> str:
     """Return ``value`` as HTML-escaped text (quotes too; None as empty)."""
     return html.escape("" if value is None else str(value), quote=True)
+
+
+def _rim_summary(sessions: list[SessionData]) -> str:
+    """Return the summary's paramagnetic rim lesions per session (n/a: none assessed)."""
+    if not any(_rims_measured(s) for s in sessions):
+        return "<p>Paramagnetic rim lesions: not measured by this run.</p>"
+    parts = [
+        "<h3>Paramagnetic rim lesions</h3><table><tr><th>session</th><th>PRL</th>"
+        "<th>lesions assessed</th><th>input</th><th>model</th></tr>"
+    ]
+    for ses in sessions:
+        count, meta = prl_count(ses), ses.lesion_meta
+        assessed = meta.get(
+            "LesionsAssessedForRims", sum(rim_evidence(r).assessed for r in ses.lesions)
+        )
+        parts.append(
+            f"<tr data-session='{_e(ses.label)}'><td>{_e(ses.label)}</td>"
+            f"<td class='prl'>{'n/a' if count is None else count}</td><td>{_e(assessed)}</td>"
+            f"<td>{_e(meta.get('RimInput') or 'n/a')}</td>"
+            f"<td>{_e(meta.get('RimModel') or 'n/a')}</td></tr>"
+        )
+    parts.append("</table>")
+    parts.extend(
+        f"<p class='note'>{_e(s.label)}: {_e(s.lesion_meta['SignConvention'])}</p>"
+        for s in sessions
+        if s.lesion_meta.get("SignConvention")
+    )
+    return "".join(parts)
 
 
 def _summary_section(root: Path, subject: str, sessions: list[SessionData]) -> str:
@@ -453,7 +880,9 @@ def _summary_section(root: Path, subject: str, sessions: list[SessionData]) -> s
             f"<tr><td>{_e(row.get('session'))}</td><td>{_e(row.get('steps'))}</td>"
             f"<td>{_e(row.get('status'))}</td></tr>"
         )
-    parts.append("</table><h3>Versions</h3><ul>")
+    parts.append("</table>")
+    parts.append(_rim_summary(sessions))
+    parts.append("<h3>Versions</h3><ul>")
     parts.extend(f"<li>{_e(k)}: {_e(v)}</li>" for k, v in _versions(root, sessions))
     parts.append("</ul><h3>Warnings and crashes</h3>")
     parts.append(
@@ -522,12 +951,15 @@ def _lesion_records(sessions: list[SessionData], max_lesions: int | None) -> lis
     """Return one record per pictured lesion of the reference session, in lesion order.
 
     Each holds ``id``, ``location``, ``probability`` (None: not given), ``volume_ul``,
-    ``volumes`` (µl per session) and ``images`` (:func:`lesion_pictures`).
+    ``volumes`` (µl per session), ``rim`` (:class:`RimEvidence`), ``images``
+    (:func:`lesion_pictures`) and ``rim_image`` (:func:`rim_pictures`; None without).
     """
     ref = sessions[0] if sessions else None
     by_session = lesion_volumes_by_session(sessions) if sessions else {}
     pictures = lesion_pictures(ref, max_lesions) if ref else {}
     table = {int(r["index"]): r for r in (ref.lesions if ref else [])}
+    rims = {lid: rim_evidence(table.get(lid, {})) for lid in pictures}
+    rim_crops = rim_pictures(ref, rims) if ref else {}
     lesions: list[dict[str, Any]] = []
     for lid in sorted(pictures):
         row = table.get(lid, {})
@@ -539,7 +971,9 @@ def _lesion_records(sessions: list[SessionData], max_lesions: int | None) -> lis
                 "probability": float(prob) if prob not in (None, "", "n/a") else None,
                 "volume_ul": float(row.get("volume_ul", "nan") or "nan"),
                 "volumes": by_session.get(lid, []),
+                "rim": rims[lid],
                 "images": pictures[lid],
+                "rim_image": rim_crops.get(lid),
             }
         )
     return lesions
@@ -554,6 +988,7 @@ TOOLBAR = (
     '<option value="rim">rim candidates</option><option value="sel">SEL</option></select></label> '
     '<label>Sort <select id="sort"><option value="id">ID</option>'
     '<option value="probability">probability</option>'
+    '<option value="rim">rim probability</option>'
     '<option value="volume">volume</option></select></label> '
     '<label><input type="checkbox" id="contours" checked> contours (c)</label> '
     '<button id="export">Export TSV</button> <label class="import">Import TSV '
@@ -584,6 +1019,68 @@ def _review_form(lid: int) -> str:
     )
 
 
+def _yes_no(flag: bool) -> str:
+    """Return ``yes`` or ``no``."""
+    return "yes" if flag else "no"
+
+
+def rim_header(rim: RimEvidence) -> str:
+    """Return the card header's rim part (HTML-escaped): probability and call, or why not.
+
+    Examples:
+        >>> rim_header(RimEvidence(call="yes", probability=0.871))
+        'rim probability 0.87 · rim: yes'
+        >>> rim_header(RimEvidence(call="not assessed", status="too small on the GRE grid"))
+        'rim: not assessed (too small on the GRE grid)'
+        >>> rim_header(RimEvidence())
+        'rim probability: not measured'
+    """
+    if not rim.call:
+        return "rim probability: not measured"
+    if not rim.assessed:
+        reason = rim.status if rim.status and rim.status != "assessed" else ""
+        return f"rim: {_e(rim.call)}" + (f" ({_e(reason)})" if reason else "")
+    prob = "n/a" if rim.probability is None else f"{rim.probability:.2f}"
+    return f"rim probability {prob} · rim: {_e(rim.call)}"
+
+
+def rim_evidence_line(rim: RimEvidence) -> str:
+    """Return the lesion's rim and T1 evidence as one short line (HTML; empty without any).
+
+    Examples:
+        >>> rim_evidence_line(RimEvidence(call="yes", coverage=0.75, consensus=True,
+        ...                               input_kind="qsm", rim_core_shell=(0.04, 0.01, 0.0)))
+        'rim coverage 75 % · consensus yes · χ rim +0.040 / core +0.010 / shell +0.000 ppm (QSM)'
+    """
+    parts = []
+    if rim.assessed:
+        if rim.coverage is not None:
+            parts.append(f"rim coverage {100 * rim.coverage:.0f} %")
+        for name, flag in (
+            ("consensus", rim.consensus),
+            ("rule-based rim", rim.rule_call),
+            ("central vein", rim.central_vein),
+        ):
+            if flag is not None:
+                parts.append(f"{name} {_yes_no(flag)}")
+        if any(v is not None for v in rim.rim_core_shell):
+            phase = rim.input_kind == "phase"
+            text = " / ".join(
+                f"{where} {'n/a' if v is None else f'{v:+.3f}'}"
+                for where, v in zip(("rim", "core", "shell"), rim.rim_core_shell, strict=True)
+            )
+            parts.append(
+                ("phase " if phase else "χ ") + text + (" rad (phase)" if phase else " ppm (QSM)")
+            )
+    if rim.t1_black_hole is not None:
+        parts.append(f"T1 black hole {_yes_no(rim.t1_black_hole)}")
+    if rim.t1w_ratio is not None:
+        parts.append(f"T1w ratio {rim.t1w_ratio:.2f}")
+    if rim.qt1_ms is not None:
+        parts.append(f"qT1 {rim.qt1_ms:.0f} ms")
+    return " · ".join(parts)
+
+
 def _lesion_card(les: dict[str, Any], sessions: list[SessionData], times: list[float]) -> str:
     """Return one lesion's card: header, crops (filled in by the page's script), volumes, form."""
     lid = int(les["id"])
@@ -598,15 +1095,46 @@ def _lesion_card(les: dict[str, Any], sessions: list[SessionData], times: list[f
         f"<figcaption>{_e(name)} — {_e(info['window'])}</figcaption></figure>"
         for name, info in les["images"].items()
     )
+    crop = les.get("rim_image")
+    if crop:  # one GRE-grid slice with the rim sectors: filled in from the rim images
+        imgs += (
+            f'<figure class="crop rim-crop"><img data-lesion="{lid}" data-rim-crop="1" '
+            f'alt="{_e(crop["name"])} lesion {lid}">'
+            f"<figcaption>{_e(crop['name'])} — {_e(crop['window'])}</figcaption></figure>"
+        )
     prob = "n/a" if les["probability"] is None else f"{les['probability']:.2f}"
+    rim: RimEvidence = les["rim"]
+    rim_prob = "" if rim.probability is None else f"{rim.probability:.3f}"
+    evidence = rim_evidence_line(rim)
     return (
         f'<article class="card" tabindex="0" data-lesion-id="{lid}" data-probability="{prob}" '
-        f'data-volume="{les["volume_ul"]:.1f}">'
+        f'data-volume="{les["volume_ul"]:.1f}" data-rim-probability="{rim_prob}" '
+        f'data-rim-call="{_e(rim.call)}">'
         f"<header><b>Lesion {lid}</b> · {_e(les['location'])} · {les['volume_ul']:.0f} µl · "
-        f"probability {prob} · rim probability: not measured · SEL: not measured</header>"
-        f'<div class="crops">{imgs}</div><div class="meta">Volume per session: {vols} {svg}</div>'
+        f"probability {prob} · {rim_header(rim)} · SEL: not measured</header>"
+        + (f'<div class="rim">{evidence}</div>' if evidence else "")
+        + f'<div class="crops">{imgs}</div><div class="meta">Volume per session: {vols} {svg}</div>'
         + _review_form(lid)
         + "</article>"
+    )
+
+
+def _rim_note(ses: SessionData) -> str:
+    """Return the note on the rim calls and crops of the reference session (empty without)."""
+    if not _rims_measured(ses):
+        return ""
+    meta = ses.lesion_meta
+    point = (meta.get("RimOperatingPoints") or {}).get("balanced")
+    model = meta.get("RimModel")
+    if isinstance(point, int | float):
+        point = f"{point:.2f}"
+    at = "the model's balanced operating point" + (f" ({_e(point)})" if point is not None else "")
+    return (
+        f"<p class='note'>Rim calls at {at}{f'; model {_e(model)}' if model else ''}. "
+        "The rim crop is a slice of the classified susceptibility image on the GRE's own grid "
+        "(not resampled): the one where the rim sectors were measured, else the one through "
+        "the lesion's centre. Lesion contour red, other lesions yellow; sectors with a rim "
+        "cyan arcs, without a rim dotted arcs.</p>"
     )
 
 
@@ -619,14 +1147,24 @@ def _lesions_section(
     return (
         f'<section id="lesions"><h2>Lesions ({len(lesions)}, reference {_e(ref_label)})</h2>'
         + TOOLBAR
+        + (_rim_note(sessions[0]) if sessions else "")
         + '<div id="cards">'
         + "".join(_lesion_card(les, sessions, times) for les in lesions)
         + "</div></section>"
     )
 
 
-def _page(subject: str, body: str, data: dict[str, Any], images: dict[str, Any]) -> str:
-    """Return the self-contained page: ``body``, its data and images as JSON, style, script."""
+def _page(
+    subject: str,
+    body: str,
+    data: dict[str, Any],
+    images: dict[str, Any],
+    rim_images: dict[str, Any] | None = None,
+) -> str:
+    """Return the self-contained page: ``body``, its data and images as JSON, style, script.
+
+    ``images`` holds each lesion's modality crops, ``rim_images`` its GRE-grid rim crop.
+    """
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
         f"<title>{_e(subject)} — smoulder report</title>"
@@ -636,6 +1174,8 @@ def _page(subject: str, body: str, data: dict[str, Any], images: dict[str, Any])
         + body
         + f'<script type="application/json" id="report-data">{_json_for_script(data)}</script>'
         + f'<script type="application/json" id="lesion-images">{_json_for_script(images)}</script>'
+        + '<script type="application/json" id="rim-images">'
+        + f"{_json_for_script(rim_images or {})}</script>"
         + f"<script>{_static('report.js')}</script></body></html>"
     )
 
@@ -667,14 +1207,19 @@ def build_subject_report(
         + _lesions_section(lesions, sessions, years)
     )
     images = {str(le["id"]): le["images"] for le in lesions}
+    rim_images = {str(le["id"]): le["rim_image"] for le in lesions if le["rim_image"]}
     data = {"subject": subject, "review": saved, "version": __version__}
-    return save_text(_page(subject, body, data, images), root / f"{subject}.html")
+    page = _page(subject, body, data, images, rim_images)
+    return save_text(page, root / f"{subject}.html")
 
 
 def subject_summary(
     root: Path, subject: str, sessions: list[SessionData] | None = None
 ) -> dict[str, Any]:
-    """Return the index page's numbers for one subject."""
+    """Return the index page's numbers for one subject.
+
+    ``prl`` holds ``(session, paramagnetic rim lesions)`` pairs (None: none assessed).
+    """
     if sessions is None:
         sessions = collect_sessions(root, subject)
     years = session_years(sessions)
@@ -691,6 +1236,7 @@ def subject_summary(
         "lesion_ml": sessions[-1].volumes_ml.get("lesion") if sessions else None,
         "brain_rate": None if rate is None or math.isnan(rate) else rate,
         "reviewed": len(reviewed),
+        "prl": [(s.label, prl_count(s)) for s in sessions],
     }
 
 
@@ -712,9 +1258,11 @@ def build_index(
         )
         rate = "n/a" if s["brain_rate"] is None else f"{s['brain_rate']:+.2f}"
         lesion_ml = "n/a" if s["lesion_ml"] is None else f"{s['lesion_ml']:.2f}"
+        prl = ", ".join(f"{_e(label)}: {'n/a' if n is None else n}" for label, n in s["prl"])
         rows.append(
             f"<tr data-subject='{_e(subject)}'><td><a href='{_e(subject)}.html'>{_e(subject)}</a></td>"
             f"<td>{s['sessions']}</td><td>{s['lesions']}</td><td>{lesion_ml}</td><td>{rate}</td>"
+            f"<td class='prl'>{prl or 'n/a'}</td>"
             f"<td>{s['reviewed']}/{s['lesions']} ({status})</td></tr>"
         )
     page = (
@@ -722,6 +1270,8 @@ def build_index(
         f"<style>{_static('report.css')}</style></head><body><h1>smoulder cohort</h1>"
         "<table><tr><th>subject</th><th>sessions</th><th>lesions (reference session)</th>"
         "<th>lesion volume, last session (ml)</th><th>brain volume change (%/year)</th>"
-        "<th>reviewed lesions</th></tr>" + "".join(rows) + "</table></body></html>"
+        "<th>paramagnetic rim lesions per session</th><th>reviewed lesions</th></tr>"
+        + "".join(rows)
+        + "</table></body></html>"
     )
     return save_text(page, root / "index.html")

@@ -1,7 +1,9 @@
 """``smoulder train rims`` from the command line (wired into ``smoulder train`` by the CLI).
 
-``smoulder train rims RUN --shards DIR [...]`` trains (or resumes) the rim classifier on patch
-shards (:func:`smoulder.rims.train.train`); ``RUN/bundle`` holds the calibrated model and
+``smoulder train rims RUN --simulate N [--jobs J]`` first simulates N phantom sessions
+(:func:`smoulder.rims.simulate.simulate_shards`) into ``RUN/shards``, then trains; ``smoulder
+train rims RUN --shards DIR [...]`` trains (or resumes) the rim classifier on patch shards
+(:func:`smoulder.rims.train.train`); ``RUN/bundle`` holds the calibrated model and
 ``RUN/metrics.json`` its validation figures.
 
 ``smoulder train rims RUN --ratings TSV --init BUNDLE --shards DIR [--write]`` evaluates
@@ -33,9 +35,18 @@ def train_parser() -> argparse.ArgumentParser:
         "--shards",
         type=Path,
         nargs="+",
-        required=True,
-        help="patch shards (.npz) or folders of them; with --ratings, the rated lesions' patches",
+        help="patch shards (.npz) or folders of them; with --ratings, the rated lesions' "
+        "patches (default: RUN/shards, what --simulate writes)",
     )
+    p.add_argument(
+        "--simulate",
+        type=int,
+        metavar="N",
+        help="first simulate N phantom sessions into RUN/shards (seeds from --first-seed; "
+        "existing shards are kept, so a rerun resumes), then train on them",
+    )
+    p.add_argument("--first-seed", type=int, default=0, help="first phantom seed (--simulate)")
+    p.add_argument("--jobs", type=int, default=1, help="sessions simulated at once (--simulate)")
     p.add_argument("--epochs", type=int, help=f"default {d.epochs} (fine-tuning: 10)")
     p.add_argument("--batch-size", type=int, help=f"default {d.batch_size} (fine-tuning: 16)")
     p.add_argument(
@@ -79,6 +90,15 @@ def run_train(args: argparse.Namespace) -> int:
     from smoulder.rims.network import RimNetworkDef, load_bundle
 
     device = resolve_device(args.device)
+    if args.simulate:
+        from smoulder.rims.simulate import simulate_shards
+
+        seeds = range(args.first_seed, args.first_seed + args.simulate)
+        simulate_shards(args.run / "shards", seeds, jobs=args.jobs)
+    if not args.shards:
+        if not (args.run / "shards").is_dir():
+            raise ConfigError("expected --shards DIR or --simulate N, found neither")
+        args.shards = [args.run / "shards"]
     if args.ratings is None:
         try:
             channels = tuple(int(c) for c in args.channels.split(","))

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from smoulder.errors import InputError
-from smoulder.rims.calibration import OPERATING_POINTS, Calibration
+from smoulder.rims.calibration import OPERATING_POINTS, Calibration, Fusion
 from smoulder.rims.patches import CHANNELS, PATCH_SHAPE
 
 if TYPE_CHECKING:
@@ -107,6 +107,8 @@ class RimBundle:
     calibration: Calibration
     operating_points: dict[str, float]
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: the logistic regression of logit and rule-based measures (``None``: the logit alone)
+    fusion: Fusion | None = None
 
     @property
     def version(self) -> str:
@@ -203,6 +205,7 @@ def save_bundle(
     metadata: dict[str, Any],
     *,
     network_def: RimNetworkDef = RimNetworkDef(),
+    fusion: Fusion | None = None,
 ) -> Path:
     """Write a rim bundle (configs, half-precision weights, model card); return ``folder``.
 
@@ -213,6 +216,8 @@ def save_bundle(
         operating_points: thresholds named by :data:`~smoulder.rims.calibration.OPERATING_POINTS`.
         metadata: extra ``metadata.json`` entries (``version``, ``training``, ``changelog``...).
         network_def: the network's definition.
+        fusion: the logistic regression of the logit and the rule-based measures that the
+            calibration follows; ``None``: the calibration reads the logit alone.
     """
     import torch
 
@@ -230,6 +235,7 @@ def save_bundle(
             "batch_size": 64,
             "calibration": calibration.to_json(),
             "operating_points": {k: float(operating_points[k]) for k in OPERATING_POINTS},
+            **({"fusion": fusion.to_json()} if fusion is not None else {}),
         },
         root / "configs" / "inference.json",
     )
@@ -263,6 +269,7 @@ def load_bundle(folder: str | Path | None = None, device: str = "cpu") -> RimBun
         inference = json.loads(inf_file.read_text())
         calibration = Calibration.from_json(inference["calibration"])
         points = {k: float(inference["operating_points"][k]) for k in OPERATING_POINTS}
+        fusion = Fusion.from_json(inference["fusion"]) if "fusion" in inference else None
     except (ValueError, KeyError, TypeError) as exc:
         raise InputError(
             str(root / "configs"),
@@ -277,7 +284,7 @@ def load_bundle(folder: str | Path | None = None, device: str = "cpu") -> RimBun
         f"(channels {list(network_def.channels)})",
     )
     network.to(device).eval()
-    return RimBundle(root, network, network_def, calibration, points, meta)
+    return RimBundle(root, network, network_def, calibration, points, meta, fusion)
 
 
 def check_patches(patches: np.ndarray, where: str = "patches") -> np.ndarray:
@@ -340,12 +347,17 @@ def predict(
     device: str = "cpu",
     tta: bool = True,
     batch_size: int = 64,
+    *,
+    features: np.ndarray | None = None,
 ) -> np.ndarray:
     """Return the calibrated rim probability of each patch (N,) under ``bundle``.
 
     Args:
         bundle: a loaded rim bundle (:func:`load_bundle`), on ``device``.
         patches: ``(N, 4, 24, 24, 24)`` lesion patches (:mod:`smoulder.rims.patches`).
+        features: ``(N, F)`` rule-based measures of the same lesions
+            (:meth:`smoulder.rims.rules.RimMeasures.features`); required by a bundle with a
+            fusion, ignored otherwise.
         device: where the network runs (``cpu`` or ``cuda``).
         tta: average the logits over the 8 flips of the three axes.
         batch_size: patches per forward pass.
@@ -354,4 +366,11 @@ def predict(
         Probabilities in [0, 1], float64; compare them with ``bundle.operating_points``.
     """
     logits = predict_logits(bundle.network, patches, device, tta=tta, batch_size=batch_size)
+    if bundle.fusion is not None:
+        if features is None:
+            raise ValueError(
+                f"{bundle.path}: this bundle fuses the rule-based measures "
+                f"({', '.join(bundle.fusion.features)}): pass features="
+            )
+        logits = bundle.fusion(logits, features)
     return bundle.calibration(logits)

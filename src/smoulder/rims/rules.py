@@ -100,6 +100,17 @@ VEIN_LINE_FRACTION = 0.6
 VEIN_MAX_CORE_FRACTION = 0.5
 #: 1.4826 × MAD estimates a normal distribution's standard deviation.
 _MAD_TO_SD = 1.4826
+#: The rule-based measures the classifier's fusion reads (:meth:`RimMeasures.features`).
+FEATURES = (
+    "rim_coverage",
+    "rim_slices",
+    "rim_contrast_spreads",
+    "core_contrast_spreads",
+    "central_vein_fraction",
+    "rim_consensus",
+)
+#: Consecutive rim slices beyond this count add no evidence (a large lesion has many slices).
+MAX_FEATURE_SLICES = 10
 
 
 def spread_floor(input_kind: str) -> float:
@@ -285,6 +296,10 @@ class RimMeasures:
         rim_consensus: the raters' criterion: ``rim_slices`` ≥ :data:`CONSENSUS_SLICES`.
         central_vein_fraction: the best line's fraction of bright core samples.
         central_vein: the central-vein sign.
+        sector_slice: the full grid's index, along the slice axis, of the lesion's largest
+            axial section (−1: none measurable), where ``sectors`` were measured.
+        sectors: one character per in-plane sector of that slice (:func:`slice_sectors`):
+            ``1`` rim, ``0`` no rim, ``-`` no edge voxel; empty when not measurable.
     """
 
     input_kind: str
@@ -298,6 +313,8 @@ class RimMeasures:
     rim_consensus: bool
     central_vein_fraction: float
     central_vein: bool
+    sector_slice: int = -1
+    sectors: str = ""
 
     @property
     def rule_score(self) -> float:
@@ -308,6 +325,27 @@ class RimMeasures:
     def rule_call(self) -> bool:
         """Return the rule-based call: consensus and coverage ≥ :data:`CALL_MIN_COVERAGE`."""
         return self.rim_consensus and self.rule_score >= CALL_MIN_COVERAGE
+
+    def features(self) -> np.ndarray:
+        """Return the measures the classifier's fusion reads (:data:`FEATURES`), float32.
+
+        Contrasts are in shell spreads; a measure that cannot be taken is 0.
+
+        Examples:
+            >>> m = RimMeasures("qsm", 0.06, 0.01, -0.03, 0.01, 0.01, 0.9, 5, True, 0.2, False)
+            >>> [round(float(v), 2) for v in m.features()]
+            [0.9, 5.0, 5.0, 4.0, 0.2, 1.0]
+        """
+        spread = self.shell_spread if self.shell_spread > 0 else 1.0
+        values = [
+            self.rim_coverage,
+            min(self.rim_slices, MAX_FEATURE_SLICES),
+            (self.rim_mean - self.reference) / spread,
+            (self.core_mean - self.shell_mean) / spread,
+            self.central_vein_fraction,
+            float(self.rim_consensus),
+        ]
+        return np.nan_to_num(np.array(values, np.float32), nan=0.0, posinf=0.0, neginf=0.0)
 
     def row(self) -> dict[str, object]:
         """Return the lesion-table columns, units in the names (``_chi_ppm`` or ``_phase_rad``).
@@ -329,6 +367,8 @@ class RimMeasures:
             "rim_rule_call": self.rule_call,
             "central_vein": self.central_vein,
             "central_vein_fraction": _rounded(self.central_vein_fraction, 3),
+            "rim_slice": self.sector_slice if self.sectors else None,
+            "rim_sectors": self.sectors or None,
         }
 
 
@@ -390,6 +430,7 @@ def measure_rim(
     threshold = reference + CONTRAST_SPREADS * noise
     longest = _longest_run(_slice_coverages(smooth, regions, threshold) >= CONSENSUS_COVERAGE)
     vein_fraction, vein = _central_vein(chi, regions, reference + VEIN_SPREADS * spread)
+    k, flags = _largest_section_sectors(smooth, regions, threshold)
     return RimMeasures(
         input_kind=input_kind,
         rim_mean=_profile_peak(chi, regions),
@@ -402,7 +443,18 @@ def measure_rim(
         rim_consensus=longest >= CONSENSUS_SLICES,
         central_vein_fraction=vein_fraction,
         central_vein=vein,
+        sector_slice=-1 if flags is None else regions.slices[regions.axial].start + k,
+        sectors="" if flags is None else "".join("-01"[f + 1] for f in flags.tolist()),
     )
+
+
+def _largest_section_sectors(
+    smooth: np.ndarray, regions: LesionRegions, threshold: float
+) -> tuple[int, np.ndarray | None]:
+    """Return the crop index of the lesion's largest axial section and its sector flags."""
+    areas = regions.lesion.sum(axis=tuple(a for a in range(3) if a != regions.axial))
+    k = int(np.argmax(areas))
+    return k, slice_sectors(smooth, regions, threshold, k)
 
 
 def _reference(chi: np.ndarray, regions: LesionRegions) -> float:
@@ -467,24 +519,42 @@ def _profile_peak(chi: np.ndarray, regions: LesionRegions) -> float:
 
 def _slice_coverages(smooth: np.ndarray, regions: LesionRegions, threshold: float) -> np.ndarray:
     """Return the in-plane coverage of every axial slice of the crop (0 for skipped slices)."""
+    out = np.zeros(regions.lesion.shape[regions.axial])
+    for k in range(len(out)):
+        flags = slice_sectors(smooth, regions, threshold, k)
+        if flags is not None and (flags >= 0).any():
+            out[k] = float((flags == 1).sum() / (flags >= 0).sum())
+    return out
+
+
+def slice_sectors(
+    smooth: np.ndarray, regions: LesionRegions, threshold: float, k: int
+) -> np.ndarray | None:
+    """Return the rim flag of each in-plane sector of axial slice ``k`` of the crop.
+
+    ``int8 (SLICE_SECTORS,)``: 1 where the sector's highest band layer mean exceeds
+    ``threshold``, 0 where it does not, −1 where the sector has no band voxel. Sector ``s``
+    covers the angles ``[−π + 2πs/n, −π + 2π(s+1)/n)`` of ``atan2(y, x)``, ``x`` and ``y`` the
+    offsets (mm) along the first and second in-plane voxel axes from the slice's lesion
+    centroid. ``None`` for a slice whose lesion section is below :data:`MIN_SLICE_RADIUS_MM`
+    or has no band.
+    """
     ax = regions.axial
     plane_mm = np.delete(regions.voxel_mm, ax)
-    min_area_mm2 = np.pi * MIN_SLICE_RADIUS_MM**2
-    out = np.zeros(regions.lesion.shape[ax])
-    for k in range(len(out)):
-        lesion = np.take(regions.lesion, k, axis=ax)
-        if lesion.sum() * plane_mm.prod() < min_area_mm2:
-            continue
-        sdf = _signed_distance_mm(lesion, plane_mm)
-        usable = np.take(regions.usable, k, axis=ax)
-        band = (sdf >= -RIM_INNER_MM) & (sdf <= RIM_OUTER_MM) & ~_core(lesion, sdf) & usable
-        if not band.any():
-            continue
-        sectors = _plane_sectors(band, np.argwhere(lesion).mean(0), plane_mm)
-        values = np.take(smooth, k, axis=ax)
-        means, counts = _cells(values, sdf, band, sectors, -RIM_INNER_MM, SLICE_SECTORS)
-        out[k] = _positive_fraction(means, counts, threshold)
-    return out
+    lesion = np.take(regions.lesion, k, axis=ax)
+    if lesion.sum() * plane_mm.prod() < np.pi * MIN_SLICE_RADIUS_MM**2:
+        return None
+    sdf = _signed_distance_mm(lesion, plane_mm)
+    usable = np.take(regions.usable, k, axis=ax)
+    band = (sdf >= -RIM_INNER_MM) & (sdf <= RIM_OUTER_MM) & ~_core(lesion, sdf) & usable
+    if not band.any():
+        return None
+    sectors = _plane_sectors(band, np.argwhere(lesion).mean(0), plane_mm)
+    values = np.take(smooth, k, axis=ax)
+    means, counts = _cells(values, sdf, band, sectors, -RIM_INNER_MM, SLICE_SECTORS)
+    filled = counts > 0
+    peaks = np.where(filled, means, -np.inf).max(axis=1)
+    return np.where(filled.any(axis=1), (peaks > threshold).astype(np.int8), -1).astype(np.int8)
 
 
 def _plane_sectors(mask: np.ndarray, centre: np.ndarray, plane_mm: np.ndarray) -> np.ndarray:

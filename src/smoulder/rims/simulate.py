@@ -37,21 +37,23 @@ from typing import TYPE_CHECKING
 import nibabel as nib
 import numpy as np
 
+from smoulder.rims.rules import FEATURES
 from smoulder.rims.train import PatchSet, write_shard
 
 if TYPE_CHECKING:
     from smoulder.phantom.generate import PhantomConfig
     from smoulder.registration.transforms import AffineTransform
+    from smoulder.rims.assess import GreLesions
     from smoulder.rims.rules import InputKind, RimMeasures
 
 #: The phantom's lesion mix for training: more rims and hard negatives than the default.
 TRAINING_MIX = {
-    "lesions": 20,
+    "lesions": 36,
     "prl_fraction": 0.35,
     "partial_rim_fraction": 0.15,
-    "vein_adjacent": 3,
-    "central_veins": 3,
-    "iso_rims": 2,
+    "vein_adjacent": 5,
+    "central_veins": 5,
+    "iso_rims": 4,
 }
 #: Latest echo time drawn (ms): before the phantom GRE's repetition time of 30 ms.
 LAST_ECHO_MAX_MS = 28.0
@@ -128,12 +130,13 @@ def session_patches(root: Path, *, subject: str) -> PatchSet:
     """Return the QSM and filtered-phase patches of every truth lesion of a phantom's first
     session (``sub-01``, ``ses-01``), labelled from its truth table."""
     session = load_session(root)
-    rows: list[tuple[np.ndarray, int, str, int]] = []
+    rows: list[tuple[np.ndarray, int, str, int, np.ndarray]] = []
     for lesion in session.lesions():
         for kind in ("qsm", "phase"):
             patch = session.patch(lesion, kind)
             if patch is not None:
-                rows.append((patch, session.rims[lesion], kind, lesion))
+                features = session.measure(lesion, kind).features()
+                rows.append((patch, session.rims[lesion], kind, lesion, features))
     n = len(rows)
     return PatchSet(
         patches=np.stack([r[0] for r in rows]).astype(np.float16)
@@ -144,6 +147,9 @@ def session_patches(root: Path, *, subject: str) -> PatchSet:
         lesion_id=np.array([r[3] for r in rows], np.int32),
         subject=np.array([subject] * n, "<U16"),
         session=np.array(["01"] * n, "<U8"),
+        features=np.stack([r[4] for r in rows])
+        if rows
+        else np.zeros((0, len(FEATURES)), np.float32),
     )
 
 
@@ -221,49 +227,24 @@ class PhantomSession:
         """Return the QSM (``"qsm"``) or the filtered phase (``"phase"``)."""
         return self.chi_ppm if kind == "qsm" else self.phase_rad
 
+    @property
+    def grid(self) -> GreLesions:
+        """Return the session's lesions on its GRE grid, as the pipeline's rim step sees them."""
+        from smoulder.rims.assess import GreLesions
+
+        return GreLesions(
+            self.affine, self.magnitude, self.qsm_mask, self.wm, self.labels, self.flair,
+            self.flair_to_gre,
+        )  # fmt: skip
+
     def patch(self, lesion: int, kind: InputKind) -> np.ndarray | None:
         """Return the lesion's patch from the QSM or phase, or None when it is too small to
         have a voxel of fraction ≥ 0.5 in the GRE grid."""
-        from smoulder.rims.patches import extract_patch, lesion_box, susceptibility_scale
-
-        lesion_mask = (self.labels == lesion).astype(np.float32)
-        if not lesion_mask.any():
-            return None
-        data, others = self.susceptibility(kind), (self.labels > 0) & (self.labels != lesion)
-        scale = susceptibility_scale(
-            data,
-            lesion_mask,
-            self.affine,
-            input_kind=kind,
-            wm=self.wm,
-            other_lesions=others,
-            valid=self.qsm_mask,
-        )
-        return extract_patch(
-            lesion_box(lesion_mask, self.affine),
-            susceptibility=data,
-            magnitude=self.magnitude,
-            lesion_mask=lesion_mask,
-            gre_affine=self.affine,
-            flair=self.flair,
-            flair_to_gre=self.flair_to_gre,
-            scale=scale,
-            brain_mask=self.qsm_mask,
-        )
+        return self.grid.patch(lesion, self.susceptibility(kind), kind)
 
     def measure(self, lesion: int, kind: InputKind) -> RimMeasures:
         """Return the rule-based measures of the lesion on the QSM or phase."""
-        from smoulder.rims.rules import measure_rim
-
-        return measure_rim(
-            self.susceptibility(kind),
-            (self.labels == lesion).astype(np.float32),
-            self.affine,
-            input_kind=kind,
-            wm=self.wm,
-            other_lesions=(self.labels > 0) & (self.labels != lesion),
-            valid=self.qsm_mask,
-        )
+        return self.grid.measure(lesion, self.susceptibility(kind), kind)
 
 
 def _on_grid(img: nib.Nifti1Image, grid: nib.Nifti1Image) -> np.ndarray:
@@ -282,31 +263,60 @@ def _truth_labels(table: Path) -> dict[int, int]:
     return {int(r["lesion_id"]): int(r["rim"] == "yes") for r in rows}
 
 
+def simulate_shard(seed: int, out_dir: str | Path, *, keep_phantoms: bool = False) -> Path:
+    """Return the shard of ``seed`` in ``out_dir``, simulating it unless it exists (resumable).
+
+    Raises:
+        ValueError: a seed of the benchmark's held-out range.
+    """
+    if seed >= FIRST_HELD_OUT_SEED:
+        raise ValueError(f"training seeds must stay below {FIRST_HELD_OUT_SEED} (the benchmark's)")
+    out_dir = Path(out_dir)
+    path = out_dir / f"shard-{seed:05d}.npz"
+    if path.exists():
+        return path
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="smoulder-rims-", dir=out_dir) as tmp:
+        work = out_dir / "phantoms" if keep_phantoms else Path(tmp)
+        shard = simulate_session(seed, work)
+    write_shard(shard, path)
+    print(
+        f"seed {seed}: {len(shard.labels)} patches, {int(shard.labels.sum())} rim, "
+        f"{time.perf_counter() - start:.0f} s",
+        flush=True,
+    )
+    return path
+
+
+def simulate_shards(
+    out_dir: str | Path, seeds: Sequence[int], *, jobs: int = 1, keep_phantoms: bool = False
+) -> list[Path]:
+    """Return the shards of ``seeds`` in ``out_dir``, simulating the missing ones in ``jobs``
+    processes (each a whole session: its phantom, QSM and patches)."""
+    import functools
+    from concurrent.futures import ProcessPoolExecutor
+
+    one = functools.partial(simulate_shard, out_dir=out_dir, keep_phantoms=keep_phantoms)
+    if jobs <= 1:
+        return [one(seed) for seed in seeds]
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(one, seeds))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Write one shard per seed into ``OUT_DIR``; skip seeds whose shard exists (resumable)."""
     p = argparse.ArgumentParser(prog="python -m smoulder.rims.simulate", description=__doc__)
     p.add_argument("out_dir", type=Path)
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--count", type=int, default=10)
+    p.add_argument("--jobs", type=int, default=1, help="sessions simulated at once")
     p.add_argument("--keep-phantoms", action="store_true", help="keep each session's phantom")
     args = p.parse_args(argv)
     if args.first_seed + args.count > FIRST_HELD_OUT_SEED:
         p.error(f"training seeds must stay below {FIRST_HELD_OUT_SEED} (the benchmark's)")
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    for seed in range(args.first_seed, args.first_seed + args.count):
-        path = args.out_dir / f"shard-{seed:05d}.npz"
-        if path.exists():
-            continue
-        start = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="smoulder-rims-", dir=args.out_dir) as tmp:
-            work = args.out_dir / "phantoms" if args.keep_phantoms else Path(tmp)
-            shard = simulate_session(seed, work)
-        write_shard(shard, path)
-        print(
-            f"seed {seed}: {len(shard.labels)} patches, {int(shard.labels.sum())} rim, "
-            f"{time.perf_counter() - start:.0f} s",
-            flush=True,
-        )
+    seeds = range(args.first_seed, args.first_seed + args.count)
+    simulate_shards(args.out_dir, seeds, jobs=args.jobs, keep_phantoms=args.keep_phantoms)
     return 0
 
 

@@ -10,7 +10,7 @@ The recipe (``smoulder train rims RUN --shards ...``), as a methods section:
    in two splits. Validation and calibration must each hold rims and non-rims.
 3. **Training**: each epoch draws as many training patches as there are, class-balanced
    (rims are rare: each class drawn half the time), augmented by random flips, a rotation by a
-   multiple of 90° in a random plane, and intensity jitter of the image channels (a random
+   multiple of 90° about the field's axis, and intensity jitter of the image channels (a random
    gain and Gaussian noise; the mask channel is kept). Binary cross-entropy, AdamW, one-cycle
    learning rate. Epoch ``e``'s sampling is seeded by ``(seed, e)``, so a resumed run draws
    what an uninterrupted one would have.
@@ -53,6 +53,7 @@ from smoulder.rims.calibration import (
     auc_difference_interval,
     expected_calibration_error,
     fit_calibration,
+    fit_fusion,
     operating_points,
     pr_auc,
     roc_auc,
@@ -67,12 +68,16 @@ from smoulder.rims.network import (
     predict_logits,
     save_bundle,
 )
+from smoulder.rims.rules import FEATURES
 
 if TYPE_CHECKING:
     import torch
 
 #: Arrays every training shard holds.
 SHARD_ARRAYS = ("patches", "labels", "input_kind", "lesion_id", "subject", "session")
+#: Arrays a shard may hold: the rule-based measures of each patch's lesion
+#: (``(N, len(smoulder.rims.rules.FEATURES))``), for the classifier's fusion.
+OPTIONAL_ARRAYS = ("features",)
 
 #: A lesion's key in ratings and patch tables: (participant, session, lesion ID), the
 #: participant and session without their ``sub-``/``ses-`` prefixes.
@@ -92,13 +97,15 @@ class PatchSet:
     lesion_id: np.ndarray
     subject: np.ndarray
     session: np.ndarray
+    features: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.labels.size)
 
     def subset(self, index: np.ndarray) -> PatchSet:
         """Return the patches at ``index`` (integers or a boolean mask)."""
-        return PatchSet(*(getattr(self, name)[index] for name in SHARD_ARRAYS))
+        features = None if self.features is None else self.features[index]
+        return PatchSet(*(getattr(self, name)[index] for name in SHARD_ARRAYS), features)
 
     def keys(self) -> list[LesionKey]:
         """Return each patch's :data:`LesionKey`."""
@@ -147,13 +154,16 @@ def write_shard(patch_set: PatchSet, path: str | Path) -> Path:
 
     arrays = {name: getattr(patch_set, name) for name in SHARD_ARRAYS}
     arrays["patches"] = np.asarray(arrays["patches"], np.float16)
+    if patch_set.features is not None:
+        arrays["features"] = np.asarray(patch_set.features, np.float32)
     with atomic_path(path, suffix=".npz") as tmp, tmp.open("wb") as handle:
         np.savez_compressed(handle, **arrays)
     return Path(path)
 
 
 def load_shards(shards: Iterable[str | Path]) -> PatchSet:
-    """Return the patches of ``.npz`` shard files, or of every ``*.npz`` in given folders.
+    """Return the patches of ``.npz`` shard files, or of every ``*.npz`` under given folders
+    (a run's shards, or a pipeline's derivatives with their ``desc-rims_patches.npz``).
 
     Raises:
         InputError: no shard found, or a shard without one of :data:`SHARD_ARRAYS`, with
@@ -163,12 +173,12 @@ def load_shards(shards: Iterable[str | Path]) -> PatchSet:
     files: list[Path] = []
     for item in shards:
         path = Path(item)
-        files.extend(sorted(path.glob("*.npz")) if path.is_dir() else [path])
+        files.extend(sorted(path.rglob("*.npz")) if path.is_dir() else [path])
     if not files:
         raise InputError(
             ", ".join(map(str, shards)), expected="rim patch shards (*.npz)", found="none"
         )
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in SHARD_ARRAYS}
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in (*SHARD_ARRAYS, *OPTIONAL_ARRAYS)}
     for f in files:
         if not f.is_file():
             raise InputError(str(f), expected="a rim patch shard (.npz)", found="no such file")
@@ -178,7 +188,8 @@ def load_shards(shards: Iterable[str | Path]) -> PatchSet:
                 raise InputError(
                     str(f), expected=f"arrays {', '.join(SHARD_ARRAYS)}", found=f"no {missing}"
                 )
-            arrays = {name: data[name] for name in SHARD_ARRAYS}
+            names = [n for n in (*SHARD_ARRAYS, *OPTIONAL_ARRAYS) if n in data]
+            arrays = {name: data[name] for name in names}
         check_patches(arrays["patches"][:0], str(f))
         n = len(arrays["patches"])
         lengths = {name: len(a) for name, a in arrays.items()}
@@ -190,9 +201,12 @@ def load_shards(shards: Iterable[str | Path]) -> PatchSet:
             raise InputError(
                 str(f), expected="labels 0 or 1", found=str(np.unique(arrays["labels"]))
             )
-        for name in SHARD_ARRAYS:
+        for name in arrays:
             parts[name].append(arrays[name])
     cat = {name: np.concatenate(parts[name]) for name in SHARD_ARRAYS}
+    # the measures only when every shard has them
+    features = parts["features"]
+    cat["features"] = np.concatenate(features) if len(features) == len(files) else None
     cat["labels"] = cat["labels"].astype(np.uint8)
     for name in ("input_kind", "subject", "session"):
         cat[name] = cat[name].astype(str)
@@ -260,9 +274,11 @@ def augment(
 ) -> np.ndarray:
     """Return randomly flipped, 90°-rotated and intensity-jittered copies of ``patches``.
 
-    Per patch: each spatial axis flipped with probability 1/2; a rotation by ``k`` × 90°
-    (``k`` in 0..3) in a random plane; the image channels (all but the last, the mask)
-    multiplied by ``exp(N(0, gain))`` and given Gaussian noise of SD ``noise``.
+    Per patch: each spatial axis flipped with probability 1/2 (the dipole kernel is symmetric
+    under each); a rotation by ``k`` × 90° (``k`` in 0..3) about the third axis only, the
+    field's direction in the GRE grid (a rotation tilting it would move a vein's or a rim's
+    dipolar phase pattern where no acquisition puts it); the image channels (all but the last,
+    the mask) multiplied by ``exp(N(0, gain))`` and given Gaussian noise of SD ``noise``.
 
     Examples:
         >>> x = np.random.default_rng(1).random((2, 4, 24, 24, 24)).astype(np.float32)
@@ -274,8 +290,8 @@ def augment(
     for i, patch in enumerate(patches.astype(np.float32, copy=False)):
         flip = tuple(ax for ax in (1, 2, 3) if rng.random() < 0.5)
         p = np.flip(patch, flip) if flip else patch
-        planes = ((1, 2), (1, 3), (2, 3))
-        p = np.rot90(p, k=int(rng.integers(4)), axes=planes[int(rng.integers(3))])
+        # only about the B0 axis (the GRE's third): a dipole's pattern turns with the field
+        p = np.rot90(p, k=int(rng.integers(4)), axes=(1, 2))
         p = np.array(p, dtype=np.float32)
         image = p[:-1]
         image *= np.exp(rng.normal(0.0, gain, (len(image), 1, 1, 1))).astype(np.float32)
@@ -301,6 +317,7 @@ class RimTrainSettings:
     validation_share: float = 0.2  # share of lesions (whole subjects) held out to validate
     gain: float = 0.1  # SD of the log intensity gain of the image channels
     noise: float = 0.05  # SD of the Gaussian noise added to the image channels
+    fusion: bool = True  # fuse the rule-based measures with the logit, where shards hold them
 
 
 def _recipe(settings: RimTrainSettings, data: PatchSet) -> dict[str, Any]:
@@ -616,9 +633,14 @@ def _finish(
         run.net.load_state_dict(run.best_state)
     cal, val = parts["calibration"], parts["validation"]
     cal_logits = predict_logits(run.net, cal.patches, device, tta=True)
+    val_logits = predict_logits(run.net, val.patches, device, tta=True)
+    network_only = _scores(val_logits, val.labels)
+    fusion = None
+    if settings.fusion and cal.features is not None and val.features is not None:
+        fusion = fit_fusion(cal_logits, cal.features, cal.labels, FEATURES)
+        cal_logits, val_logits = fusion(cal_logits, cal.features), fusion(val_logits, val.features)
     calibration, cv_ece = fit_calibration(cal_logits, cal.labels)
     points = operating_points(calibration(cal_logits), cal.labels)
-    val_logits = predict_logits(run.net, val.patches, device, tta=True)
     figures = evaluate(val_logits, val.labels, calibration, points)
     metrics: dict[str, Any] = {
         "best_epoch": run.best_epoch,
@@ -628,6 +650,8 @@ def _finish(
         "calibration_ece": cv_ece,
         "operating_points": points,
         "validation": figures,
+        "validation_network_only": network_only,
+        "fusion": None if fusion is None else fusion.to_json(),
         "input_kinds": dict(Counter(parts["train"].input_kind.tolist())),
     }
     bundle = save_bundle(
@@ -637,6 +661,7 @@ def _finish(
         points,
         {"training": {**run.recipe, **metrics}},
         network_def=settings.network,
+        fusion=fusion,
     )
     metrics["bundle"] = str(bundle)
     save_json(metrics, run_dir / "metrics.json")

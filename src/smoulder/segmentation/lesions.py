@@ -317,7 +317,11 @@ def lesion_table(
     return rows
 
 
-def write_lesion_stats(rows: Sequence[Mapping[str, Any]], path_tsv: str | Path) -> Path:
+def write_lesion_stats(
+    rows: Sequence[Mapping[str, Any]],
+    path_tsv: str | Path,
+    columns: Mapping[str, Mapping[str, Any]] = LESION_COLUMNS,
+) -> Path:
     """Return ``path_tsv`` after writing ``rows`` there as a TSV, with its JSON dictionary.
 
     The columns are those of :data:`LESION_COLUMNS`, in that order, whatever the rows hold,
@@ -328,10 +332,12 @@ def write_lesion_stats(rows: Sequence[Mapping[str, Any]], path_tsv: str | Path) 
     Args:
         rows: lesion rows, as :func:`lesion_table` returns them.
         path_tsv: destination ``.tsv``; the JSON goes beside it with the same stem.
+        columns: the column dictionary (:data:`LESION_COLUMNS`, or it with later steps'
+            columns, such as :data:`smoulder.rims.assess.RIM_COLUMNS`).
 
     Raises:
         ValueError: ``path_tsv`` does not end in ``.tsv``, or a row lacks a column or has one
-            that :data:`LESION_COLUMNS` does not describe.
+            that ``columns`` does not describe.
 
     Examples:
         >>> import tempfile, pathlib
@@ -343,23 +349,23 @@ def write_lesion_stats(rows: Sequence[Mapping[str, Any]], path_tsv: str | Path) 
     path = Path(path_tsv)
     if path.suffix != ".tsv":
         raise ValueError(f"path_tsv: expected a file name ending in .tsv, found {path.name!r}")
-    columns = list(LESION_COLUMNS)
+    names = list(columns)
     for n, row in enumerate(rows):
-        missing = [c for c in columns if c not in row]
-        unknown = [c for c in row if c not in LESION_COLUMNS]
+        missing = [c for c in names if c not in row]
+        unknown = [c for c in row if c not in columns]
         if missing or unknown:
             raise ValueError(
-                f"row {n}: expected the columns {columns}, found "
+                f"row {n}: expected the columns {names}, found "
                 f"{'missing ' + str(missing) if missing else ''}"
                 f"{' and ' if missing and unknown else ''}"
                 f"{'unknown ' + str(unknown) if unknown else ''}"
             )
     buf = io.StringIO()
     writer = csv.writer(buf, delimiter="\t", lineterminator="\n")
-    writer.writerow(columns)
+    writer.writerow(names)
     for row in rows:
-        writer.writerow([_tsv_value(row[c]) for c in columns])
-    save_json(LESION_COLUMNS, path.with_suffix(".json"))
+        writer.writerow([_tsv_value(row[c]) for c in names])
+    save_json(dict(columns), path.with_suffix(".json"))
     return save_text(buf.getvalue(), path)
 
 

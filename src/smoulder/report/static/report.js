@@ -3,6 +3,8 @@
   "use strict";
   const data = JSON.parse(document.getElementById("report-data").textContent);
   const images = JSON.parse(document.getElementById("lesion-images").textContent);
+  const rimBox = document.getElementById("rim-images");
+  const rimImages = rimBox ? JSON.parse(rimBox.textContent) : {};
   const COLUMNS = ["lesion_id", "rater", "lesion", "rim", "sel", "note", "time"];
   const FIELDS = ["lesion", "rim", "sel", "note"];
   const served = location.protocol === "http:" || location.protocol === "https:";
@@ -29,6 +31,10 @@
     const lined = document.getElementById("contours").checked;
     card.querySelectorAll("img[data-modality]").forEach(function (img) {
       const info = (images[id] || {})[img.dataset.modality];
+      if (info) { img.src = lined ? info.contour : info.gray; }
+    });
+    card.querySelectorAll("img[data-rim-crop]").forEach(function (img) {
+      const info = rimImages[id];
       if (info) { img.src = lined ? info.contour : info.gray; }
     });
     card.dataset.loaded = "1";
@@ -134,13 +140,15 @@
     cards.forEach(function (c) {
       let show = true;
       if (f === "unrated") { show = !c.classList.contains("rated"); }
-      if (f === "rim") { show = rated(c, "rim", ["definite", "probable"]); }
+      // rim candidates: called "yes" by the rim model, or rated definite/probable by the rater
+      if (f === "rim") { show = c.dataset.rimCall === "yes" || rated(c, "rim", ["definite", "probable"]); }
       if (f === "sel") { show = rated(c, "sel", ["yes"]); }
       c.classList.toggle("hidden", !show);
     });
     const num = function (c, k) { const v = parseFloat(c.dataset[k]); return isNaN(v) ? -1 : v; };
     const order = cards.slice().sort(function (a, b) {
       if (s === "probability") { return num(b, "probability") - num(a, "probability"); }
+      if (s === "rim") { return (num(b, "rimProbability") - num(a, "rimProbability")) || (a.dataset.lesionId - b.dataset.lesionId); }
       if (s === "volume") { return num(b, "volume") - num(a, "volume"); }
       return a.dataset.lesionId - b.dataset.lesionId;
     });
