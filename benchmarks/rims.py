@@ -31,7 +31,8 @@ Methods
 -------
 ``smoulder-prl`` — the rim bundle (``--bundle``; default the shipped ``smoulder_prl``:
     ``smoulder.rims.network.load_bundle``): each lesion's 4-channel patch in the GRE grid
-    (``PhantomSession.patch``), then ``predict`` (8-flip TTA, calibrated probability); calls at
+    (``GreLesions.patch``, as the pipeline's rim step) and, for a bundle that fuses them, its
+    rule-based measures, then ``predict`` (8-flip TTA, calibrated probability); calls at
     the bundle's three operating points. Skipped, with a note, when there is no bundle.
 ``smoulder-rules`` — the rule-based detector (``smoulder.rims.rules.measure_rim``) on the same
     lesions and arrays: ``rule_score`` (rim coverage) for the AUCs, ``rule_call`` (consensus and
@@ -455,11 +456,12 @@ def classify(
     start = time.perf_counter()
     keys, patches, features = [], [], []
     for subject, session in sessions.items():
+        grid, data = session.grid, session.susceptibility(kind)  # as the pipeline's step
         for lesion in session.lesions():
             keys.append((subject, lesion, session.rims[lesion]))
-            patches.append(session.patch(lesion, kind))
+            patches.append(grid.patch(lesion, data, kind))
             if fused:
-                features.append(session.measure(lesion, kind).features())
+                features.append(grid.measure(lesion, data, kind).features())
     patched = time.perf_counter()
     # predict returns host arrays: a GPU has finished when it returns
     measures = np.stack(features) if features else None
@@ -490,8 +492,9 @@ def rule_based(sessions: dict[str, PhantomSession], kind: str, threads: int) -> 
     start = time.perf_counter()
     rows = []
     for subject, session in sessions.items():
+        grid, data = session.grid, session.susceptibility(kind)
         for lesion in session.lesions():
-            m = session.measure(lesion, kind)
+            m = grid.measure(lesion, data, kind)
             rows.append(
                 {
                     "subject": subject,

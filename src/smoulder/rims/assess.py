@@ -30,14 +30,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import nibabel as nib
 import numpy as np
+from scipy import ndimage as ndi
 
 from smoulder.rims.patches import MIN_FOV_FRACTION, field_of_view_fraction, lesion_labels_in_gre
+from smoulder.rims.rules import axial_axis
 
 if TYPE_CHECKING:
     from smoulder.registration.transforms import AffineTransform
@@ -150,47 +152,105 @@ class GreLesions:
     flair: nib.Nifti1Image
     flair_to_gre: AffineTransform
 
+    def __post_init__(self) -> None:
+        # every lesion's patch reads a crop of the FLAIR: hold it in memory, not in a .gz file
+        if not isinstance(self.flair.dataobj, np.ndarray):
+            data = np.asarray(self.flair.dataobj, np.float32)
+            self.flair = nib.Nifti1Image(data, self.flair.affine)
+        self._boxes = ndi.find_objects(np.asarray(self.labels).astype(np.int64, copy=False))
+
     def present(self) -> list[int]:
         """Return the ids of the lesions with at least one voxel on the GRE grid."""
-        return sorted(int(i) for i in np.unique(self.labels) if i > 0)
+        return [i for i, box in enumerate(self._boxes, start=1) if box is not None]
 
-    def _regions(self, lesion: int) -> tuple[np.ndarray, np.ndarray]:
-        mask = (self.labels == lesion).astype(np.float32)
-        return mask, (self.labels > 0) & (self.labels != lesion)
+    def _crop(self, lesion: int) -> tuple[tuple[slice, ...], np.ndarray] | None:
+        """Return the crop of the grid around ``lesion`` that its patch and measures read, and
+        the crop's voxel-to-world matrix; ``None`` without a voxel of the lesion.
+
+        The crop holds the lesion's cube (:func:`~smoulder.rims.patches.lesion_box`: half its
+        longest extent plus the margin, around its centre), the perilesional shell, and two
+        voxels for the interpolation, so results equal those on the whole grid.
+        """
+        from smoulder.grids import voxel_sizes
+        from smoulder.rims.patches import MIN_MARGIN_MM
+        from smoulder.rims.rules import SHELL_MM
+
+        box = self._boxes[lesion - 1] if 0 < lesion <= len(self._boxes) else None
+        if box is None:
+            return None
+        voxel = voxel_sizes(self.affine)
+        extent_mm = np.array([s.stop - s.start for s in box]) * voxel
+        reach_mm = max(extent_mm.max() / 2 + MIN_MARGIN_MM, SHELL_MM[1] + 1.0)
+        pad = np.ceil(reach_mm / voxel).astype(int) + 2
+        crop = tuple(
+            slice(max(s.start - int(p), 0), min(s.stop + int(p), n))
+            for s, p, n in zip(box, pad, self.labels.shape, strict=True)
+        )
+        affine = self.affine.copy()
+        affine[:3, 3] = self.affine[:3, :3] @ np.array([s.start for s in crop]) + affine[:3, 3]
+        return crop, affine
+
+    def _inputs(self, lesion: int, data: np.ndarray) -> dict[str, Any] | None:
+        """Return the lesion's arrays on its crop (``None`` without a voxel of the lesion)."""
+        found = self._crop(lesion)
+        if found is None:
+            return None
+        crop, affine = found
+        labels = self.labels[crop]
+        return {
+            "data": np.asarray(data[crop]),
+            "mask": (labels == lesion).astype(np.float32),
+            "others": (labels > 0) & (labels != lesion),
+            "affine": affine,
+            "magnitude": self.magnitude[crop],
+            "valid": self.valid[crop],
+            "wm": None if self.wm is None else self.wm[crop],
+            "offset": np.array([s.start for s in crop]),
+        }
 
     def patch(self, lesion: int, data: np.ndarray, kind: InputKind) -> np.ndarray | None:
         """Return the lesion's classifier patch from ``data`` (χ or phase), or ``None`` when
         the lesion has no voxel on the GRE grid."""
         from smoulder.rims.patches import extract_patch, lesion_box, susceptibility_scale
 
-        mask, others = self._regions(lesion)
-        if not mask.any():
+        c = self._inputs(lesion, data)
+        if c is None:
             return None
         scale = susceptibility_scale(
-            data, mask, self.affine, input_kind=kind, wm=self.wm, other_lesions=others,
-            valid=self.valid,
+            c["data"], c["mask"], c["affine"], input_kind=kind, wm=c["wm"],
+            other_lesions=c["others"], valid=c["valid"],
         )  # fmt: skip
         return extract_patch(
-            lesion_box(mask, self.affine),
-            susceptibility=data,
-            magnitude=self.magnitude,
-            lesion_mask=mask,
-            gre_affine=self.affine,
+            lesion_box(c["mask"], c["affine"]),
+            susceptibility=c["data"],
+            magnitude=c["magnitude"],
+            lesion_mask=c["mask"],
+            gre_affine=c["affine"],
             flair=self.flair,
             flair_to_gre=self.flair_to_gre,
             scale=scale,
-            brain_mask=self.valid,
+            brain_mask=c["valid"],
         )
 
     def measure(self, lesion: int, data: np.ndarray, kind: InputKind) -> RimMeasures:
-        """Return the rule-based measures of the lesion on ``data`` (χ or phase)."""
+        """Return the rule-based measures of the lesion on ``data`` (χ or phase).
+
+        Raises:
+            InputError: the lesion has no voxel on the GRE grid.
+        """
+        from smoulder.errors import InputError
         from smoulder.rims.rules import measure_rim
 
-        mask, others = self._regions(lesion)
-        return measure_rim(
-            data, mask, self.affine, input_kind=kind, wm=self.wm, other_lesions=others,
-            valid=self.valid,
+        c = self._inputs(lesion, data)
+        if c is None:
+            raise InputError(f"lesion {lesion}", expected="a voxel on the GRE grid", found="none")
+        m = measure_rim(
+            c["data"], c["mask"], c["affine"], input_kind=kind, wm=c["wm"],
+            other_lesions=c["others"], valid=c["valid"],
         )  # fmt: skip
+        if m.sector_slice < 0:
+            return m
+        return replace(m, sector_slice=m.sector_slice + int(c["offset"][axial_axis(self.affine)]))
 
 
 @dataclass(frozen=True)

@@ -173,7 +173,12 @@ def _metadata(
     }
 
 
-def _model_card(meta: dict[str, Any], calibration: Calibration, points: dict[str, float]) -> str:
+def _model_card(
+    meta: dict[str, Any],
+    calibration: Calibration,
+    points: dict[str, float],
+    fusion: Fusion | None = None,
+) -> str:
     net = meta["network_def"]
     training = meta.get("training", {})
     lines = [
@@ -184,7 +189,13 @@ def _model_card(meta: dict[str, Any], calibration: Calibration, points: dict[str
         f"{net['strides']}, {net['num_res_units']} residual unit(s) per level",
         f"- inputs: {', '.join(CHANNELS)} ({'x'.join(map(str, PATCH_SHAPE))} voxels)",
         "- output: calibrated probability of a paramagnetic rim (mean logit over 8 flips, "
-        f"then `{calibration.method}` calibration)",
+        + (
+            f"fused with the rule-based measures {', '.join(fusion.features)} by logistic "
+            "regression, "
+            if fusion is not None
+            else ""
+        )
+        + f"then `{calibration.method}` calibration)",
         "- operating points (call a rim where probability >= threshold): "
         + ", ".join(f"{k} {points[k]:.3f}" for k in OPERATING_POINTS if k in points),
         "",
@@ -243,7 +254,7 @@ def save_bundle(
     half = {k: (v.detach().cpu().half() if v.is_floating_point() else v) for k, v in state.items()}
     with atomic_path(root / "models" / "model.pt") as tmp:
         torch.save(half, tmp)
-    save_text(_model_card(meta, calibration, operating_points), root / "docs" / "README.md")
+    save_text(_model_card(meta, calibration, operating_points, fusion), root / "docs" / "README.md")
     return root
 
 
