@@ -459,9 +459,12 @@ def classify(
         grid, data = session.grid, session.susceptibility(kind)  # as the pipeline's step
         for lesion in session.lesions():
             keys.append((subject, lesion, session.rims[lesion]))
-            patches.append(grid.patch(lesion, data, kind))
-            if fused:
-                features.append(grid.measure(lesion, data, kind).features())
+            if fused:  # the patch and the measures, the lesion's regions computed once
+                patch, measures = grid.assess(lesion, data, kind)
+                features.append(measures.features())
+            else:
+                patch = grid.patch(lesion, data, kind)
+            patches.append(patch)
     patched = time.perf_counter()
     # predict returns host arrays: a GPU has finished when it returns
     measures = np.stack(features) if features else None

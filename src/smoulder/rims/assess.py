@@ -208,19 +208,22 @@ class GreLesions:
             "offset": np.array([s.start for s in crop]),
         }
 
-    def patch(self, lesion: int, data: np.ndarray, kind: InputKind) -> np.ndarray | None:
-        """Return the lesion's classifier patch from ``data`` (χ or phase), or ``None`` when
-        the lesion has no voxel on the GRE grid."""
+    def assess(
+        self, lesion: int, data: np.ndarray, kind: InputKind
+    ) -> tuple[np.ndarray, RimMeasures] | None:
+        """Return the lesion's classifier patch and rule-based measures from ``data`` (χ or
+        phase), its regions computed once; ``None`` without a voxel on the GRE grid."""
         from smoulder.rims.patches import extract_patch, lesion_box, susceptibility_scale
+        from smoulder.rims.rules import lesion_regions, measure_rim
 
         c = self._inputs(lesion, data)
         if c is None:
             return None
-        scale = susceptibility_scale(
-            c["data"], c["mask"], c["affine"], input_kind=kind, wm=c["wm"],
-            other_lesions=c["others"], valid=c["valid"],
-        )  # fmt: skip
-        return extract_patch(
+        common = {"wm": c["wm"], "other_lesions": c["others"], "valid": c["valid"]}
+        regions = lesion_regions(c["mask"], c["affine"], **common)
+        args = (c["data"], c["mask"], c["affine"])
+        scale = susceptibility_scale(*args, input_kind=kind, regions=regions, **common)
+        patch = extract_patch(
             lesion_box(c["mask"], c["affine"]),
             susceptibility=c["data"],
             magnitude=c["magnitude"],
@@ -231,26 +234,29 @@ class GreLesions:
             scale=scale,
             brain_mask=c["valid"],
         )
+        m = measure_rim(*args, input_kind=kind, regions=regions, **common)
+        if m.sector_slice >= 0:
+            shift = int(c["offset"][axial_axis(self.affine)])
+            m = replace(m, sector_slice=m.sector_slice + shift)
+        return patch, m
+
+    def patch(self, lesion: int, data: np.ndarray, kind: InputKind) -> np.ndarray | None:
+        """Return the lesion's classifier patch (:meth:`assess`), ``None`` without a voxel."""
+        found = self.assess(lesion, data, kind)
+        return None if found is None else found[0]
 
     def measure(self, lesion: int, data: np.ndarray, kind: InputKind) -> RimMeasures:
-        """Return the rule-based measures of the lesion on ``data`` (χ or phase).
+        """Return the lesion's rule-based measures (:meth:`assess`).
 
         Raises:
             InputError: the lesion has no voxel on the GRE grid.
         """
         from smoulder.errors import InputError
-        from smoulder.rims.rules import measure_rim
 
-        c = self._inputs(lesion, data)
-        if c is None:
+        found = self.assess(lesion, data, kind)
+        if found is None:
             raise InputError(f"lesion {lesion}", expected="a voxel on the GRE grid", found="none")
-        m = measure_rim(
-            c["data"], c["mask"], c["affine"], input_kind=kind, wm=c["wm"],
-            other_lesions=c["others"], valid=c["valid"],
-        )  # fmt: skip
-        if m.sector_slice < 0:
-            return m
-        return replace(m, sector_slice=m.sector_slice + int(c["offset"][axial_axis(self.affine)]))
+        return found[1]
 
 
 @dataclass(frozen=True)
@@ -391,11 +397,11 @@ def assess_rims(
             reason = f"outside the GRE field of view ({100 * fraction:.0f} % inside)"
             rows[lid] = not_assessed(reason, round(fraction, 3))
             continue
-        patch = lesions.patch(lid, source.data, source.kind) if lid in on_grid else None
-        if patch is None:
+        found = lesions.assess(lid, source.data, source.kind) if lid in on_grid else None
+        if found is None:
             rows[lid] = not_assessed("too small on the GRE grid", round(fraction, 3))
             continue
-        measures = lesions.measure(lid, source.data, source.kind)
+        patch, measures = found
         patches.append(patch)
         features.append(measures.features())
         rows[lid] = {

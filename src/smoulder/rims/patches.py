@@ -35,7 +35,7 @@ import numpy as np
 from smoulder.errors import InputError, RegistrationError
 from smoulder.grids import resample_to_grid, voxel_sizes
 from smoulder.registration.transforms import resample
-from smoulder.rims.rules import InputKind, lesion_regions, spread_floor
+from smoulder.rims.rules import InputKind, LesionRegions, lesion_regions, spread_floor
 
 if TYPE_CHECKING:
     from smoulder.registration.transforms import AffineTransform
@@ -313,6 +313,7 @@ def susceptibility_scale(
     wm: np.ndarray | None = None,
     other_lesions: np.ndarray | None = None,
     valid: np.ndarray | None = None,
+    regions: LesionRegions | None = None,
 ) -> float:
     """Return the robust scale of a lesion's susceptibility: its shell's MAD, floored (ppm/rad).
 
@@ -330,12 +331,17 @@ def susceptibility_scale(
             tissue around the lesion.
         other_lesions: the session's other lesions (boolean), kept out of the shell.
         valid: where the susceptibility is defined (the QSM mask).
+        regions: the lesion's :func:`~smoulder.rims.rules.lesion_regions` of these arguments,
+            when computed already.
 
     Returns:
         The scale, in the input's unit.
     """
     floor = spread_floor(input_kind)
-    regions = lesion_regions(lesion_mask, affine, wm=wm, other_lesions=other_lesions, valid=valid)
+    if regions is None:
+        regions = lesion_regions(
+            lesion_mask, affine, wm=wm, other_lesions=other_lesions, valid=valid
+        )
     values = np.asarray(susceptibility)[regions.slices][regions.shell]
     if values.size == 0:
         return floor

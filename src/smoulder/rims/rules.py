@@ -381,6 +381,7 @@ def measure_rim(
     wm: np.ndarray | None = None,
     other_lesions: np.ndarray | None = None,
     valid: np.ndarray | None = None,
+    regions: LesionRegions | None = None,
 ) -> RimMeasures:
     """Return the rule-based measures of one lesion (see the module docstring).
 
@@ -394,6 +395,7 @@ def measure_rim(
         wm: normal-appearing white-matter probability on the grid; ``None``: any tissue.
         other_lesions: the session's other lesions (boolean), kept out of every region.
         valid: where the susceptibility is defined (the QSM mask).
+        regions: the lesion's :func:`lesion_regions` of these arguments, when computed already.
 
     Returns:
         The :class:`RimMeasures`.
@@ -409,7 +411,10 @@ def measure_rim(
             expected=f"the susceptibility's grid shape {chi_full.shape}",
             found=str(np.shape(lesion_mask)),
         )
-    regions = lesion_regions(lesion_mask, affine, wm=wm, other_lesions=other_lesions, valid=valid)
+    if regions is None:
+        regions = lesion_regions(
+            lesion_mask, affine, wm=wm, other_lesions=other_lesions, valid=valid
+        )
     chi = chi_full[regions.slices].astype(np.float64)
     finite = np.isfinite(chi)
     if not finite.all():
@@ -428,9 +433,11 @@ def measure_rim(
     smooth = _smoothed(chi, regions.usable, regions.voxel_mm)
     noise = max(robust_sd(smooth[regions.shell]), floor) if shell.size else floor
     threshold = reference + CONTRAST_SPREADS * noise
-    longest = _longest_run(_slice_coverages(smooth, regions, threshold) >= CONSENSUS_COVERAGE)
+    plane_sdf = _in_plane_distance_mm(regions)
+    coverages = _slice_coverages(smooth, regions, threshold, plane_sdf)
+    longest = _longest_run(coverages >= CONSENSUS_COVERAGE)
     vein_fraction, vein = _central_vein(chi, regions, reference + VEIN_SPREADS * spread)
-    k, flags = _largest_section_sectors(smooth, regions, threshold)
+    k, flags = _largest_section_sectors(smooth, regions, threshold, plane_sdf)
     return RimMeasures(
         input_kind=input_kind,
         rim_mean=_profile_peak(chi, regions),
@@ -449,12 +456,27 @@ def measure_rim(
 
 
 def _largest_section_sectors(
-    smooth: np.ndarray, regions: LesionRegions, threshold: float
+    smooth: np.ndarray, regions: LesionRegions, threshold: float, plane_sdf: np.ndarray
 ) -> tuple[int, np.ndarray | None]:
     """Return the crop index of the lesion's largest axial section and its sector flags."""
     areas = regions.lesion.sum(axis=tuple(a for a in range(3) if a != regions.axial))
     k = int(np.argmax(areas))
-    return k, slice_sectors(smooth, regions, threshold, k)
+    return k, slice_sectors(smooth, regions, threshold, k, plane_sdf)
+
+
+def _in_plane_distance_mm(regions: LesionRegions) -> np.ndarray:
+    """Return every axial slice's own signed distance (mm) to the lesion's edge in that slice.
+
+    One 3D transform whose spacing along the slice axis is too large to matter: the nearest
+    voxel of the other kind always lies in the same slice, as :func:`_signed_distance_mm` of
+    each slice alone would find it.
+    """
+    spacing = np.array(regions.voxel_mm, np.float64)
+    spacing[regions.axial] = 1e6
+    half = 0.5 * float(np.min(np.delete(regions.voxel_mm, regions.axial)))
+    depth = ndi.distance_transform_edt(regions.lesion, sampling=spacing)
+    away = ndi.distance_transform_edt(~regions.lesion, sampling=spacing)
+    return np.where(regions.lesion, half - depth, away - half).astype(np.float32)
 
 
 def _reference(chi: np.ndarray, regions: LesionRegions) -> float:
@@ -517,18 +539,24 @@ def _profile_peak(chi: np.ndarray, regions: LesionRegions) -> float:
     return float(np.nanmax(means))
 
 
-def _slice_coverages(smooth: np.ndarray, regions: LesionRegions, threshold: float) -> np.ndarray:
+def _slice_coverages(
+    smooth: np.ndarray, regions: LesionRegions, threshold: float, plane_sdf: np.ndarray
+) -> np.ndarray:
     """Return the in-plane coverage of every axial slice of the crop (0 for skipped slices)."""
     out = np.zeros(regions.lesion.shape[regions.axial])
     for k in range(len(out)):
-        flags = slice_sectors(smooth, regions, threshold, k)
+        flags = slice_sectors(smooth, regions, threshold, k, plane_sdf)
         if flags is not None and (flags >= 0).any():
             out[k] = float((flags == 1).sum() / (flags >= 0).sum())
     return out
 
 
 def slice_sectors(
-    smooth: np.ndarray, regions: LesionRegions, threshold: float, k: int
+    smooth: np.ndarray,
+    regions: LesionRegions,
+    threshold: float,
+    k: int,
+    plane_sdf: np.ndarray | None = None,
 ) -> np.ndarray | None:
     """Return the rim flag of each in-plane sector of axial slice ``k`` of the crop.
 
@@ -537,14 +565,18 @@ def slice_sectors(
     covers the angles ``[−π + 2πs/n, −π + 2π(s+1)/n)`` of ``atan2(y, x)``, ``x`` and ``y`` the
     offsets (mm) along the first and second in-plane voxel axes from the slice's lesion
     centroid. ``None`` for a slice whose lesion section is below :data:`MIN_SLICE_RADIUS_MM`
-    or has no band.
+    or has no band. ``plane_sdf``: every slice's in-plane signed distance, when computed
+    already (:func:`_in_plane_distance_mm`).
     """
     ax = regions.axial
     plane_mm = np.delete(regions.voxel_mm, ax)
     lesion = np.take(regions.lesion, k, axis=ax)
     if lesion.sum() * plane_mm.prod() < np.pi * MIN_SLICE_RADIUS_MM**2:
         return None
-    sdf = _signed_distance_mm(lesion, plane_mm)
+    if plane_sdf is None:
+        sdf = _signed_distance_mm(lesion, plane_mm)
+    else:
+        sdf = np.take(plane_sdf, k, axis=ax)
     usable = np.take(regions.usable, k, axis=ax)
     band = (sdf >= -RIM_INNER_MM) & (sdf <= RIM_OUTER_MM) & ~_core(lesion, sdf) & usable
     if not band.any():
