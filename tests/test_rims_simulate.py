@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from smoulder.rims.simulate import draw_acquisition, session_patches
 from smoulder.rims.train import load_shards, write_shard
@@ -41,3 +42,15 @@ def test_acquisitions_are_drawn_within_their_ranges() -> None:
     assert {len(d.echo_times_ms) for d in draws} == {1, 2, 3, 4, 5}
     assert all(15.0 <= d.snr <= 50.0 for d in draws)
     assert all(d.echo_times_ms[0] >= 3.0 and d.echo_times_ms[-1] <= 28.0 for d in draws)
+
+
+def test_simulated_shards_resume_and_keep_off_the_held_out_seeds(tmp_path: Path) -> None:
+    """An existing shard is kept (a rerun resumes), and benchmark seeds are refused."""
+    from smoulder.rims.simulate import FIRST_HELD_OUT_SEED, simulate_shard, simulate_shards
+
+    done = tmp_path / "shard-00007.npz"
+    done.write_bytes(b"made by an earlier run")
+    assert simulate_shards(tmp_path, [7]) == [done]
+    assert done.read_bytes() == b"made by an earlier run"
+    with pytest.raises(ValueError, match=str(FIRST_HELD_OUT_SEED)):
+        simulate_shard(FIRST_HELD_OUT_SEED, tmp_path)

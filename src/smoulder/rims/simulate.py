@@ -26,6 +26,7 @@ Run (one shard per seed; seeds never reused by the benchmark, which starts at 10
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import tempfile
 import time
@@ -227,9 +228,10 @@ class PhantomSession:
         """Return the QSM (``"qsm"``) or the filtered phase (``"phase"``)."""
         return self.chi_ppm if kind == "qsm" else self.phase_rad
 
-    @property
+    @functools.cached_property
     def grid(self) -> GreLesions:
-        """Return the session's lesions on its GRE grid, as the pipeline's rim step sees them."""
+        """Return the session's lesions on its GRE grid, as the pipeline's rim step sees them
+        (built once: its FLAIR in memory and its lesion boxes serve every lesion)."""
         from smoulder.rims.assess import GreLesions
 
         return GreLesions(
@@ -294,7 +296,6 @@ def simulate_shards(
 ) -> list[Path]:
     """Return the shards of ``seeds`` in ``out_dir``, simulating the missing ones in ``jobs``
     processes (each a whole session: its phantom, QSM and patches)."""
-    import functools
     from concurrent.futures import ProcessPoolExecutor
 
     one = functools.partial(simulate_shard, out_dir=out_dir, keep_phantoms=keep_phantoms)
