@@ -11,7 +11,9 @@ Sets (cases)
 Held-out phantom subjects (:mod:`smoulder.rims.simulate`): one session each, made with seeds
 from :data:`smoulder.rims.simulate.FIRST_HELD_OUT_SEED` (10 000; training seeds stay below) plus
 the set's offset plus ``--seed`` − 1, the lesion mix of training (``TRAINING_MIX``: rims complete
-and partial, veins beside lesions, central veins, iso-rims), and an acquisition drawn as
+and partial, veins beside lesions, central veins, iso-rims) with the share of complete rims
+drawn per subject (:data:`PRL_SHARE`, so that the subjects' PRL counts differ, as the count ICC
+needs), and an acquisition drawn as
 ``draw_acquisition`` draws it (echoes, echo times, SNR), conditioned on the set's field:
 
 ``3T-1mm`` — 3 T, 1 mm (seeds 10 000 + k); lesions: the truth masks; input: the QSM.
@@ -45,16 +47,15 @@ Per lesion: ``roc_auc`` (with its DeLong 95 % interval ``roc_auc_low``, ``roc_au
 ``pr_auc`` (average precision), ``ece`` (10 equal-width bins), ``sensitivity_<point>`` and
 ``specificity_<point>`` at ``balanced``, ``high_specificity``, ``high_sensitivity`` (plain
 ``sensitivity``, ``specificity``: balanced; the rule-based detector: its call), from
-:mod:`smoulder.rims.calibration`. Per subject: ``count_icc`` — ICC(2,1) (two-way random
-effects, absolute agreement, single measure; Shrout & Fleiss 1979) of the PRL count called
-against the true one; ``true_count_sd`` — the SD of the true counts over the subjects (the
-ICC is only meaningful where they differ: the lesion mix gives every subject about 13 complete
-rims); ``count_mae`` — the mean absolute error of the called count; ``prl_ge1_accuracy`` and
-``prl_ge4_accuracy`` — the share of subjects whose "≥ 1 PRL" and "≥ 4 PRL" calls match the
-truth. ``wall_s`` — seconds per 100 lesions in a child process pinned to ``--threads`` CPUs:
-patch extraction, the rule-based measures a fusing bundle reads, and prediction (classifier;
-bundle loading and one warm-up pass not included) or ``measure_rim`` (rules); reading the
-cached session is not included.
+:mod:`smoulder.rims.calibration`. Per subject: ``count_icc`` — ICC(2,1) (two-way random effects,
+absolute agreement, single measure; Shrout & Fleiss 1979) of the PRL count called against the
+true one; ``true_count_sd`` — the SD of the true counts over the subjects (the ICC is only
+meaningful where they differ); ``count_mae`` — the mean absolute error of the called count;
+``prl_ge1_accuracy`` and ``prl_ge4_accuracy`` — the share of subjects whose "≥ 1 PRL" and "≥ 4
+PRL" calls match the truth. ``wall_s`` — seconds per 100 lesions in a child process pinned to
+``--threads`` CPUs: patch extraction, the rule-based measures a fusing bundle reads, and
+prediction (classifier; bundle loading and one warm-up pass not included) or ``measure_rim``
+(rules); reading the cached session is not included.
 
 ``--quick`` (< 10 min on 2 cores): 2 sessions per set, every set at 2 mm. Full: 10 sessions
 per set. The phantom sessions (dataset, QSM, phase, truth on the GRE grid) and the
@@ -89,6 +90,8 @@ FULL_SESSIONS, QUICK_SESSIONS = 10, 2
 QUICK_RES_MM = 2.0
 #: What made a cached session: the phantom, the QSM reconstruction, the session loader.
 SESSION_MODULES = ("smoulder.phantom", "smoulder.qsm", "smoulder.rims.simulate")
+#: Range of the share of a held-out subject's lesions given a complete rim (drawn per seed).
+PRL_SHARE = (0.0, 0.5)
 #: ... and a cached end-to-end segmentation.
 SEGMENTATION_MODULES = ("smoulder.segmentation",)
 
@@ -284,6 +287,16 @@ def held_out_acquisition(seed: int, spec: SetSpec, quick: bool) -> Acquisition:
     return acq if res_mm is None else replace(acq, resolution_mm=res_mm)
 
 
+def held_out_prl_share(seed: int) -> float:
+    """Return the share of complete rims among the lesions of the held-out subject ``seed``.
+
+    Examples:
+        >>> all(PRL_SHARE[0] <= held_out_prl_share(s) <= PRL_SHARE[1] for s in range(10000, 10050))
+        True
+    """
+    return float(np.random.default_rng([seed, 2]).uniform(*PRL_SHARE))
+
+
 def session_folder(cache: Path, seed: int, spec: SetSpec, quick: bool) -> Path:
     """Return the cached session of ``seed`` (generated, reconstructed and saved if absent):
     its folder holds the phantom (``phantom/``) and ``session.npz`` (:func:`save_session`)."""
@@ -291,12 +304,15 @@ def session_folder(cache: Path, seed: int, spec: SetSpec, quick: bool) -> Path:
     from smoulder.rims.simulate import load_session, session_config
 
     acq = held_out_acquisition(seed, spec, quick)
+    share = held_out_prl_share(seed)
     version = benchenv.source_fingerprint(*SESSION_MODULES)
-    folder = cache / f"seed-{seed}-{acq.b0_tesla:g}T-{acq.resolution_mm:g}mm-{version}"
+    name = f"seed-{seed}-{acq.b0_tesla:g}T-{acq.resolution_mm:g}mm-prl{share:.3f}-{version}"
+    folder = cache / name
     if not (folder / "session.npz").is_file():
         shutil.rmtree(folder, ignore_errors=True)
         print(f"  generating {folder.name} ({len(acq.echo_times_ms)} echoes) ...", flush=True)
-        root = generate_dataset(folder / "phantom", session_config(seed, acq))
+        config = replace(session_config(seed, acq), prl_fraction=share)
+        root = generate_dataset(folder / "phantom", config)
         save_session(load_session(root), folder / "session.npz")
     return folder
 
@@ -688,7 +704,8 @@ def target_lines(records: list[dict]) -> list[str]:
 DESCRIPTION = (
     "Held-out phantom subjects (seeds ≥ 10 000; training uses seeds below), one session each, "
     "the training lesion mix (complete and partial rims, veins beside lesions, central veins, "
-    "iso-rims) and acquisitions drawn as in training (1–5 echoes, SNR 15–50), conditioned on "
+    "iso-rims) with the share of complete rims drawn per subject (0–50 %) and acquisitions "
+    "drawn as in training (1–5 echoes, SNR 15–50), conditioned on "
     "the set's field. `3T-1mm`: 3 T, 1 mm, QSM. `7T-like`: 7 T at 0.8 mm, QSM — the phantom's "
     "finest practical grid here; the issue's 0.5 mm set is not simulated yet. `phase-only`: "
     "field and voxel as drawn, the homodyne-filtered phase instead of the QSM. `end-to-end`: "
@@ -703,9 +720,8 @@ DESCRIPTION = (
     "point. `roc_auc_low`/`_high`: DeLong 95 % interval. `count_icc`: ICC(2,1), two-way "
     "random effects, absolute agreement, of the called against the true PRL count per "
     "subject (null below 2 subjects or when no count varies); it is only meaningful where the "
-    "true counts differ between subjects, and the lesion mix gives every subject about 13 "
-    "complete rims (`true_count_sd`), so `count_mae`, the mean absolute error of the called "
-    "count, is the figure to read here. `prl_ge1/ge4_accuracy`: share "
+    "true counts differ between subjects (`true_count_sd`); `count_mae`: the mean absolute "
+    "error of the called count. `prl_ge1/ge4_accuracy`: share "
     "of subjects whose ≥ 1 / ≥ 4 PRL call matches the truth. `wall_s`: seconds per 100 "
     "lesions in a child pinned to the threads given, patch extraction and prediction "
     "(classifier; bundle loading and one warm-up pass excluded) or the rule-based measures. "
