@@ -422,12 +422,10 @@ class MapChimap(SimpleInterface):
     output_spec = _MapChimapOutputSpec
 
     def _run_interface(self, runtime: Any) -> Any:
-        import json
-
         import nibabel as nib
 
         from smoulder.images import write_nifti
-        from smoulder.inputs import sidecar_path
+        from smoulder.inputs import read_sidecar
         from smoulder.registration.transforms import AffineTransform, resample
 
         through = isdefined(self.inputs.xfm)
@@ -436,8 +434,7 @@ class MapChimap(SimpleInterface):
         out = Path(runtime.cwd) / "chimap_flair.nii.gz"
         write_nifti(resample(chi, nib.load(self.inputs.flair_file), transform), out)
         self._results["chimap_flair"] = str(out)
-        side = sidecar_path(Path(self.inputs.chimap))
-        given = json.loads(side.read_text()) if side.is_file() else {}
+        given = read_sidecar(self.inputs.chimap)
         self._results["parameters"] = {
             **{k: given[k] for k in ("Method", "Reference") if k in given},
             "Units": given.get("Units", "ppm"),
@@ -474,7 +471,6 @@ class _AssessLesionsOutputSpec(TraitedSpec):
     lesion_stats = File(exists=True, desc="the lesion table with the rim and tissue columns")
     metadata = traits.Dict(desc="the table's sidecar: column dictionary and the rim summary")
     rims_input = File(desc="the assessed susceptibility image, paramagnetic positive (GRE grid)")
-    rims_kind = traits.Str(desc="qsm, phase, or empty when there was none")
     patches = File(desc="the classified lesions' patches and measures (a rim shard)")
 
 
@@ -490,7 +486,7 @@ class AssessLesions(SimpleInterface):
         import numpy as np
 
         from smoulder.devices import torch_threads
-        from smoulder.images import write_nifti
+        from smoulder.images import read_tsv, write_nifti
         from smoulder.rims import assess
         from smoulder.rims.train import write_shard
         from smoulder.segmentation.lesions import LESION_COLUMNS, write_lesion_stats
@@ -499,32 +495,33 @@ class AssessLesions(SimpleInterface):
             value = getattr(self.inputs, name)
             return nib.load(value) if isdefined(value) else None
 
-        instances = nib.load(self.inputs.lesions)
+        instances, wm = nib.load(self.inputs.lesions), nib.load(self.inputs.wm_probseg)
         with torch_threads(self.inputs.num_threads):
-            loaded = self._gre(instances) if self.inputs.rims else None
+            loaded = self._gre(instances, wm) if self.inputs.rims else None
             bundle = self._bundle() if loaded is not None else None
             result = assess.assess_rims(
-                instances, *(loaded or (None, None)), bundle, device=self.inputs.device
+                instances,
+                *(loaded or (None, None)),
+                bundle,
+                device=self.inputs.device,
+                unassessed=assess.NO_SUSCEPTIBILITY if self.inputs.rims else assess.RIMS_OFF,
             )
         mp2rage = self.inputs.mp2rage_files if isdefined(self.inputs.mp2rage_files) else []
         tissue = assess.lesion_tissue(
             instances,
             t1w=opt("t1_file"),
-            wm=opt("wm_probseg"),
+            wm=wm,
             gm=opt("gm_probseg"),
             unit1=opt("unit1_file"),
             mp2rage=(Path(mp2rage[0]), Path(mp2rage[1])) if len(mp2rage) == 2 else None,
         )
-        blank = {**assess.not_assessed(assess.NO_SUSCEPTIBILITY), "t1w_ratio": None,
-                 "t1_black_hole": None, "qt1_ms": None}  # fmt: skip
-        rows = [{**blank, **r} for r in assess.merge_lesion_rows(
-            _read_tsv(self.inputs.lesion_stats), result.rows, tissue)]  # fmt: skip
-        columns = {**LESION_COLUMNS, **assess.RIM_COLUMNS}
+        table = read_tsv(self.inputs.lesion_stats)
+        rows = assess.merge_lesion_rows(table, result.rows, tissue)
+        columns = {**LESION_COLUMNS, **assess.RIM_COLUMNS, **assess.TISSUE_COLUMNS}
         out = Path(runtime.cwd) / "lesion_stats.tsv"
         write_lesion_stats(rows, out, columns)
         self._results["lesion_stats"] = str(out)
         self._results["metadata"] = {**columns, **result.summary.sidecar()}
-        self._results["rims_kind"] = loaded[1].kind if loaded else ""
         if loaded is not None:
             grid, source = loaded[0], loaded[1]
             path = Path(runtime.cwd) / "rims_input.nii.gz"
@@ -536,7 +533,7 @@ class AssessLesions(SimpleInterface):
             self._results["patches"] = str(write_shard(shard, Path(runtime.cwd) / "patches.npz"))
         return runtime
 
-    def _gre(self, instances: Any) -> Any:
+    def _gre(self, instances: Any, wm: Any) -> Any:
         import nibabel as nib
 
         from smoulder.registration.transforms import AffineTransform
@@ -565,21 +562,13 @@ class AssessLesions(SimpleInterface):
             flair=nib.load(self.inputs.flair_file),
             brain_mask=nib.load(self.inputs.brain_mask),
             flair_to_gre=AffineTransform.load(xfm) if xfm else AffineTransform.identity(),
-            wm_flair=nib.load(self.inputs.wm_probseg),
+            wm_flair=wm,
         )
 
     def _bundle(self) -> Any:
         from smoulder.rims.network import load_bundle
 
         return load_bundle(self.inputs.model or None, device=self.inputs.device)
-
-
-def _read_tsv(path: str | os.PathLike[str]) -> list[dict[str, str]]:
-    """Return the rows of a TSV file as dicts of strings."""
-    import csv
-
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle, delimiter="\t"))
 
 
 class _FillLesionsInputSpec(BaseInterfaceInputSpec):

@@ -27,6 +27,7 @@ import pytest
 from smoulder import config as cfgmod
 from smoulder.cli import main
 from smoulder.errors import ConfigError
+from smoulder.images import read_tsv
 from smoulder.inputs import discover, validate_session
 from smoulder.phantom.dataset import generate_dataset
 from smoulder.phantom.generate import PhantomConfig
@@ -541,8 +542,9 @@ def test_outputs_are_bids_derivatives(runs: Runs) -> None:
             meta = stats.get_metadata()
             assert "volume_ul" in meta and meta["rim_probability"]["Description"]
             assert meta["RimInput"] == "qsm" and meta["RimModel"].startswith("smoulder_prl")
-            assert meta["PRLCount"] == sum(r["rim_call"] == "yes" for r in _rows(stats.path))
-            assert {r["rim_call"] for r in _rows(stats.path)} <= {"yes", "no", "not assessed"}
+            table = read_tsv(stats.path)
+            assert meta["PRLCount"] == sum(r["rim_call"] == "yes" for r in table)
+            assert {r["rim_call"] for r in table} <= {"yes", "no", "not assessed"}
             # what the rims were assessed on: the QSM, on the GRE's own grid
             (assessed,) = layout.get(suffix="Chimap", desc="rims", **query)
             assert "SignConvention" not in assessed.get_metadata()  # it is the table's
@@ -550,7 +552,8 @@ def test_outputs_are_bids_derivatives(runs: Runs) -> None:
             (shard,) = layout.get(suffix="patches", desc="rims", subject=subject,
                                   session=session, extension=".npz")  # fmt: skip
             patches = load_shards([shard.path])
-            called = {int(r["index"]) for r in _rows(stats.path) if r["rim_call"] != "not assessed"}
+            rows = read_tsv(stats.path)
+            called = {int(r["index"]) for r in rows if r["rim_call"] != "not assessed"}
             assert set(patches.lesion_id.tolist()) == called
             assert {k[:2] for k in patches.keys()} <= {(subject, session)}
             # susceptibility: on the GRE's own grid and on the FLAIR's
@@ -591,14 +594,6 @@ def test_outputs_are_bids_derivatives(runs: Runs) -> None:
     assert description["DatasetLinks"]["raw"] == runs.bids.resolve().as_uri()
     assert not list(root.rglob("*.part*")), "temporary files were left behind"
     assert not list(runs.cwd.iterdir()), "files left in the working directory of the runs"
-
-
-def _rows(path: str) -> list[dict[str, str]]:
-    """Return the rows of a TSV file."""
-    import csv
-
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle, delimiter="\t"))
 
 
 def test_transforms_are_readable_itk(runs: Runs) -> None:

@@ -20,6 +20,7 @@ from smoulder.rims.assess import (
     NO_SUSCEPTIBILITY,
     NOT_ASSESSED,
     RIM_COLUMNS,
+    RIMS_OFF,
     GreInputs,
     GreLesions,
     Susceptibility,
@@ -83,6 +84,8 @@ def test_session_without_susceptibility_is_not_assessed() -> None:
     assert {r["rim_call"] for r in rows.values()} == {NOT_ASSESSED}
     assert {r["rim_status"] for r in rows.values()} == {NO_SUSCEPTIBILITY}
     assert summary.prl_count is None and summary.sidecar()["PRLCount"] is None
+    turned_off = assess_rims(instances, None, None, None, unassessed=RIMS_OFF).rows
+    assert {r["rim_status"] for r in turned_off.values()} == {RIMS_OFF}
 
 
 def test_lesion_outside_the_gre_is_not_assessed_with_the_reason() -> None:

@@ -162,6 +162,14 @@ def save_tsv(rows: list[dict[str, Any]], path: str | Path) -> Path:
     return save_text(buf.getvalue(), path)
 
 
+def read_tsv(path: str | Path) -> list[dict[str, str]]:
+    """Return the rows of the tab-separated table at ``path``, as strings by column."""
+    import csv
+
+    with Path(path).open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle, delimiter="\t"))
+
+
 def conform(img: nib.Nifti1Image) -> nib.Nifti1Image:
     """Return ``img`` with RAS+ voxel axes and float32 voxels, every voxel at its world position.
 

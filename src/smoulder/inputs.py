@@ -576,6 +576,25 @@ def _metadata(s: SessionInputs, path: Path) -> dict[str, Any]:
     return content if isinstance(content, dict) else {}
 
 
+def read_sidecar(image: str | Path) -> dict[str, Any]:
+    """Return the JSON sidecar beside the image ``image`` (:func:`sidecar_path`); ``{}`` when
+    there is none.
+
+    Raises:
+        InputError: the sidecar is not a JSON object (its file named).
+    """
+    side = sidecar_path(Path(image))
+    if not side.is_file():
+        return {}
+    try:
+        content = json.loads(side.read_text())
+    except ValueError as exc:
+        raise InputError(str(side), expected="a JSON sidecar", found=str(exc)) from exc
+    if not isinstance(content, dict):
+        raise InputError(str(side), expected="a JSON object", found=type(content).__name__)
+    return content
+
+
 def sidecar_path(path: Path) -> Path:
     """Return the path of the JSON sidecar beside the image ``path`` (same name, ``.json``).
 

@@ -17,6 +17,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
+from smoulder.rims.rules import sector_index
+
 #: Point coordinates or per-axis sizes: a sequence or an array of floats.
 Floats = Sequence[float] | np.ndarray
 
@@ -268,20 +270,6 @@ def trajectory_svg(
         f'stroke="currentColor"/>{dots}<text x="2" y="10" font-size="9">{v1:.4g} {label}</text>'
         f'<text x="2" y="{height - 2}" font-size="9">{v0:.4g}</text></svg>'
     )
-
-
-def sector_index(x_mm: np.ndarray, y_mm: np.ndarray, n: int) -> np.ndarray:
-    """Return the angular sector (0…n−1) of each in-plane offset ``(x_mm, y_mm)``.
-
-    Sector ``s`` covers the angles ``[−π + 2πs/n, −π + 2π(s+1)/n)`` of ``atan2(y, x)``: the
-    convention of the lesion table's ``rim_sectors`` (:func:`smoulder.rims.rules.slice_sectors`).
-
-    Examples:
-        >>> sector_index(np.array([-1.0, 1.0, 0.0]), np.array([-0.1, 0.1, -1.0]), 12).tolist()
-        [0, 6, 3]
-    """
-    angle = np.arctan2(np.asarray(y_mm, float), np.asarray(x_mm, float))
-    return np.clip(np.floor((angle + np.pi) / (2 * np.pi) * n).astype(int), 0, n - 1)
 
 
 def _offsets_mm(

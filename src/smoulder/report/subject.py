@@ -24,7 +24,6 @@ as arcs around the lesion in the same voxel axes they were measured in.
 
 from __future__ import annotations
 
-import csv
 import html
 import json
 import math
@@ -43,7 +42,7 @@ from smoulder import __version__
 from smoulder.atrophy.rates import annual_rate_percent
 from smoulder.atrophy.volumes import tissue_volumes_ml
 from smoulder.derivatives import bids_name, is_bids_label
-from smoulder.images import save_text
+from smoulder.images import read_tsv, save_text
 from smoulder.longitudinal.intervals import session_dates, years_since_first
 from smoulder.longitudinal.matching import lesion_volumes_ul, map_instances
 from smoulder.report import render
@@ -135,12 +134,6 @@ def _nii(path: Path) -> nib.Nifti1Image:
     return cast(nib.Nifti1Image, nib.load(path))
 
 
-def _tsv(path: Path) -> list[dict[str, str]]:
-    """Return the rows of the TSV table at ``path``."""
-    with path.open(newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle, delimiter="\t"))
-
-
 def _subject_entities(subject: str) -> dict[str, str]:
     """Return the BIDS entities of the subject folder ``sub-<label>``."""
     return {"sub": subject.removeprefix("sub-")}
@@ -160,13 +153,13 @@ def _session_dates(root: Path, subject: str) -> dict[str, datetime]:
     table = raw_path / subject / name
     if not table.exists():
         return {}
-    return session_dates(_tsv(table))
+    return session_dates(read_tsv(table))
 
 
 def _volumes_ml(ses: SessionData, dseg_path: Path) -> dict[str, float]:
     """Return the session's tissue volumes (ml), keyed by tissue, from its class map."""
     img = _nii(dseg_path)
-    rows = _tsv(ses.path("dseg", extension=".tsv"))
+    rows = read_tsv(ses.path("dseg", extension=".tsv"))
     names = {r["name"]: int(r["index"]) for r in rows}
     tissues = [tissue for _, tissue in VOLUME_ROWS]
     return tissue_volumes_ml(np.asarray(img.dataobj), img.affine, names, tissues)
@@ -187,7 +180,7 @@ def collect_sessions(root: Path, subject: str) -> list[SessionData]:
             continue
         ses.volumes_ml = _volumes_ml(ses, dseg)
         stats = lesion_table(ses)
-        ses.lesions = _tsv(stats) if stats else []
+        ses.lesions = read_tsv(stats) if stats else []
         side = stats.with_suffix(".json") if stats else None
         ses.lesion_meta = json.loads(side.read_text()) if side and side.exists() else {}
         sessions.append(ses)
@@ -863,7 +856,7 @@ def _summary_section(root: Path, subject: str, sessions: list[SessionData]) -> s
     inputs = (
         root / subject / bids_name(_subject_entities(subject), suffix="inputs", extension=".tsv")
     )
-    input_rows = _tsv(inputs) if inputs.exists() else []
+    input_rows = read_tsv(inputs) if inputs.exists() else []
     prov = _latest_provenance(root)
     warnings = [f for f in prov.get("failures", []) if subject in f]
     status_rows = [r for r in prov.get("summary", []) if r.get("subject") == subject]

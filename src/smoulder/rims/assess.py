@@ -28,7 +28,6 @@ dictionary); the session's summary (:class:`RimSummary`) goes into the table's s
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -53,6 +52,8 @@ NOT_ASSESSED = "not assessed"
 ASSESSED = "assessed"
 #: Why no lesion of a session is assessed when it has no susceptibility image.
 NO_SUSCEPTIBILITY = "no susceptibility data in this session"
+#: Why no lesion is assessed when the configuration turns the rim assessment off.
+RIMS_OFF = "rim assessment turned off (rims.enabled: false)"
 
 _MEASURE_UNITS = {"chi_ppm": ("χ", "ppm"), "phase_rad": ("filtered phase", "rad")}
 
@@ -115,6 +116,10 @@ RIM_COLUMNS: dict[str, dict[str, Any]] = {
         "Description": "one character per 30-degree in-plane sector of that slice, from angle "
         "-180 degrees of atan2(second axis, first axis): 1 rim, 0 no rim, - no edge voxel"
     },
+}
+
+#: The lesion-table columns of the lesion's tissue beyond the rim.
+TISSUE_COLUMNS: dict[str, dict[str, Any]] = {
     "t1w_ratio": {
         "Description": "median T1w intensity of the lesion over that of nearby normal-appearing "
         "white matter"
@@ -356,8 +361,6 @@ class RimAssessment:
 def not_assessed(reason: str, fov_fraction: float | None = None) -> dict[str, Any]:
     """Return the rim columns of a lesion that is not assessed (every measure ``None``)."""
     row: dict[str, Any] = dict.fromkeys(RIM_COLUMNS)
-    for key in ("t1w_ratio", "t1_black_hole", "qt1_ms"):
-        del row[key]
     row.update(rim_call=NOT_ASSESSED, rim_status=reason, rim_fov_fraction=fov_fraction)
     return row
 
@@ -369,6 +372,7 @@ def assess_rims(
     bundle: RimBundle | None,
     *,
     device: str = "cpu",
+    unassessed: str = NO_SUSCEPTIBILITY,
 ) -> RimAssessment:
     """Return each lesion's rim columns (by lesion id), the session's summary, and the patches
     and measures that were classified.
@@ -380,10 +384,11 @@ def assess_rims(
         bundle: the rim classifier (:func:`smoulder.rims.network.load_bundle`); ``None``: the
             rule-based measures only (``rim_probability`` n/a, the call from the rules).
         device: where the classifier runs.
+        unassessed: the reason given for every lesion when ``lesions`` or ``source`` is None.
     """
     ids = sorted(int(i) for i in np.unique(np.asarray(instances.dataobj)) if i > 0)
     if lesions is None or source is None:
-        return RimAssessment({i: not_assessed(NO_SUSCEPTIBILITY) for i in ids}, RimSummary())
+        return RimAssessment({i: not_assessed(unassessed) for i in ids}, RimSummary())
     rows: dict[int, dict[str, Any]] = {}
     patches: list[np.ndarray] = []
     features: list[np.ndarray] = []
@@ -488,7 +493,7 @@ def lesion_tissue(
     unit1: nib.Nifti1Image | None = None,
     mp2rage: tuple[Path, Path] | None = None,
 ) -> dict[int, dict[str, Any]]:
-    """Return each lesion's tissue columns: ``t1w_ratio``, ``t1_black_hole``, ``qt1_ms``.
+    """Return each lesion's tissue columns (:data:`TISSUE_COLUMNS`), ``None`` where not measured.
 
     Args:
         instances: lesion instances on the FLAIR grid.
@@ -500,15 +505,11 @@ def lesion_tissue(
             (:func:`smoulder.rims.tissue.mp2rage_parameters`); ``None``: ``qt1_ms`` is n/a.
     """
     from smoulder.grids import voxel_sizes
-    from smoulder.inputs import sidecar_path
+    from smoulder.inputs import read_sidecar, sidecar_path
     from smoulder.rims.tissue import lesion_qt1_ms, mp2rage_parameters, t1_black_holes, t1_map_ms
 
     ids = np.asarray(instances.dataobj).astype(np.int64)
-    rows: dict[int, dict[str, Any]] = {
-        int(i): {"t1w_ratio": None, "t1_black_hole": None, "qt1_ms": None}
-        for i in np.unique(ids)
-        if i > 0
-    }
+    rows = {int(i): dict.fromkeys(TISSUE_COLUMNS) for i in np.unique(ids) if i > 0}
     if t1w is not None and wm is not None and rows:
         holes = t1_black_holes(
             np.asarray(t1w.dataobj),
@@ -521,34 +522,17 @@ def lesion_tissue(
             rows[lid].update(t1w_ratio=round(float(hole["t1w_ratio"]), 3),
                              t1_black_hole=bool(hole["t1_black_hole"]))  # fmt: skip
     if unit1 is not None and mp2rage is not None and rows:
-        sides = [sidecar_path(Path(p)) for p in mp2rage]
+        inv1, inv2 = mp2rage
         params = mp2rage_parameters(
-            read_sidecar(sides[0]), read_sidecar(sides[1]), inv1_path=sides[0], inv2_path=sides[1]
+            read_sidecar(inv1),
+            read_sidecar(inv2),
+            inv1_path=sidecar_path(Path(inv1)),
+            inv2_path=sidecar_path(Path(inv2)),
         )
         t1_map = t1_map_ms(np.asarray(unit1.dataobj), params)
         for lid, value in lesion_qt1_ms(t1_map, ids).items():
             rows[lid]["qt1_ms"] = None if np.isnan(value) else round(value, 1)
     return rows
-
-
-def read_sidecar(path: str | Path) -> dict[str, Any]:
-    """Return the JSON object in ``path``; ``{}`` when there is no such file.
-
-    Raises:
-        InputError: the file is not a JSON object.
-    """
-    from smoulder.errors import InputError
-
-    path = Path(path)
-    if not path.is_file():
-        return {}
-    try:
-        content = json.loads(path.read_text())
-    except ValueError as exc:
-        raise InputError(str(path), expected="a JSON sidecar", found=str(exc)) from exc
-    if not isinstance(content, dict):
-        raise InputError(str(path), expected="a JSON object", found=type(content).__name__)
-    return content
 
 
 @dataclass(frozen=True)
@@ -602,7 +586,7 @@ def load_gre_session(
     """Return the session's lesions on the GRE grid and the image to assess, or ``None``
     when the session has no susceptibility data."""
     from smoulder.grids import resample_to_grid
-    from smoulder.inputs import sidecar_path
+    from smoulder.inputs import read_sidecar, sidecar_path
     from smoulder.qsm.masks import session_masks
     from smoulder.qsm.reconstruct import filtered_phase, load_echoes
 
@@ -633,7 +617,7 @@ def load_gre_session(
         magnitude=magnitude,
         valid=valid,
         affine=grid.affine,
-        sidecar=read_sidecar(sidecar_path(Path(stated_in))),
+        sidecar=read_sidecar(stated_in),
         sidecar_path=str(sidecar_path(Path(stated_in))),
     )
     lesions = lesions_on_gre(

@@ -527,7 +527,7 @@ def _sectors_3d(regions: LesionRegions, mask: np.ndarray) -> np.ndarray:
     n_az, n_polar = SECTORS
     cos_polar = offsets[:, regions.axial] / np.maximum(np.linalg.norm(offsets, axis=1), 1e-6)
     polar = np.clip(np.floor((cos_polar + 1) / 2 * n_polar).astype(int), 0, n_polar - 1)
-    return polar * n_az + _azimuth_bins(offsets[:, in_plane[0]], offsets[:, in_plane[1]], n_az)
+    return polar * n_az + sector_index(offsets[:, in_plane[0]], offsets[:, in_plane[1]], n_az)
 
 
 def _profile_peak(chi: np.ndarray, regions: LesionRegions) -> float:
@@ -556,7 +556,7 @@ def slice_sectors(
     regions: LesionRegions,
     threshold: float,
     k: int,
-    plane_sdf: np.ndarray | None = None,
+    plane_sdf: np.ndarray,
 ) -> np.ndarray | None:
     """Return the rim flag of each in-plane sector of axial slice ``k`` of the crop.
 
@@ -565,18 +565,15 @@ def slice_sectors(
     covers the angles ``[−π + 2πs/n, −π + 2π(s+1)/n)`` of ``atan2(y, x)``, ``x`` and ``y`` the
     offsets (mm) along the first and second in-plane voxel axes from the slice's lesion
     centroid. ``None`` for a slice whose lesion section is below :data:`MIN_SLICE_RADIUS_MM`
-    or has no band. ``plane_sdf``: every slice's in-plane signed distance, when computed
-    already (:func:`_in_plane_distance_mm`).
+    or has no band. ``plane_sdf``: every slice's in-plane signed distance to the lesion's edge
+    (:func:`_in_plane_distance_mm`).
     """
     ax = regions.axial
     plane_mm = np.delete(regions.voxel_mm, ax)
     lesion = np.take(regions.lesion, k, axis=ax)
     if lesion.sum() * plane_mm.prod() < np.pi * MIN_SLICE_RADIUS_MM**2:
         return None
-    if plane_sdf is None:
-        sdf = _signed_distance_mm(lesion, plane_mm)
-    else:
-        sdf = np.take(plane_sdf, k, axis=ax)
+    sdf = np.take(plane_sdf, k, axis=ax)
     usable = np.take(regions.usable, k, axis=ax)
     band = (sdf >= -RIM_INNER_MM) & (sdf <= RIM_OUTER_MM) & ~_core(lesion, sdf) & usable
     if not band.any():
@@ -592,12 +589,21 @@ def slice_sectors(
 def _plane_sectors(mask: np.ndarray, centre: np.ndarray, plane_mm: np.ndarray) -> np.ndarray:
     """Return the in-plane sector of every voxel of the 2D ``mask`` around ``centre``."""
     offsets = (np.argwhere(mask) - centre) * plane_mm
-    return _azimuth_bins(offsets[:, 0], offsets[:, 1], SLICE_SECTORS)
+    return sector_index(offsets[:, 0], offsets[:, 1], SLICE_SECTORS)
 
 
-def _azimuth_bins(x: np.ndarray, y: np.ndarray, n: int) -> np.ndarray:
-    """Return the index (0…n−1) of the angular sector of the in-plane offsets ``(x, y)``."""
-    angle = np.arctan2(y, x)
+def sector_index(x: np.ndarray, y: np.ndarray, n: int) -> np.ndarray:
+    """Return the angular sector (0…n−1) of each in-plane offset ``(x, y)`` (mm).
+
+    Sector ``s`` covers the angles ``[−π + 2πs/n, −π + 2π(s+1)/n)`` of ``atan2(y, x)``: the
+    convention of the lesion table's ``rim_sectors`` (:func:`slice_sectors`), which the report
+    draws.
+
+    Examples:
+        >>> sector_index(np.array([-1.0, 1.0, 0.0]), np.array([-0.1, 0.1, -1.0]), 12).tolist()
+        [0, 6, 3]
+    """
+    angle = np.arctan2(np.asarray(y, float), np.asarray(x, float))
     return np.clip(np.floor((angle + np.pi) / (2 * np.pi) * n).astype(int), 0, n - 1)
 
 

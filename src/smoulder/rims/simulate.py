@@ -258,11 +258,9 @@ def _on_grid(img: nib.Nifti1Image, grid: nib.Nifti1Image) -> np.ndarray:
 
 def _truth_labels(table: Path) -> dict[int, int]:
     """Return ``{lesion id: 1 if its rim is complete (rim == "yes") else 0}``."""
-    import csv
+    from smoulder.images import read_tsv
 
-    with table.open(newline="") as handle:
-        rows = list(csv.DictReader(handle, delimiter="\t"))
-    return {int(r["lesion_id"]): int(r["rim"] == "yes") for r in rows}
+    return {int(r["lesion_id"]): int(r["rim"] == "yes") for r in read_tsv(table)}
 
 
 def simulate_shard(seed: int, out_dir: str | Path, *, keep_phantoms: bool = False) -> Path:
