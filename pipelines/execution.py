@@ -185,15 +185,21 @@ def _location(path: str) -> tuple[str | None, str | None]:
 
 
 def workflow_nodes(wf: Any) -> dict[str, Any]:
-    """Return the nodes that run (identity nodes dissolve when Nipype flattens the graph)."""
-    from nipype.interfaces.utility import IdentityInterface
-
+    """Return the nodes that compute or publish: not the wiring (identity nodes dissolve when
+    Nipype flattens the graph; list merges and picks only route files)."""
     nodes = {}
     for name in wf.list_node_names():
         node = wf.get_node(name)
-        if not isinstance(node.interface, IdentityInterface):
+        if not _is_wiring(node):
             nodes[name] = node
     return nodes
+
+
+def _is_wiring(node: Any) -> bool:
+    """Return whether ``node`` only routes values (identity, list merge, list pick)."""
+    from nipype.interfaces.utility import IdentityInterface, Merge, Select
+
+    return isinstance(node.interface, IdentityInterface | Merge | Select)
 
 
 def _is_output(node: Any) -> bool:
@@ -251,6 +257,8 @@ class RunMonitor:
     def __call__(self, node: Any, status: str) -> None:
         """Record a node's ``start``, ``end`` or ``exception`` (Nipype's callback protocol)."""
         self.seen = True
+        if _is_wiring(node):
+            return
         path = self._path(node)
         record = self.records.get(path)
         if record is None:  # a node added after the monitor was made: keep it anyway
@@ -827,8 +835,39 @@ def run_sessions(
         "cpus": available_cpus(),
         "work_dir": str(work_dir),
     }
-    record_run(writer, result, [p for p in plans if p.skipped], run, argv=argv)
+    record_run(
+        writer,
+        result,
+        [*(p for p in plans if p.skipped), *cross_sectional(runnable)],
+        run,
+        argv=argv,
+    )
     return 0 if result is None else len(result.failures)
+
+
+def cross_sectional(plans: Sequence[Any]) -> list[Any]:
+    """Return a ``longitudinal`` row's plan, skipped with its reason, for every subject of
+    ``plans`` with sessions but only one of them (no change between sessions to measure).
+
+    Examples:
+        >>> from types import SimpleNamespace as P
+        >>> [r.skipped for r in cross_sectional([P(subject="01", session="01")])]
+        ['one session: cross-sectional outputs only (lesion activity needs two or more)']
+        >>> cross_sectional([P(subject="01", session="01"), P(subject="01", session="02")])
+        []
+    """
+    from types import SimpleNamespace
+
+    sessions: dict[str, set[str]] = {}
+    for p in plans:
+        if p.session is not None:
+            sessions.setdefault(p.subject, set()).add(p.session)
+    reason = "one session: cross-sectional outputs only (lesion activity needs two or more)"
+    return [
+        SimpleNamespace(subject=s, session=LONGITUDINAL, skipped=reason)
+        for s, found in sorted(sessions.items())
+        if len(found) == 1
+    ]
 
 
 def record_run(

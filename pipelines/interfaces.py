@@ -18,6 +18,7 @@ from typing import Any
 
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
+    Directory,
     File,
     SimpleInterface,
     TraitedSpec,
@@ -178,6 +179,9 @@ class _HalfwayInputSpec(_RegistrationInputSpec):
     transform = traits.Enum(
         "deformable", "affine", "rigid", usedefault=True, desc="transform model"
     )
+    labels = traits.List(
+        traits.Str, ["a", "b"], usedefault=True, desc="session labels of A and B (the space's)"
+    )
 
 
 class _HalfwayOutputSpec(TraitedSpec):
@@ -189,6 +193,10 @@ class _HalfwayOutputSpec(TraitedSpec):
         exists=True,
         desc="ITK displacement field on B's grid mapping B points to A points: resamples A onto B",
     )
+    space_dir = Directory(
+        exists=True, desc="the two sessions' within-subject space (the halfway grid and maps)"
+    )
+    space_files = traits.List(File(exists=True), desc="its grid → A and grid → B maps")
 
 
 class HalfwayRegister(SimpleInterface):
@@ -203,6 +211,7 @@ class HalfwayRegister(SimpleInterface):
     output_spec = _HalfwayOutputSpec
 
     def _run_interface(self, runtime: Any) -> Any:
+        from smoulder.longitudinal.space import SubjectSpace
         from smoulder.registration.engines import halfway
 
         (a, b), coarse = _load_coarse(
@@ -213,6 +222,14 @@ class HalfwayRegister(SimpleInterface):
         for direction, chain, grid in (("a_to_b", result.a_to_b, a), ("b_to_a", result.b_to_a, b)):
             field = chain.to_displacement(grid).save(cwd / f"{direction}.nii.gz")
             self._results[f"xfm_{direction}"] = str(field)
+        label_a, label_b = self.inputs.labels
+        space = SubjectSpace(
+            result.reference, {label_a: result.to_a, label_b: result.to_b}, "halfway"
+        )
+        self._results["space_dir"] = str(space.save(cwd / "space"))
+        self._results["space_files"] = [
+            str(cwd / "space" / f"to-{s}.nii.gz") for s in space.sessions
+        ]
         return runtime
 
 
@@ -255,6 +272,149 @@ class JacobianMaps(SimpleInterface):
         for key, img in (("det_file", det), ("logdet_file", logdet)):
             path = cwd / f"{key[: -len('_file')]}.nii.gz"
             self._results[key] = str(save_nifti(np.asarray(img.dataobj), img.affine, path))
+        return runtime
+
+
+class _TemplateInputSpec(_RegistrationInputSpec):
+    in_files = traits.List(File(exists=True), mandatory=True, desc="session references, time order")
+    labels = traits.List(traits.Str, mandatory=True, desc="their session labels")
+    transform = traits.Enum(
+        "deformable", "affine", "rigid", usedefault=True, desc="transform model"
+    )
+
+
+class _TemplateOutputSpec(TraitedSpec):
+    space_dir = Directory(exists=True, desc="the within-subject template grid and maps")
+    space_files = traits.List(File(exists=True), desc="its grid → session maps, in order")
+
+
+class SubjectTemplate(SimpleInterface):
+    """Build the unbiased within-subject template of three or more sessions
+    (:func:`smoulder.longitudinal.space.subject_space`)."""
+
+    input_spec = _TemplateInputSpec
+    output_spec = _TemplateOutputSpec
+
+    def _run_interface(self, runtime: Any) -> Any:
+        from smoulder.longitudinal.space import subject_space
+
+        _, coarse = _load_coarse(list(self.inputs.in_files), self.inputs.resolution_mm)
+        space = subject_space(
+            dict(zip(self.inputs.labels, coarse, strict=True)),
+            transform=self.inputs.transform,
+            **_engine_options(self.inputs),
+        )
+        folder = space.save(Path(runtime.cwd) / "space")
+        self._results["space_dir"] = str(folder)
+        self._results["space_files"] = [str(folder / f"to-{s}.nii.gz") for s in space.sessions]
+        return runtime
+
+
+class _ActivityInputSpec(BaseInterfaceInputSpec):
+    space_dir = Directory(exists=True, mandatory=True, desc="the within-subject space")
+    labels = traits.List(traits.Str, mandatory=True, desc="session labels, time order")
+    flair_files = traits.List(File(exists=True), mandatory=True, desc="session references")
+    lesion_files = traits.List(File(exists=True), mandatory=True, desc="lesion instances")
+    lesion_probseg_files = traits.List(File(exists=True), desc="lesion probability")
+    wm_probseg_files = traits.List(File(exists=True), desc="white-matter probability")
+    brain_mask_files = traits.List(File(exists=True), desc="brain masks")
+    t1_files = traits.List(File(exists=True), desc="T1w (or UNIT1) on the FLAIR grids")
+    lesion_stats_files = traits.List(File(exists=True), desc="the sessions' lesion tables")
+    bids_dir = traits.Str(mandatory=True, desc="the raw BIDS dataset (session dates)")
+    subject = traits.Str(mandatory=True, desc="subject label")
+    settings = traits.Dict(desc="the configuration's longitudinal section")
+
+
+class _ActivityOutputSpec(TraitedSpec):
+    lesions_table = File(exists=True, desc="lesion x session table")
+    lesions_metadata = traits.Dict(desc="its column dictionary")
+    intervals_table = File(exists=True, desc="per-interval activity table")
+    intervals_metadata = traits.Dict(desc="its column dictionary")
+    label_files = traits.List(File(exists=True), desc="persistent lesion IDs per session (grid)")
+    change_files = traits.List(File(exists=True), desc="new and enlarging voxels per interval")
+    expansion_files = traits.List(File(exists=True), desc="expansion per interval (%/yr)")
+    sel_files = traits.List(File(exists=True), desc="SEL candidates since the first session")
+
+
+class LesionActivity(SimpleInterface):
+    """Track lesions, decide their fates and call slowly expanding lesions
+    (:func:`smoulder.longitudinal.activity.lesion_activity`) on the within-subject space."""
+
+    input_spec = _ActivityInputSpec
+    output_spec = _ActivityOutputSpec
+
+    def _run_interface(self, runtime: Any) -> Any:
+        import nibabel as nib
+        import numpy as np
+
+        from smoulder.images import read_tsv, save_tsv, write_nifti
+        from smoulder.longitudinal import activity as act
+        from smoulder.longitudinal.intervals import session_times, years_since_first
+        from smoulder.longitudinal.space import SubjectSpace
+
+        labels = list(self.inputs.labels)
+
+        def per_session(name: str) -> list[Any]:
+            files = getattr(self.inputs, name)
+            if not isdefined(files) or len(files) != len(labels):
+                return [None] * len(labels)
+            return list(files)
+
+        def load(path: Any) -> Any:
+            return nib.load(path) if path else None
+
+        extra = {k: per_session(f"{k}_files") for k in
+                 ("lesion_probseg", "wm_probseg", "brain_mask", "t1", "lesion_stats")}  # fmt: skip
+        sessions = [
+            act.SessionImages(
+                label=label,
+                flair=nib.load(self.inputs.flair_files[k]),
+                lesions=nib.load(self.inputs.lesion_files[k]),
+                lesion_probability=load(extra["lesion_probseg"][k]),
+                wm=load(extra["wm_probseg"][k]),
+                brain=load(extra["brain_mask"][k]),
+                t1=load(extra["t1"][k]),
+                rim_rows=read_tsv(extra["lesion_stats"][k]) if extra["lesion_stats"][k] else None,
+            )
+            for k, label in enumerate(labels)
+        ]
+        times, sources = session_times(self.inputs.bids_dir, self.inputs.subject, labels)
+        missing = [s for s, src in sources.items() if src == "missing"]
+        space = SubjectSpace.load(self.inputs.space_dir)
+        settings = act.ActivitySettings.from_mapping(
+            self.inputs.settings if isdefined(self.inputs.settings) else {}
+        )
+        result = act.lesion_activity(space, sessions, years_since_first(times), settings)
+        cwd = Path(runtime.cwd)
+        dates = {s: (t.isoformat() if t else "missing") for s, t in zip(labels, times, strict=True)}
+        common = {
+            "SessionDates": dates,
+            "SessionDateSources": sources,
+            "Messages": result.messages
+            + [f"no acquisition date for session(s) {', '.join(missing)} (sessions.tsv "
+               "acq_time, scans.tsv, AcquisitionDateTime)"] * bool(missing),
+        }  # fmt: skip
+        for key, rows, columns in (
+            ("lesions", result.rows, act.COLUMNS),
+            ("intervals", result.intervals, act.INTERVAL_COLUMNS),
+        ):
+            path = save_tsv(rows, cwd / f"{key}.tsv", columns=list(columns))
+            self._results[f"{key}_table"] = str(path)
+            self._results[f"{key}_metadata"] = {**act.column_dictionary(columns), **common}
+        grid = space.grid.affine
+        maps = {
+            "label_files": [(f"labels-{s}", result.labels[s], np.int16) for s in labels],
+            "change_files": [(f"change-{i}", m, np.uint8) for i, m in result.change.items()],
+            "expansion_files": [
+                (f"expansion-{i}", m, np.float32) for i, m in result.expansion.items()
+            ],
+            "sel_files": [(f"sel-{s}", m, np.uint8) for s, m in result.sel.items()],
+        }
+        for key, items in maps.items():
+            self._results[key] = [
+                str(write_nifti(nib.Nifti1Image(data.astype(dtype), grid), cwd / f"{name}.nii.gz"))
+                for name, data, dtype in items
+            ]
         return runtime
 
 

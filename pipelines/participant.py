@@ -18,7 +18,12 @@ from typing import TYPE_CHECKING
 from nipype.pipeline import engine as pe
 
 from smoulder.inputs import SessionInputs, session_label
-from smoulder.pipelines.session import REFERENCE, WorkflowContext, init_session_wf
+from smoulder.pipelines.session import (
+    REFERENCE,
+    SESSION_OUTPUTS,
+    WorkflowContext,
+    init_session_wf,
+)
 from smoulder.pipelines.subject import init_subject_wf
 
 if TYPE_CHECKING:
@@ -155,19 +160,27 @@ def _init_sub_wf(
         sub_wf.add_nodes([session_wfs[plan.session]])
     labels = [s for s in session_wfs if s is not None]
     if len(labels) >= 2:
+        segmented = cfg.segmentation.enabled
+        with_t1 = all({"T1w", "UNIT1"} & set(p.images) for p in plans if p.session is not None)
         longitudinal = init_subject_wf(
             subject=subject,
             sessions=labels,
             context=context,
             registration=cfg.registration.longitudinal,
+            activity=cfg.longitudinal if segmented else None,
+            with_t1=with_t1,
         )
+        outputs = [
+            o for o in SESSION_OUTPUTS if o == "reference" or (segmented and (o != "t1" or with_t1))
+        ]
         for label in labels:
-            sub_wf.connect(
-                session_wfs[label],
-                "outputnode.reference",
-                longitudinal,
-                f"inputnode.reference_{label}",
-            )
+            for output in outputs:
+                sub_wf.connect(
+                    session_wfs[label],
+                    f"outputnode.{output}",
+                    longitudinal,
+                    f"inputnode.{output}_{label}",
+                )
     return sub_wf
 
 

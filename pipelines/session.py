@@ -53,6 +53,13 @@ if TYPE_CHECKING:
 #: The modality every other image of a session is aligned to.
 REFERENCE = "FLAIR"
 
+#: What a session workflow's ``outputnode`` gives the subject's longitudinal workflow (all on the
+#: session's FLAIR grid; all but ``reference`` only when segmentation runs, ``t1`` only with a
+#: T1w or UNIT1).
+SESSION_OUTPUTS = [
+    "reference", "lesions", "probseg_lesion", "probseg_wm", "brain_mask", "t1", "lesion_stats",
+]  # fmt: skip
+
 #: Entities and suffix of each modality's published image (the MEGRE is its echo-1 magnitude).
 MODALITY_ENTITIES: dict[str, tuple[dict[str, Any], str]] = {
     "FLAIR": ({}, "FLAIR"),
@@ -238,8 +245,11 @@ def init_session_wf(
             parameters): quantitative T1 per lesion from the UNIT1.
         name: workflow name.
 
-    Outputs (``outputnode``):
+    Outputs (``outputnode``, :data:`SESSION_OUTPUTS`):
         reference: the conformed FLAIR (the session's reference grid).
+        lesions, probseg_lesion, probseg_wm, brain_mask: the segmentation's, when it runs.
+        t1: the T1w (else the UNIT1) on the FLAIR grid, when there is one.
+        lesion_stats: the lesion table with the rim and tissue columns, when segmentation runs.
     """
     if REFERENCE not in images:
         raise ValueError(f"init_session_wf: expected a {REFERENCE} image, found {sorted(images)}")
@@ -254,7 +264,7 @@ def init_session_wf(
     inputnode = pe.Node(IdentityInterface(fields=[m.lower() for m in images]), name="inputnode")
     for modality, path in files.images.items():
         setattr(inputnode.inputs, modality.lower(), str(path))
-    outputnode = pe.Node(IdentityInterface(fields=["reference"]), name="outputnode")
+    outputnode = pe.Node(IdentityInterface(fields=SESSION_OUTPUTS), name="outputnode")
     conform_ref = pe.Node(
         Conform(), name=f"conform_{REFERENCE.lower()}", mem_gb=context.memory_gb("conform")
     )
@@ -282,6 +292,15 @@ def init_session_wf(
         return wf
     seg = _add_segmentation(wf, conform_ref, coregs, context, files, segmentation)
     assess = _add_lesion_assessment(wf, conform_ref, coregs, seg, context, files, rims, mp2rage)
+    wf.connect([
+        (seg, outputnode, [("lesions", "lesions"), ("probseg_lesion", "probseg_lesion"),
+                           ("probseg_wm", "probseg_wm"), ("brain_mask", "brain_mask")]),
+        (assess, outputnode, [("lesion_stats", "lesion_stats")]),
+    ])  # fmt: skip
+    for t1 in ("T1w", "UNIT1"):
+        if t1 in coregs:
+            wf.connect(coregs[t1], "out_file", outputnode, "t1")
+            break
     gre: dict[str, Any] = {}  # the susceptibility inputs of the lesion step
     if megre_echoes is not None and "MEGRE" in coregs:
         gre["magnitude_files"], gre["phase_files"] = (

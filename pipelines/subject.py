@@ -1,7 +1,6 @@
 """The subject workflow: what needs two or more sessions of one subject.
 
-Methods, as they stand (lesion matching, SEL, atrophy and the longitudinal tables add their
-nodes here):
+Methods (atrophy adds its nodes here):
 
 1. Pairs of sessions (every later session with the first, or each with the one before) are
    registered symmetrically through a halfway space, deformably by default
@@ -9,6 +8,16 @@ nodes here):
    references). Each direction is published as one ITK displacement field.
 2. The Jacobian determinant of the earlier → later map, and its logarithm, on the earlier
    session's grid (> 1: local expansion from the earlier to the later session).
+3. The within-subject space where lesions are compared: for two sessions the halfway space of
+   step 1 (no second registration), for three or more an unbiased template
+   (:func:`smoulder.longitudinal.space.subject_template`). Each session's map from it is
+   published (``from-longitudinal``).
+4. Lesion activity (:func:`smoulder.longitudinal.activity.lesion_activity`), when segmentation
+   runs: one ID per lesion for the subject, its fate per interval (new, enlarging, stable,
+   shrinking, resolved, merged, split) decided on both sessions' images, slowly expanding
+   lesions with the subject's noise floor, and the rim calls of the sessions' lesion tables;
+   published as ``sub-X_desc-lesions_longitudinal.tsv`` (lesion × session),
+   ``sub-X_desc-activity_longitudinal.tsv`` (per interval) and maps on the within-subject grid.
 """
 
 from __future__ import annotations
@@ -18,14 +27,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nipype.interfaces.utility import IdentityInterface
+from nipype.interfaces.utility import IdentityInterface, Merge, Select
 from nipype.pipeline import engine as pe
 
-from smoulder.pipelines.interfaces import HalfwayRegister, JacobianMaps
-from smoulder.pipelines.session import REFERENCE, WorkflowContext
+from smoulder.pipelines.interfaces import (
+    HalfwayRegister,
+    JacobianMaps,
+    LesionActivity,
+    SubjectTemplate,
+)
+from smoulder.pipelines.session import REFERENCE, SESSION_OUTPUTS, WorkflowContext
 
 if TYPE_CHECKING:
-    from smoulder.config import LongitudinalRegistration
+    from smoulder.config import LongitudinalRegistration, LongitudinalSettings
+
+#: Space label of the within-subject grid in derivative names.
+WITHIN_SUBJECT = "longitudinal"
 
 #: Name of the subject's longitudinal workflow in the graph (and of its work-directory folder).
 SUBJECT_WF = "subject_wf"
@@ -77,6 +94,8 @@ def init_subject_wf(
     sessions: Sequence[str],
     context: WorkflowContext,
     registration: LongitudinalRegistration,
+    activity: LongitudinalSettings | None = None,
+    with_t1: bool = False,
     name: str = SUBJECT_WF,
 ) -> pe.Workflow:
     """Return the longitudinal workflow of one subject with two or more sessions.
@@ -90,19 +109,33 @@ def init_subject_wf(
             ``affine`` or ``rigid``), ``resolution_mm`` (estimate the registration on images
             coarsened to this voxel size; ``None``: on the images as they are; the outputs keep
             each session's grid).
+        activity: the lesion-activity settings (the configuration's ``longitudinal``
+            section); ``None``: no lesion activity (segmentation off).
+        with_t1: every session has a T1w (or UNIT1) on its FLAIR grid (the lesions' T1 change).
         name: workflow name.
 
     Inputs (``inputnode``):
-        reference_<session>: each session's conformed reference (from its session workflow).
+        <output>_<session>: each session workflow's outputs (:data:`SESSION_OUTPUTS`).
     """
     if len(sessions) < 2:
         raise ValueError(f"init_subject_wf: expected two or more sessions, found {list(sessions)}")
+    ordered = session_order(sessions)
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(
-        IdentityInterface(fields=[f"reference_{s}" for s in sessions]), name="inputnode"
+        IdentityInterface(fields=[f"{o}_{s}" for s in ordered for o in SESSION_OUTPUTS]),
+        name="inputnode",
     )
-    for a, b in session_pairs(sessions, mode=registration.pairs):
-        _add_pair(wf, inputnode, context, registration, subject, a, b)
+    halfways = {
+        (a, b): _add_pair(wf, inputnode, context, registration, subject, a, b)
+        for a, b in session_pairs(sessions, mode=registration.pairs)
+    }
+    if activity is None or not activity.enabled:
+        return wf
+    if len(ordered) == 2:
+        space, field = halfways[ordered[0], ordered[1]], "space_dir"
+    else:
+        space, field = _add_template(wf, inputnode, context, registration, ordered), "space_dir"
+    _add_activity(wf, inputnode, (space, field), context, subject, ordered, activity, with_t1)
     return wf
 
 
@@ -114,16 +147,15 @@ def _add_pair(
     subject: str,
     a: str,
     b: str,
-) -> None:
-    """Add the halfway registration of sessions ``a`` and ``b`` (earlier, later) and its sinks.
-
-    The Jacobian maps of the ``a`` → ``b`` map are on ``a``'s grid.
-    """
+) -> pe.Node:
+    """Return the halfway registration of sessions ``a`` and ``b`` (earlier, later), after
+    adding it, its Jacobian maps (on ``a``'s grid) and their sinks."""
     pair = f"{a}_{b}"
     halfway = pe.Node(
         HalfwayRegister(
             transform=settings.transform,
             resolution_mm=settings.resolution_mm or 0.0,
+            labels=[a, b],
             **context.registration_inputs(),
         ),
         name=f"halfway_{pair}",
@@ -156,6 +188,143 @@ def _add_pair(
         )
         wf.connect(halfway, output, sink, "in_file")
     _add_jacobian_sinks(wf, jacobian, context, later, a, b, references)
+    return halfway
+
+
+def _add_template(
+    wf: pe.Workflow,
+    inputnode: pe.Node,
+    context: WorkflowContext,
+    settings: LongitudinalRegistration,
+    sessions: Sequence[str],
+) -> pe.Node:
+    """Return the within-subject template node of three or more sessions (time order)."""
+    template = pe.Node(
+        SubjectTemplate(
+            labels=list(sessions),
+            transform=settings.transform,
+            resolution_mm=settings.resolution_mm or 0.0,
+            **context.registration_inputs(),
+        ),
+        name="template",
+        n_procs=context.n_procs,
+        mem_gb=context.memory_gb("halfway", volumes=len(sessions)),
+    )
+    refs = pe.Node(Merge(len(sessions)), name="merge_references", run_without_submitting=True)
+    for k, s in enumerate(sessions, start=1):
+        wf.connect(inputnode, f"reference_{s}", refs, f"in{k}")
+    wf.connect(refs, "out", template, "in_files")
+    return template
+
+
+#: The lesion-activity inputs fed from the session workflows: (session output, input).
+_ACTIVITY_INPUTS = (
+    ("reference", "flair_files"),
+    ("lesions", "lesion_files"),
+    ("probseg_lesion", "lesion_probseg_files"),
+    ("probseg_wm", "wm_probseg_files"),
+    ("brain_mask", "brain_mask_files"),
+    ("lesion_stats", "lesion_stats_files"),
+)
+
+
+def _add_activity(
+    wf: pe.Workflow,
+    inputnode: pe.Node,
+    space: tuple[pe.Node, str],
+    context: WorkflowContext,
+    subject: str,
+    sessions: Sequence[str],
+    settings: LongitudinalSettings,
+    with_t1: bool,
+) -> None:
+    """Add the lesion-activity node, its inputs from every session, and its sinks."""
+    from dataclasses import asdict
+
+    node = pe.Node(
+        LesionActivity(
+            labels=list(sessions),
+            bids_dir=str(context.bids_dir),
+            subject=subject,
+            settings=asdict(settings),
+        ),
+        name="lesion_activity",
+        mem_gb=context.memory_gb("jacobian", volumes=2 * len(sessions)),
+    )
+    wf.connect(space[0], space[1], node, "space_dir")
+    inputs = _ACTIVITY_INPUTS + ((("t1", "t1_files"),) if with_t1 else ())
+    for output, field in inputs:
+        merge = pe.Node(Merge(len(sessions)), name=f"merge_{output}", run_without_submitting=True)
+        for k, s in enumerate(sessions, start=1):
+            wf.connect(inputnode, f"{output}_{s}", merge, f"in{k}")
+        wf.connect(merge, "out", node, field)
+    references = [context.reference_file(subject, s) for s in sessions]
+    tables = (
+        ("lesions", "lesions", "lesion x session: persistent lesion IDs, fates, SEL, rims"),
+        ("intervals", "activity", "per interval: new, enlarging, SEL and PRL counts"),
+    )
+    for key, desc, text in tables:
+        sink = context.sink(
+            f"ds_{key}_longitudinal",
+            entities={"sub": subject, "desc": desc},
+            suffix="longitudinal",
+            sources=references,
+            metadata={"Description": text},
+        )
+        wf.connect([(node, sink, [(f"{key}_table", "in_file"), (f"{key}_metadata", "metadata")])])
+    _add_activity_map_sinks(wf, node, context, subject, sessions, references)
+    for k, s in enumerate(sessions):
+        pick = pe.Node(Select(index=[k]), name=f"pick_space_{s}", run_without_submitting=True)
+        sink = context.sink(
+            f"ds_xfm_longitudinal_to_{s}",
+            entities={"sub": subject, "ses": s, "from": WITHIN_SUBJECT, "to": f"ses{s}",
+                      "mode": "image"},
+            suffix="xfm",
+            sources=list(references),
+            metadata={"Description": f"ITK displacement field on the within-subject grid "
+                      f"mapping its points to ses-{s} points: resamples ses-{s} images onto "
+                      "the grid of the longitudinal maps"},
+        )  # fmt: skip
+        wf.connect(
+            [(space[0], pick, [("space_files", "inlist")]), (pick, sink, [("out", "in_file")])]
+        )
+
+
+def _add_activity_map_sinks(
+    wf: pe.Workflow,
+    node: pe.Node,
+    context: WorkflowContext,
+    subject: str,
+    sessions: Sequence[str],
+    references: Sequence[Path],
+) -> None:
+    """Add the sinks of the activity maps on the within-subject grid (one file per session or
+    per interval, named by its later session)."""
+    later = list(sessions[1:])
+    kinds = (
+        ("label_files", sessions, "lesions", "dseg",
+         "persistent lesion IDs (the longitudinal table's lesion_id)"),
+        ("change_files", later, "change", "mask",
+         "new and enlarging lesion voxels since the session before"),
+        ("expansion_files", later, "expansion", "map",
+         "local volume change since the session before (Jacobian ratio), %/year (%/interval "
+         "without dates)"),
+        ("sel_files", later, "SEL", "mask",
+         "candidates of the lesions called slowly expanding, since their first session"),
+    )  # fmt: skip
+    for output, labels, desc, suffix, text in kinds:
+        for k, s in enumerate(labels):
+            pick = pe.Node(
+                Select(index=[k]), name=f"pick_{output}_{s}", run_without_submitting=True
+            )
+            sink = context.sink(
+                f"ds_{desc.lower()}_{s}_longitudinal",
+                entities={"sub": subject, "ses": s, "space": WITHIN_SUBJECT, "desc": desc},
+                suffix=suffix,
+                sources=list(references),
+                metadata={"Description": text},
+            )
+            wf.connect([(node, pick, [(output, "inlist")]), (pick, sink, [("out", "in_file")])])
 
 
 def _add_jacobian_sinks(

@@ -94,6 +94,7 @@ def test_graph_has_only_real_steps(phantom_dir: Path, tmp_path: Path) -> None:
         "sub_01_wf.ses_02_wf.segment",
         "sub_01_wf.subject_wf.halfway_01_02",
         "sub_01_wf.subject_wf.jacobian_01_02",
+        "sub_01_wf.subject_wf.lesion_activity",
     ]
     assert not any(n.is_gpu_node() for n in nodes.values())
     assert nodes["sub_01_wf.ses_01_wf.coreg_t1w"].n_procs == 2
@@ -461,6 +462,7 @@ def test_corrupt_session_is_reported_and_the_others_finish(runs: Runs) -> None:
         "sub_02_wf.ses_02_wf.assess_lesions",
         "sub_02_wf.subject_wf.halfway_01_02",
         "sub_02_wf.subject_wf.jacobian_01_02",
+        "sub_02_wf.subject_wf.lesion_activity",
     }
     finished = _steps(run, "ran")
     assert {k for k in finished if k.startswith("sub_01_wf")} == {
@@ -483,7 +485,7 @@ def test_rerun_resumes_without_redoing_finished_steps(runs: Runs) -> None:
     assert _steps(after, "cached") == _steps(before, "ran")
     # Nipype did not execute them again: their result files are untouched
     finished = [_result_file(node) for node in _steps(before, "ran")]
-    assert len(finished) == 31  # 20 of sub-01, 9 of sub-02 ses-01, 2 conforms of ses-02
+    assert len(finished) == 32  # 21 of sub-01, 9 of sub-02 ses-01, 2 conforms of ses-02
     assert all(after.result_mtimes[k] == before.result_mtimes[k] for k in finished)
     summary = json.loads(sorted(runs.out.glob("smoulder/logs/provenance-*.json"))[1].read_text())
     assert {(r["subject"], r["session"]): r["status"] for r in summary["summary"]} == {
@@ -502,6 +504,7 @@ def test_changed_setting_reruns_exactly_the_affected_steps(runs: Runs) -> None:
     assert _steps(run, "ran") == {
         "sub_01_wf.subject_wf.halfway_01_02",
         "sub_01_wf.subject_wf.jacobian_01_02",
+        "sub_01_wf.subject_wf.lesion_activity",
     }
     assert len(_steps(run, "cached")) == 18
     assert not _steps(run, "failed") and not _steps(run, "not run")

@@ -282,6 +282,31 @@ class RimsSettings:
 
 
 @dataclass(frozen=True)
+class SELThresholds:
+    """Slowly expanding lesion thresholds (:class:`smoulder.longitudinal.sel.SELSettings`)."""
+
+    seed_pct_per_year: float = field(metadata=_accepts(above=0))
+    grow_pct_per_year: float = field(metadata=_accepts(above=0))
+    min_voxels: int = field(metadata=_accepts(minimum=1))
+    min_mean_pct_per_year: float = field(metadata=_accepts(minimum=0))
+    min_concentricity: float = field(metadata=_accepts(minimum=0, most=1))
+    min_constancy: float = field(metadata=_accepts(minimum=0, most=1))
+
+
+@dataclass(frozen=True)
+class LongitudinalSettings:
+    """Lesion activity over a subject's sessions: tracking, fates and SEL
+    (:class:`smoulder.longitudinal.activity.ActivitySettings`)."""
+
+    enabled: bool
+    change_pct_per_year: float = field(metadata=_accepts(above=0))
+    new_min_z: float = field(metadata=_accepts(minimum=0))
+    growth_min_z: float = field(metadata=_accepts(minimum=0))
+    min_new_voxels: int = field(metadata=_accepts(minimum=1))
+    sel: SELThresholds
+
+
+@dataclass(frozen=True)
 class PhantomSettings:
     """The dataset ``smoulder phantom`` writes (PhantomConfig keys; it checks their ranges)."""
 
@@ -317,6 +342,7 @@ class Config:
     segmentation: SegmentationSettings
     qsm: QSMSettings
     rims: RimsSettings
+    longitudinal: LongitudinalSettings
     phantom: PhantomSettings
 
 

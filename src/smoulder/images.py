@@ -144,18 +144,22 @@ def save_text(text: str, path: str | Path) -> Path:
     return Path(path)
 
 
-def save_tsv(rows: list[dict[str, Any]], path: str | Path) -> Path:
+def save_tsv(
+    rows: list[dict[str, Any]], path: str | Path, *, columns: list[str] | None = None
+) -> Path:
     """Return ``path`` after writing ``rows`` there as a tab-separated table, atomically.
 
-    Columns are the keys of the first row; missing values are written as ``n/a`` (BIDS).
+    Columns are ``columns`` (a table without rows then still has its header), else the keys of
+    the first row; missing values are written as ``n/a`` (BIDS).
     """
     import csv
     import io
 
     buf = io.StringIO()
-    if rows:
+    fields = columns or (list(rows[0]) if rows else None)
+    if fields:
         writer = csv.DictWriter(
-            buf, fieldnames=list(rows[0]), delimiter="\t", lineterminator="\n", restval="n/a"
+            buf, fieldnames=fields, delimiter="\t", lineterminator="\n", restval="n/a"
         )
         writer.writeheader()
         writer.writerows(rows)

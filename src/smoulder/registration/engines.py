@@ -422,30 +422,11 @@ def _greedy_half_warps(
     threads: int,
     settings: te.DeformableSettings,
 ) -> tuple[DisplacementTransform, DisplacementTransform]:
-    """Return ``exp(v/2)`` and ``exp(-v/2)`` of greedy's stationary-velocity registration.
-
-    Greedy registers the two halfway images with a stationary velocity field (``-sv``) and
-    represents it internally by the root ``exp(v / 2^N)`` (``-exp N``), which it writes with
-    ``-oroot``. That root is ``v / 2^N`` to first order, so ``v`` is recovered from it and
-    both halves are exponentiated here with the same scaling and squaring: ``exp(v/2)`` and
-    ``exp(-v/2)`` are then inverse to the accuracy of the exponential, not of a separate
-    numerical inversion.
-    """
-    exponent = 6
-    with tempfile.TemporaryDirectory(prefix="smoulder-greedy-") as tmp:
-        d = Path(tmp)
-        a, b = d / "a.nii", d / "b.nii"
-        nib.save(nib.Nifti1Image(_volume(a_mid, "A"), a_mid.affine), a)
-        nib.save(nib.Nifti1Image(_volume(b_mid, "B"), b_mid.affine), b)
-        common = f"-d 3 -seed {seed + 1} -threads {threads} -V 0 -wp 0"
-        _greedy(
-            f"{common} -sv -exp {exponent} {_greedy_options(settings)} "
-            f"{_greedy_mask(mask, a_mid.affine, d)} -i {a} {b} -o {d / 'warp.nii'} "
-            f"-oroot {d / 'root.nii'}"
-        )
-        root = DisplacementTransform.load(d / "root.nii")
-    linear_inv = np.linalg.inv(a_mid.affine[:3, :3]).astype(np.float32)
-    velocity_vox = np.tensordot(linear_inv, root.disp_mm, axes=1) * 2.0**exponent
+    """Return ``exp(v/2)`` and ``exp(-v/2)`` of greedy's stationary velocity ``v`` between the
+    two halfway images (:func:`_greedy_velocity`), exponentiated here with the same scaling and
+    squaring: the two halves are inverse to the accuracy of the exponential, not of a separate
+    numerical inversion."""
+    velocity_vox = _greedy_velocity(a_mid, b_mid, mask, seed, threads, settings)
     half = [
         DisplacementTransform.from_voxel_field(
             te.svf_displacement(velocity_vox, sign=sign, squarings=settings.squarings + 2),
@@ -454,6 +435,85 @@ def _greedy_half_warps(
         for sign in (0.5, -0.5)
     ]
     return half[0], half[1]
+
+
+def _greedy_velocity(
+    fixed: nib.Nifti1Image,
+    moving: nib.Nifti1Image,
+    mask: np.ndarray | None,
+    seed: int,
+    threads: int,
+    settings: te.DeformableSettings,
+) -> np.ndarray:
+    """Return greedy's stationary velocity field ``(3, X, Y, Z)`` (voxel units of the shared
+    grid) from ``fixed`` to ``moving``: ``x ↦ x + exp(v)(x)`` maps fixed voxels to moving ones.
+
+    Greedy registers with a stationary velocity field (``-sv``) and represents it internally by
+    the root ``exp(v / 2^N)`` (``-exp N``), which it writes with ``-oroot``. That root is
+    ``v / 2^N`` to first order, so ``v`` is recovered from it.
+    """
+    exponent = 6
+    with tempfile.TemporaryDirectory(prefix="smoulder-greedy-") as tmp:
+        d = Path(tmp)
+        a, b = d / "a.nii", d / "b.nii"
+        nib.save(nib.Nifti1Image(_volume(fixed, "fixed"), fixed.affine), a)
+        nib.save(nib.Nifti1Image(_volume(moving, "moving"), moving.affine), b)
+        common = f"-d 3 -seed {seed + 1} -threads {threads} -V 0 -wp 0"
+        _greedy(
+            f"{common} -sv -exp {exponent} {_greedy_options(settings)} "
+            f"{_greedy_mask(mask, fixed.affine, d)} -i {a} {b} -o {d / 'warp.nii'} "
+            f"-oroot {d / 'root.nii'}"
+        )
+        root = DisplacementTransform.load(d / "root.nii")
+    linear_inv = np.linalg.inv(fixed.affine[:3, :3]).astype(np.float32)
+    return np.tensordot(linear_inv, root.disp_mm, axes=1) * 2.0**exponent
+
+
+def velocity(
+    fixed: nib.Nifti1Image,
+    moving: nib.Nifti1Image,
+    *,
+    engine: str = "auto",
+    device: str = "auto",
+    mask: np.ndarray | None = None,
+    seed: int = 0,
+    threads: int | None = None,
+    settings: te.DeformableSettings | None = None,
+) -> np.ndarray:
+    """Return the stationary velocity field ``v`` (voxel units, ``(3, X, Y, Z)``) registering
+    two images on the same grid: fixed voxel ``x`` maps to moving voxel ``x + exp(v)(x)``.
+
+    The deformable step of a within-subject template (:mod:`smoulder.longitudinal.space`):
+    velocities of several sessions to one template can be averaged, which displacements can
+    not. Engines ``greedy`` (its ``-sv`` mode) and ``torch`` (:func:`te.svf`); ``auto`` as in
+    :func:`resolve_engine`; ``ants`` and ``fireants`` fall back to ``greedy`` on the CPU and
+    ``torch`` on CUDA.
+    """
+    engine, dev = resolve_engine(engine, device)
+    if engine in ("ants", "fireants"):
+        engine = "torch" if dev == "cuda" else "greedy"
+    if not np.allclose(fixed.affine, moving.affine, atol=1e-4) or fixed.shape != moving.shape:
+        raise RegistrationError(
+            "velocity registration",
+            expected="two images on the same grid",
+            found=f"shapes {fixed.shape} and {moving.shape}",
+        )
+    threads = threads or available_cpus()
+    settings = settings or default_settings(engine, fixed)
+    with torch_threads(threads):
+        if engine == "greedy":
+            return _greedy_velocity(fixed, moving, mask, seed, threads, settings)
+        return te.svf(
+            _volume(fixed, "fixed"),
+            fixed.affine,
+            _volume(moving, "moving"),
+            fixed.affine,
+            np.eye(4),
+            settings=settings,
+            fixed_mask=mask,
+            device=dev,
+            seed=seed,
+        )
 
 
 def _fireants(
@@ -650,7 +710,7 @@ def halfway(
     half = np.real(scipy.linalg.sqrtm(m))
     half[3] = [0, 0, 0, 1]
     h, h_inv = AffineTransform(half), AffineTransform(np.linalg.inv(half))
-    reference = _halfway_grid(a, half)
+    reference = halfway_grid(a, half)
     to_a, to_b = TransformChain([h_inv]), TransformChain([h])
     if transform == "deformable":
         # thick-slice inputs: smoothed to the grid's voxel along their finer axes first
@@ -723,7 +783,7 @@ def _fit_affine(chain: TransformChain, image: nib.Nifti1Image) -> np.ndarray:
     return out
 
 
-def _halfway_grid(a: nib.Nifti1Image, half: np.ndarray) -> nib.Nifti1Image:
+def halfway_grid(a: nib.Nifti1Image, half: np.ndarray) -> nib.Nifti1Image:
     """Return an RAS-aligned isotropic grid covering ``a`` moved half way.
 
     Its voxel has ``a``'s volume (the geometric mean of ``a``'s voxel sizes), so the grid has
@@ -733,7 +793,7 @@ def _halfway_grid(a: nib.Nifti1Image, half: np.ndarray) -> nib.Nifti1Image:
 
     Examples:
         >>> a = nib.Nifti1Image(np.zeros((40, 40, 8), np.uint8), np.diag([0.5, 0.5, 4.0, 1]))
-        >>> [round(float(z), 3) for z in _halfway_grid(a, np.eye(4)).header.get_zooms()]
+        >>> [round(float(z), 3) for z in halfway_grid(a, np.eye(4)).header.get_zooms()]
         [1.0, 1.0, 1.0]
     """
     voxel = _voxel_edge_mm(a)
