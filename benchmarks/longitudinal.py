@@ -15,8 +15,9 @@ Sets (cases)
     follow-up; head repositioning and a bias field (intensity drift) per session.
 ``phantom-thick-flair`` — subject 01 of ``phantom-2ses`` with its follow-up FLAIR from the
     same dataset made with thick 2D slices (``flair_slice_mm``): 3D baseline, 2D follow-up.
-    The phantom's lesions are fed to every method as the truth instance maps
-    (``space-T1w_desc-lesions_dseg``, brought onto the FLAIR grid where it differs).
+    The phantom's lesions are fed to smoulder and lesiontrack as the truth instance maps
+    (``space-T1w_desc-lesions_dseg``; on a thick-slice grid each voxel takes the lesion that
+    covers at least half of its slab).
 ``anatomy-patient07``, ``anatomy-patient19`` — real baselines (open MS data, Lesjak et al.,
     Neuroinformatics 2017: FLAIR, T1, consensus mask) and synthetic follow-ups one year later
     (``longitudinal_cases.anatomy_subject``): lesions expanded by known volume factors
@@ -33,7 +34,8 @@ Methods
 ``smoulder-longitudinal`` — ``smoulder.longitudinal.space.subject_space`` (greedy, CPU) and
     ``smoulder.longitudinal.activity.lesion_activity`` with default ``ActivitySettings``, in a
     child process per subject. New and enlarging lesions: the rows' fates; SEL: ``sel_call``;
-    rate: ``sel_rate_pct_per_year``; change: ``activity.change``.
+    rate: ``sel_lesion_rate`` (the lesion's mean Jacobian expansion since the first
+    session, %/year); change: ``activity.change``.
 ``lesiontrack`` — PyPI ``lesiontrack`` 0.2.0 in its own environment
     (``benchmarks/peers/lesiontrack_env.sh``): ``lesiontrack run MANIFEST --out DIR`` with the
     same masks, T1w, FLAIR and brain mask; every follow-up against the baseline in its
@@ -43,7 +45,7 @@ Methods
 ``subtraction-smoulder`` — two independent cross-sectional segmentations (smoulder's own),
     the earlier session's moved onto the later one's grid by a rigid registration (greedy):
     a later component that overlaps nothing is new, one whose volume grew by at least
-    :data:`ENLARGING_PCT_PER_YEAR` is enlarging. No SEL.
+    smoulder's ``ActivitySettings.change_pct_per_year`` (9 %/year) is enlarging. No SEL.
 ``subtraction-samseg`` — the same with SAMSEG's lesion masks (``benchmarks/peers/samseg_env.sh``).
 
 Measured
@@ -56,18 +58,21 @@ expanding lesions of true rate ≥ 5 %/year that have a measured rate; ``n_rates
 lesion called so overlaps it; a call is right when it overlaps a true one). True rate: the
 volume change from first to last session relative to the first, per year (phantom: the
 partial-volume truth volumes; real anatomy: the factor). True enlarging: an expanding lesion
-whose true volume grew by ≥ :data:`ENLARGING_PCT_PER_YEAR` over the interval. Real change, per
-subject then averaged: ``change_dice`` (voxels) and ``change_f1`` (lesion-wise, 26-connected
-components, ``smoulder.segmentation.metrics.lesion_detection``) on the common grid.
+whose true volume grew by ≥ ``ActivitySettings.change_pct_per_year`` (9 %/year) over the
+interval. Real change, per subject then averaged: ``change_dice`` (voxels) and ``change_f1``
+(lesion-wise, 26-connected components, ``smoulder.segmentation.metrics.lesion_detection``) on
+the common grid.
 ``wall_s`` — the longitudinal steps per subject (mean; smoulder: ``subject_space`` and
 ``lesion_activity``; lesiontrack: its whole process; subtraction: the registration and the
 comparison, the segmentations excluded); ``peak_rss_mb`` — the process's peak (max).
 
-``--quick`` (< 10 min on 2 cores, cold cache): phantom at 3 mm (2 subjects with 2 sessions, 1
-with 3, 1 thick-FLAIR pair), ``anatomy-patient07`` at 2 mm, ``change-patient01``;
-``subtraction-smoulder`` on the change set only (a segmentation takes ~1.5 min per session on 2
-busy cores). Phantoms, synthetic follow-ups and segmentations are cached under ``--cache``,
-named by the source of the code that made them.
+``--quick`` (< 10 min on 2 cores, cold cache): phantom at 3 mm (one subject per set; thick
+slices 6 mm), ``anatomy-patient07`` at 2 mm, ``change-patient01``; the subtraction peers on the
+change set only (a segmentation takes ~1.5 min per session on 2 cores), lesiontrack not on it
+(~3 min per subject at the data's own voxel). Full: phantom at 1 mm (3 subjects with 2
+sessions, 2 with 3, 2 thick-FLAIR pairs with 3-mm slices), real anatomy at 1 mm, both real
+sets' patients, every method. Phantoms, synthetic follow-ups and segmentations are cached under
+``--cache``, named by the source of the code that made them.
 """
 
 from __future__ import annotations
@@ -105,13 +110,9 @@ SETS = (
     "change-patient01",
     "change-patient03",
 )
-QUICK_SETS = (
-    "phantom-2ses",
-    "phantom-3ses",
-    "phantom-thick-flair",
-    "anatomy-patient07",
-    "change-patient01",
-)
+#: ``--quick``'s sets; the real-change set is left out (a segmentation of each session, ~1.5
+#: min, then registrations at the data's own voxel): ``--quick --cases change-patient01``.
+QUICK_SETS = ("phantom-2ses", "phantom-3ses", "phantom-thick-flair", "anatomy-patient07")
 #: What ``--quick`` leaves out: method -> (set-name prefixes, why).
 QUICK_LEFT_OUT = {
     SUB_SMOULDER: (("phantom-", "anatomy-"), "a segmentation per session, ~1.5 min each"),
@@ -122,7 +123,7 @@ QUICK_LEFT_OUT = {
 PHANTOM_RES_MM, QUICK_PHANTOM_RES_MM = 1.0, 3.0
 ANATOMY_RES_MM, QUICK_ANATOMY_RES_MM = 1.0, 2.0
 #: Subjects per phantom set (full, quick).
-PHANTOM_SUBJECTS = {"phantom-2ses": (3, 2), "phantom-3ses": (2, 1), "phantom-thick-flair": (2, 1)}
+PHANTOM_SUBJECTS = {"phantom-2ses": (3, 1), "phantom-3ses": (2, 1), "phantom-thick-flair": (2, 1)}
 
 
 #: Thick FLAIR slices (mm): 3 mm for a 1-mm phantom, twice the voxel of a coarser one.
@@ -136,10 +137,6 @@ def thick_slice_mm(res_mm: float) -> float:
     return max(3.0, 2.0 * res_mm)
 
 
-#: Volume growth that makes a lesion "enlarging" for the subtraction peers and the truth
-#: (%/year; Vanden Bulcke et al. 2025's band, lesiontrack's default). To be replaced by
-#: smoulder's own ``ActivitySettings`` threshold when its name is known.
-ENLARGING_PCT_PER_YEAR = 9.0
 #: Expansions slower than this are not scored for the rate error (%/year, issue 23).
 MIN_RATE_PCT_PER_YEAR = 5.0
 #: What made cached segmentations.
@@ -250,6 +247,20 @@ def pooled_f1(counts: list[dict[str, int]]) -> float:
     return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
 
 
+def enlarging_pct_per_year() -> float:
+    """Return the volume rate beyond which a lesion is enlarging (%/year): smoulder's own
+    threshold (``ActivitySettings.change_pct_per_year``; Vanden Bulcke et al. 2025), used
+    for the truth and the subtraction peers alike.
+
+    Examples:
+        >>> enlarging_pct_per_year()
+        9.0
+    """
+    from smoulder.longitudinal.activity import ActivitySettings
+
+    return float(ActivitySettings().change_pct_per_year)
+
+
 def present(truth: dict, lesion: int, session: str) -> bool:
     """Return whether the truth has lesion ``lesion`` (with a volume) at ``session``."""
     return truth["volumes_ul"].get(str(lesion), {}).get(session, 0.0) > 0
@@ -261,7 +272,7 @@ def interval_truth(
     """Return the true ``new`` and ``enlarging`` lesion ids from session ``a`` to ``b``.
 
     New: absent at ``a``, present at ``b``. Enlarging: expanding, present at both, its volume
-    grown by at least :data:`ENLARGING_PCT_PER_YEAR` per year (per interval without dates).
+    grown by at least :func:`enlarging_pct_per_year` per year (per interval without dates).
 
     Examples:
         >>> t = {"lesions": [{"id": 1, "expanding": True}, {"id": 2, "expanding": True},
@@ -281,7 +292,7 @@ def interval_truth(
             new.add(i)
         elif lesion["expanding"] and present(truth, i, a) and present(truth, i, b):
             vols = truth["volumes_ul"][str(i)]
-            if (vols[b] / vols[a] - 1.0) * 100.0 / dt >= ENLARGING_PCT_PER_YEAR:
+            if (vols[b] / vols[a] - 1.0) * 100.0 / dt >= enlarging_pct_per_year():
                 enlarging.add(i)
     return {"new": new, "enlarging": enlarging}
 
@@ -303,8 +314,8 @@ def sel_counts(
     out = {"tp": 0, "expanding": 0, "fp": 0, "non_expanding": 0}
     for lesion in truth["lesions"]:
         i = lesion["id"]
-        if not present(truth, i, first) or i not in visible:
-            continue
+        if lesion["expanding"] is None or not present(truth, i, first) or i not in visible:
+            continue  # absent, invisible, or not scored (``touched``)
         yes = called is not None and i in called
         if lesion["expanding"]:
             out["expanding"] += 1
@@ -456,32 +467,21 @@ def empty_like_truth(path: str | None, shape: tuple[int, ...]) -> np.ndarray:
 # ============================================================================ smoulder
 
 
-def longitudinal_api():  # noqa: ANN201 - a module
-    """Return the module namespace of smoulder's longitudinal API (space and activity)."""
-    if os.environ.get("SMOULDER_LONGITUDINAL_STANDIN"):  # TEMPORARY: removed before commit
-        import _longitudinal_standin as api
+def smoulder_calls(subject: dict, device: str, threads: int) -> dict:
+    """Child process: run smoulder's longitudinal steps on one subject; return its calls.
 
-        return api
-    from types import SimpleNamespace
+    Every image is read before the clock starts; the clock covers ``subject_space`` (greedy
+    halfway or template, deformable) and ``lesion_activity`` with default settings.
+    """
+    from benchenv import cuda_or_skip
 
+    from smoulder.devices import torch_threads
     from smoulder.longitudinal.activity import ActivitySettings, SessionImages, lesion_activity
     from smoulder.longitudinal.space import subject_space
 
-    return SimpleNamespace(
-        subject_space=subject_space,
-        SessionImages=SessionImages,
-        ActivitySettings=ActivitySettings,
-        lesion_activity=lesion_activity,
-    )
-
-
-def smoulder_calls(subject: dict, work: Path, device: str, threads: int) -> dict:
-    """Child process: run smoulder's longitudinal steps on one subject; return its calls."""
-    from smoulder.devices import torch_threads
-
-    api = longitudinal_api()
+    dev = cuda_or_skip(device)
     sessions = [
-        api.SessionImages(
+        SessionImages(
             label=s["label"],
             flair=loaded(s["flair"]),
             lesions=loaded(s["lesions"]),
@@ -496,16 +496,19 @@ def smoulder_calls(subject: dict, work: Path, device: str, threads: int) -> dict
     years = [s["years"] for s in subject["sessions"]]
     with torch_threads(threads):
         start = time.perf_counter()
-        space = api.subject_space(
-            [s.flair for s in sessions], engine="greedy", device=device, seed=0, threads=threads
+        space = subject_space(
+            {s.label: s.flair for s in sessions},
+            engine="greedy",
+            device=dev,
+            seed=0,
+            threads=threads,
         )
-        activity = api.lesion_activity(
-            space, sessions, years=years, settings=api.ActivitySettings()
-        )
+        activity = lesion_activity(space, sessions, years=years, settings=ActivitySettings())
         wall = time.perf_counter() - start
     calls = activity_calls(subject, space, activity)
+    note = "; ".join(activity.messages)
     calls.update(wall_s=wall, peak_rss_mb=peak_rss_mb(), device=f"cpu ({threads} threads)")
-    return calls
+    return {**calls, "note": note}
 
 
 def instance_ids(text: str) -> list[int]:
@@ -522,9 +525,10 @@ def activity_calls(subject: dict, space, activity) -> dict:  # noqa: ANN001 - AP
     """Return the calls of ``lesion_activity``'s rows, intervals and change maps.
 
     SEL: a persistent lesion with ``sel_call == "yes"`` in any row, named by its instances at
-    the first session; rate: its last finite ``sel_rate_pct_per_year``, where it is one
-    first-session instance. New/enlarging at an interval: the later session's instances of
-    rows with that fate, on that session's grid.
+    the first session; rate: its last numeric ``sel_lesion_rate`` (the whole lesion's mean
+    expansion since the first session, %/year), where it is one first-session instance.
+    New/enlarging at an interval: the later session's instances of rows with that fate, on
+    that session's grid.
     """
     from smoulder.registration.transforms import AffineTransform
 
@@ -539,10 +543,10 @@ def activity_calls(subject: dict, space, activity) -> dict:  # noqa: ANN001 - AP
         if any(r["sel_call"] == "yes" for r in rows):
             sel.update(base)
         finite = [
-            float(r["sel_rate_pct_per_year"])
+            float(r["sel_lesion_rate"])
             for r in rows
-            if r["sel_rate_pct_per_year"] is not None
-            and math.isfinite(float(r["sel_rate_pct_per_year"]))
+            if isinstance(r.get("sel_lesion_rate"), int | float)
+            and math.isfinite(float(r["sel_lesion_rate"]))
         ]
         if finite and len(base) == 1:
             rates[base[0]] = finite[-1]
@@ -582,7 +586,7 @@ def subtract(before: np.ndarray, after: np.ndarray, years: float) -> dict[str, n
 
     The components (26-connected) of ``after``: one that overlaps no lesion of ``before`` is
     new; one whose volume exceeds that of the ``before`` lesions it overlaps by at least
-    :data:`ENLARGING_PCT_PER_YEAR` per year is enlarging. Change: the new lesions and the grown
+    :func:`enlarging_pct_per_year` per year is enlarging. Change: the new lesions and the grown
     part (outside ``before``) of the enlarging ones.
 
     Examples:
@@ -608,7 +612,7 @@ def subtract(before: np.ndarray, after: np.ndarray, years: float) -> dict[str, n
             new[region] = k
             continue
         grown = (region.sum() / before_sizes[under].sum() - 1.0) * 100.0 / years
-        if grown >= ENLARGING_PCT_PER_YEAR:
+        if grown >= enlarging_pct_per_year():
             enlarging[region] = k
     change = (new > 0) | ((enlarging > 0) & ~before)
     return {"new": new, "enlarging": enlarging, "change": change}
@@ -864,7 +868,7 @@ def worker(method: str, given_json: Path, work: Path, device: str, threads: int)
         if method == "segment":
             return segment_sessions(given["items"], device, threads)
         if method == SMOULDER:
-            calls = smoulder_calls(given["subject"], work, device, threads)
+            calls = smoulder_calls(given["subject"], device, threads)
         elif method in (SUB_SMOULDER, SUB_SAMSEG):
             calls = subtraction_calls(given["subject"], given["masks"], threads)
         else:
@@ -960,7 +964,8 @@ def set_subjects(name: str, args: argparse.Namespace) -> tuple[list[dict], float
             root = cases.phantom_root(data, subjects=max(count, count_2ses), **kw)
         else:
             root = cases.phantom_root(data, subjects=count, **kw)
-        folder = data / f"{root.name}-{name}"
+        version = benchenv.source_fingerprint("longitudinal_cases")
+        folder = data / f"{root.name}-{name}-{version}"
         subjects = [
             cases.phantom_subject(root, f"{k:02d}", name, folder / f"sub-{k:02d}", thick)
             for k in range(1, count + 1)
@@ -1182,10 +1187,11 @@ DESCRIPTION = (
     "cross-sectional segmentations (smoulder's, SAMSEG's). SEL scores count lesions present at "
     "the first session; rate error: median relative error of the measured expansion rate "
     "(%/yr) over expanding lesions of true rate ≥ 5 %/yr that have one (`n_rates`); new and "
-    f"enlarging F1 are lesion-wise, pooled over intervals and subjects (enlarging: true volume "
-    f"growth ≥ {ENLARGING_PCT_PER_YEAR:g} %/yr). `lesiontrack` compares every follow-up with the "
-    "baseline (its design), smoulder and the subtraction consecutive sessions. `wall_s`: the "
-    "longitudinal steps per subject (segmentations excluded), `peak_rss_mb`: the process peak."
+    "enlarging F1 are lesion-wise, pooled over intervals and subjects (enlarging: true volume "
+    "growth ≥ smoulder's `change_pct_per_year`, 9 %/yr). `lesiontrack` compares every "
+    "follow-up with the baseline (its design), smoulder and the subtraction consecutive "
+    "sessions. `wall_s`: the longitudinal steps per subject (segmentations excluded), "
+    "`peak_rss_mb`: the process peak."
 )
 
 

@@ -161,7 +161,7 @@ def phantom_subject(
         t1 = anat / f"{prefix}_T1w.nii.gz"
         if thick_root is not None and ses == labels[-1]:
             flair = thick_root / f"sub-{sub}" / f"ses-{ses}" / "anat" / f"{prefix}_FLAIR.nii.gz"
-            lesions = on_grid_file(lesions, flair, work / f"{prefix}_lesions.nii.gz", "label")
+            lesions = thick_labels(lesions, flair, work / f"{prefix}_lesions.nii.gz")
             brain = on_grid_file(brain, flair, work / f"{prefix}_brain.nii.gz", "nearest")
             t1 = on_grid_file(t1, flair, work / f"{prefix}_T1w.nii.gz", "linear")
         sessions.append(
@@ -182,6 +182,20 @@ def phantom_subject(
         "truth": str(truth_path),
         "common": None,
     }
+
+
+def thick_labels(src: Path, like: Path, out: Path) -> Path:
+    """Return ``out`` after writing the instance map ``src`` on the (thick-slice) grid of
+    ``like``: each voxel the lesion covering at least half of its slab
+    (:func:`supersampled_labels`)."""
+    from smoulder.registration.transforms import AffineTransform
+
+    if not out.is_file():
+        img = nib.load(src)
+        labels = np.asarray(img.dataobj).astype(np.int16)
+        thick = supersampled_labels(labels, img.affine, AffineTransform.identity(), nib.load(like))
+        nib.save(nib.Nifti1Image(thick, nib.load(like).affine), out)
+    return out
 
 
 def on_grid_file(src: Path, like: Path, out: Path, interpolation: str) -> Path:
@@ -280,43 +294,53 @@ def choose_expansions(
     factors: tuple[float, ...],
     falloff_mm: float,
     rng: np.random.Generator,
-    min_volume_ul: float = 20.0,
+    min_volume_ul: float = 50.0,
 ) -> list[dict]:
-    """Return up to ``len(factors)`` lesions to expand, each with its factor.
+    """Return up to ``len(factors)`` lesions to expand, each with its factor and the other
+    lesions its deformation touches.
 
-    A lesion qualifies when its outer ball (its radius grown by the factor, plus the falloff)
-    holds no voxel of another lesion and overlaps no chosen lesion's ball, so every other
-    lesion is untouched: the truth is exact.
+    A lesion qualifies when it holds at least ``min_volume_ul`` (a lesion of a few voxels
+    cannot show a 10 % change on its grid), its core ball (its radius, where the map is a
+    pure scaling) holds no voxel of another lesion, and its outer ball (the core grown by the
+    factor, plus the falloff) overlaps no chosen lesion's. Lesions of its falloff shell are
+    ``touched``: compressed a little, their true factor is not known exactly, so they are left
+    out of the scores. Lesions with an untouched outer ball come first (crowded baselines
+    such as patient19's have few).
     """
     geometry = lesion_geometry(instances, affine)
     voxel_mm = float(np.sqrt((affine[:3, :3] ** 2).sum(axis=0)).min())
-    world_of = np.argwhere(instances > 0)
-    world = world_of @ affine[:3, :3].T + affine[:3, 3]
+    world = np.argwhere(instances > 0) @ affine[:3, :3].T + affine[:3, 3]
     ids = instances[instances > 0]
+    candidates = []
+    for lesion in rng.permutation(sorted(geometry)):
+        g = geometry[int(lesion)]
+        if g["volume_ul"] < min_volume_ul:
+            continue
+        dist = np.linalg.norm(world - g["centre_mm"], axis=1)
+        if np.any(ids[dist < g["radius_mm"] + voxel_mm] != lesion):
+            continue
+        outer = g["radius_mm"] * max(factors) ** (1 / 3) + falloff_mm + voxel_mm
+        touched = sorted({int(i) for i in ids[dist < outer]} - {int(lesion)})
+        candidates.append((len(touched) > 0, int(lesion), touched))
     chosen: list[dict] = []
-    order = [
-        i for i in rng.permutation(sorted(geometry)) if geometry[i]["volume_ul"] >= min_volume_ul
-    ]
-    for lesion in order:
+    for _, lesion, touched in sorted(candidates, key=lambda c: c[0]):
         if len(chosen) == len(factors):
             break
+        g = geometry[lesion]
         factor = factors[len(chosen)]
-        g = geometry[int(lesion)]
         outer = g["radius_mm"] * factor ** (1 / 3) + falloff_mm + voxel_mm
-        near = np.linalg.norm(world - g["centre_mm"], axis=1) < outer
-        if np.any(ids[near] != lesion):
-            continue
         if any(
             np.linalg.norm(g["centre_mm"] - c["centre_mm"]) < outer + c["outer_mm"] for c in chosen
         ):
             continue
         chosen.append(
             {
-                "id": int(lesion),
+                "id": lesion,
                 "centre_mm": g["centre_mm"].tolist(),
                 "core_mm": g["radius_mm"],
                 "factor": factor,
                 "outer_mm": outer,
+                "touched": touched,
             }
         )
     return chosen
@@ -506,16 +530,21 @@ def anatomy_subject(
 
 
 def supersampled_labels(
-    labels: np.ndarray, affine: np.ndarray, chain, steps: int = 3
-) -> np.ndarray:  # noqa: ANN001
-    """Return ``labels`` pulled through ``chain`` onto their own grid, each voxel taking the
-    label that covers at least half of it (``steps``³ sub-points, nearest label at each).
+    labels: np.ndarray,
+    affine: np.ndarray,
+    chain,  # noqa: ANN001 - any smoulder transform (fixed -> moving points)
+    like: nib.Nifti1Image | None = None,
+    steps: int = 3,
+) -> np.ndarray:
+    """Return ``labels`` pulled through ``chain`` onto the grid of ``like`` (default: their
+    own), each voxel taking the label that covers at least half of it (sub-points at
+    ``steps`` per source voxel along each axis, at least ``steps``; nearest label at each).
 
     On a voxel grid a lesion of a few voxels cannot grow by 10 %: nearest neighbour moves its
     edge by whole voxels (0 or +60 %), and label-aware linear interpolation erodes it under a
-    sub-voxel shift (ties go to the background). Majority over sub-points follows the
-    continuous volume. Only voxels near a lesion (of the nearest-neighbour result, dilated)
-    are sub-sampled.
+    sub-voxel shift or onto thick slices (ties go to the background). The majority over
+    sub-points follows the continuous volume. Only voxels near a lesion (of the
+    nearest-neighbour result, dilated) are sub-sampled.
 
     Examples:
         >>> from smoulder.registration.transforms import AffineTransform
@@ -527,14 +556,19 @@ def supersampled_labels(
     from smoulder.registration.transforms import resample
 
     img = nib.Nifti1Image(labels, affine)
-    near = np.asarray(resample(img, img, chain, interpolation="nearest").dataobj)
+    like = like or img
+    out_affine, out_shape = like.affine, like.shape[:3]
+    near = np.asarray(resample(img, like, chain, interpolation="nearest").dataobj)
     todo = np.argwhere(ndimage.binary_dilation(near > 0, iterations=2))
-    offsets = (np.indices((steps,) * 3).reshape(3, -1).T + 0.5) / steps - 0.5
+    ratio = np.sqrt((out_affine[:3, :3] ** 2).sum(0)) / np.sqrt((affine[:3, :3] ** 2).sum(0).min())
+    per_axis = [np.arange(max(steps, round(steps * r))) for r in ratio]
+    grid = np.stack(np.meshgrid(*per_axis, indexing="ij"), -1).reshape(-1, 3)
+    offsets = (grid + 0.5) / [len(a) for a in per_axis] - 0.5
     inverse = np.linalg.inv(affine)
-    out = np.zeros_like(labels)
+    out = np.zeros(out_shape, labels.dtype)
     for chunk in np.array_split(todo, max(1, len(todo) // 20000)):
         sub = (chunk[:, None, :] + offsets[None]).reshape(-1, 3)
-        moved = chain.apply(sub @ affine[:3, :3].T + affine[:3, 3])
+        moved = chain.apply(sub @ out_affine[:3, :3].T + out_affine[:3, 3])
         ijk = np.rint(moved @ inverse[:3, :3].T + inverse[:3, 3]).astype(np.int64)
         inside = np.all((ijk >= 0) & (ijk < labels.shape), axis=1)
         got = np.zeros(len(sub), labels.dtype)
@@ -567,7 +601,8 @@ def anatomy_truth(
     affine: np.ndarray,
 ) -> dict:
     """Return the truth of a synthetic follow-up: expanded lesions grow by their factor (exact
-    by construction), the others keep their volume, new lesions appear in session 02.
+    by construction), the untouched keep their volume, new lesions appear in session 02; the
+    lesions in an expansion's falloff shell (``touched``) have ``expanding`` None.
 
     ``mask_factor`` records the volume ratio the label-resampled follow-up mask shows (a
     check of the construction, not the truth)."""
@@ -577,14 +612,17 @@ def anatomy_truth(
         np.bincount(fu_labels.ravel().astype(np.int64), minlength=n + int(new.max()) + 1) * voxel_ul
     )
     factor = {e["id"]: e["factor"] for e in expansions}
+    touched = {i for e in expansions for i in e["touched"]}
     lesions, volumes = [], {}
     for i in range(1, n + 1):
         f = factor.get(i, 1.0)
+        kind = "sel" if i in factor else "touched" if i in touched else "stable"
         lesions.append(
             {
                 "id": i,
-                "kind": "sel" if i in factor else "stable",
-                "expanding": i in factor,
+                "kind": kind,
+                # None: not scored (its true factor is between the shell's compression and 1)
+                "expanding": None if kind == "touched" else i in factor,
                 "first_session": "01",
                 "true_rate_pct_per_year": (f - 1.0) * 100.0 / ANATOMY_YEARS,
                 "mask_factor": round(float(fu[i] / base[i]), 4) if base[i] else None,

@@ -18,7 +18,6 @@ from typing import Any
 
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
-    Directory,
     File,
     SimpleInterface,
     TraitedSpec,
@@ -182,6 +181,9 @@ class _HalfwayInputSpec(_RegistrationInputSpec):
     labels = traits.List(
         traits.Str, ["a", "b"], usedefault=True, desc="session labels of A and B (the space's)"
     )
+    finest = traits.Bool(
+        False, usedefault=True, desc="optimise at the full resolution too (lesion growth)"
+    )
 
 
 class _HalfwayOutputSpec(TraitedSpec):
@@ -193,10 +195,12 @@ class _HalfwayOutputSpec(TraitedSpec):
         exists=True,
         desc="ITK displacement field on B's grid mapping B points to A points: resamples A onto B",
     )
-    space_dir = Directory(
-        exists=True, desc="the two sessions' within-subject space (the halfway grid and maps)"
+    space_files = traits.List(
+        File(exists=True),
+        desc="the two sessions' within-subject space: every file SubjectSpace.save wrote (the "
+        "halfway grid, the grid → A and grid → B maps, space.json)",
     )
-    space_files = traits.List(File(exists=True), desc="its grid → A and grid → B maps")
+    session_maps = traits.List(File(exists=True), desc="its grid → A and grid → B maps")
 
 
 class HalfwayRegister(SimpleInterface):
@@ -217,7 +221,16 @@ class HalfwayRegister(SimpleInterface):
         (a, b), coarse = _load_coarse(
             [self.inputs.in_a, self.inputs.in_b], self.inputs.resolution_mm
         )
-        result = halfway(*coarse, transform=self.inputs.transform, **_engine_options(self.inputs))
+        from smoulder.registration.engines import default_settings, resolve_engine
+
+        engine = resolve_engine(self.inputs.engine, self.inputs.device)[0]
+        settings = default_settings(engine, coarse[0], finest=True) if self.inputs.finest else None
+        result = halfway(
+            *coarse,
+            transform=self.inputs.transform,
+            settings=settings,
+            **_engine_options(self.inputs),
+        )
         cwd = Path(runtime.cwd)
         for direction, chain, grid in (("a_to_b", result.a_to_b, a), ("b_to_a", result.b_to_a, b)):
             field = chain.to_displacement(grid).save(cwd / f"{direction}.nii.gz")
@@ -226,10 +239,7 @@ class HalfwayRegister(SimpleInterface):
         space = SubjectSpace(
             result.reference, {label_a: result.to_a, label_b: result.to_b}, "halfway"
         )
-        self._results["space_dir"] = str(space.save(cwd / "space"))
-        self._results["space_files"] = [
-            str(cwd / "space" / f"to-{s}.nii.gz") for s in space.sessions
-        ]
+        self._results.update(_space_outputs(space, space.save(cwd / "space")))
         return runtime
 
 
@@ -281,11 +291,14 @@ class _TemplateInputSpec(_RegistrationInputSpec):
     transform = traits.Enum(
         "deformable", "affine", "rigid", usedefault=True, desc="transform model"
     )
+    finest = traits.Bool(
+        True, usedefault=True, desc="optimise at the full resolution too (lesion growth)"
+    )
 
 
 class _TemplateOutputSpec(TraitedSpec):
-    space_dir = Directory(exists=True, desc="the within-subject template grid and maps")
-    space_files = traits.List(File(exists=True), desc="its grid → session maps, in order")
+    space_files = traits.List(File(exists=True), desc="every file of the saved template space")
+    session_maps = traits.List(File(exists=True), desc="its grid → session maps, in order")
 
 
 class SubjectTemplate(SimpleInterface):
@@ -302,16 +315,29 @@ class SubjectTemplate(SimpleInterface):
         space = subject_space(
             dict(zip(self.inputs.labels, coarse, strict=True)),
             transform=self.inputs.transform,
+            finest=self.inputs.finest,
             **_engine_options(self.inputs),
         )
-        folder = space.save(Path(runtime.cwd) / "space")
-        self._results["space_dir"] = str(folder)
-        self._results["space_files"] = [str(folder / f"to-{s}.nii.gz") for s in space.sessions]
+        self._results.update(_space_outputs(space, space.save(Path(runtime.cwd) / "space")))
         return runtime
 
 
+def _space_outputs(space: Any, folder: Path) -> dict[str, list[str]]:
+    """Return the ``space_files`` (every file of the saved space: listed, so that Nipype keeps
+    them and reruns what reads them when they change) and ``session_maps`` outputs."""
+    return {
+        "space_files": sorted(str(p) for p in folder.iterdir()),
+        "session_maps": [str(folder / f"to-{s}.nii.gz") for s in space.sessions],
+    }
+
+
 class _ActivityInputSpec(BaseInterfaceInputSpec):
-    space_dir = Directory(exists=True, mandatory=True, desc="the within-subject space")
+    space_files = traits.List(
+        File(exists=True),
+        mandatory=True,
+        desc="the within-subject space's maps (a folder written by SubjectSpace.save); files, "
+        "not the folder, so that a new registration reruns this step",
+    )
     labels = traits.List(traits.Str, mandatory=True, desc="session labels, time order")
     flair_files = traits.List(File(exists=True), mandatory=True, desc="session references")
     lesion_files = traits.List(File(exists=True), mandatory=True, desc="lesion instances")
@@ -380,7 +406,7 @@ class LesionActivity(SimpleInterface):
         ]
         times, sources = session_times(self.inputs.bids_dir, self.inputs.subject, labels)
         missing = [s for s, src in sources.items() if src == "missing"]
-        space = SubjectSpace.load(self.inputs.space_dir)
+        space = SubjectSpace.load(Path(self.inputs.space_files[0]).parent)  # one folder
         settings = act.ActivitySettings.from_mapping(
             self.inputs.settings if isdefined(self.inputs.settings) else {}
         )

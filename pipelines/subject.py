@@ -132,9 +132,9 @@ def init_subject_wf(
     if activity is None or not activity.enabled:
         return wf
     if len(ordered) == 2:
-        space, field = halfways[ordered[0], ordered[1]], "space_dir"
+        space, field = halfways[ordered[0], ordered[1]], "space_files"
     else:
-        space, field = _add_template(wf, inputnode, context, registration, ordered), "space_dir"
+        space, field = _add_template(wf, inputnode, context, registration, ordered), "space_files"
     _add_activity(wf, inputnode, (space, field), context, subject, ordered, activity, with_t1)
     return wf
 
@@ -156,6 +156,7 @@ def _add_pair(
             transform=settings.transform,
             resolution_mm=settings.resolution_mm or 0.0,
             labels=[a, b],
+            finest=settings.finest,
             **context.registration_inputs(),
         ),
         name=f"halfway_{pair}",
@@ -203,6 +204,7 @@ def _add_template(
         SubjectTemplate(
             labels=list(sessions),
             transform=settings.transform,
+            finest=settings.finest,
             resolution_mm=settings.resolution_mm or 0.0,
             **context.registration_inputs(),
         ),
@@ -251,7 +253,7 @@ def _add_activity(
         name="lesion_activity",
         mem_gb=context.memory_gb("jacobian", volumes=2 * len(sessions)),
     )
-    wf.connect(space[0], space[1], node, "space_dir")
+    wf.connect(space[0], space[1], node, "space_files")
     inputs = _ACTIVITY_INPUTS + ((("t1", "t1_files"),) if with_t1 else ())
     for output, field in inputs:
         merge = pe.Node(Merge(len(sessions)), name=f"merge_{output}", run_without_submitting=True)
@@ -286,7 +288,7 @@ def _add_activity(
                       "the grid of the longitudinal maps"},
         )  # fmt: skip
         wf.connect(
-            [(space[0], pick, [("space_files", "inlist")]), (pick, sink, [("out", "in_file")])]
+            [(space[0], pick, [("session_maps", "inlist")]), (pick, sink, [("out", "in_file")])]
         )
 
 

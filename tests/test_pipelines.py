@@ -535,7 +535,7 @@ def test_outputs_are_bids_derivatives(runs: Runs) -> None:
             assert layout.get(suffix="T1w", space="FLAIR", desc="lesionfilled", **query)
             for label in ("CSF", "GM", "WM", "lesion"):
                 assert layout.get(suffix="probseg", label=label, **query)
-            (lesions,) = layout.get(suffix="dseg", desc="lesions", **query)
+            (lesions,) = layout.get(suffix="dseg", desc="lesions", space=Query.NONE, **query)
             assert (
                 lesions.get_image().shape
                 == layout.get(suffix="FLAIR", desc="preproc", **query)[0].get_image().shape
@@ -567,9 +567,11 @@ def test_outputs_are_bids_derivatives(runs: Runs) -> None:
         later = {"subject": subject, "session": "02", "extension": ".nii.gz"}
         fields = layout.get(suffix="xfm", mode="image", **later)
         assert sorted((f.entities["from"], f.entities["to"]) for f in fields) == [
+            ("longitudinal", "ses02"),
             ("ses01", "ses02"),
             ("ses02", "ses01"),
         ]
+        _check_lesion_activity(layout, subject)
         (det,) = layout.get(suffix="jacobian", desc="det", space="ses01", **later)
         (logdet,) = layout.get(suffix="jacobian", desc="logdet", space="ses01", **later)
         meta = det.get_metadata()
@@ -597,6 +599,46 @@ def test_outputs_are_bids_derivatives(runs: Runs) -> None:
     assert description["DatasetLinks"]["raw"] == runs.bids.resolve().as_uri()
     assert not list(root.rglob("*.part*")), "temporary files were left behind"
     assert not list(runs.cwd.iterdir()), "files left in the working directory of the runs"
+
+
+def _check_lesion_activity(layout: Any, subject: str) -> None:
+    """The subject's lesion activity: tables with dictionaries, and maps on one grid."""
+    from bids.layout import Query
+
+    tables = {
+        f.entities["desc"]: f
+        for f in layout.get(subject=subject, session=Query.NONE, suffix="longitudinal",
+                            extension=".tsv")
+    }  # fmt: skip
+    assert set(tables) == {"lesions", "activity"}
+    rows = read_tsv(tables["lesions"].path)
+    meta = tables["lesions"].get_metadata()
+    assert meta["volume_ul"]["Units"] == "uL" and meta["SessionDateSources"] == {
+        "01": "sessions.tsv", "02": "sessions.tsv"
+    }  # fmt: skip
+    assert {r["session"] for r in rows} == {"01", "02"} and rows
+    fates = {r["fate"] for r in rows}
+    assert fates <= {"present", "new", "enlarging", "stable", "shrinking", "resolved", "merged",
+                     "split", "absent"}  # fmt: skip
+    # each session's own lesion IDs: every instance of its lesion table is in exactly one row
+    for session in ("01", "02"):
+        stats = layout.get(subject=subject, session=session, suffix="stats", extension=".tsv")[0]
+        own = sorted(int(r["index"]) for r in read_tsv(stats.path))
+        listed = sorted(int(i) for r in rows if r["session"] == session and r["instances"]
+                        for i in r["instances"].split(";"))  # fmt: skip
+        assert listed == own
+    (interval,) = read_tsv(tables["activity"].path)
+    assert interval["interval"] == "01-02" and float(interval["years"]) > 0
+    assert int(interval["new_count"]) == sum(r["fate"] == "new" for r in rows)
+    grid = {"subject": subject, "space": "longitudinal", "extension": ".nii.gz"}
+    maps = layout.get(subject=subject, suffix="xfm", **{"from": "longitudinal"})
+    shapes = {f.get_image().shape for f in layout.get(**grid) + maps}
+    assert len({s[:3] for s in shapes}) == 1  # one within-subject grid
+    for desc, suffix in (("change", "mask"), ("expansion", "map"), ("SEL", "mask")):
+        assert layout.get(session="02", desc=desc, suffix=suffix, **grid)
+    ids = {int(v) for f in layout.get(desc="lesions", suffix="dseg", **grid)
+           for v in np.unique(np.asarray(f.get_image().dataobj)) if v > 0}  # fmt: skip
+    assert ids == {int(r["lesion_id"]) for r in rows if r["instances"]}
 
 
 def test_transforms_are_readable_itk(runs: Runs) -> None:

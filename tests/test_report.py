@@ -32,6 +32,13 @@ def run_out(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 def _lesion_ids(root: Path) -> list[int]:
+    """Return the lesion IDs of the cards: the subject's persistent IDs when the run tracked
+    lesions over sessions, else the first session's instances."""
+    tracked = root / "sub-01" / "anat" / "sub-01_desc-lesions_longitudinal.tsv"
+    if tracked.exists():
+        with tracked.open() as handle:
+            rows = csv.DictReader(handle, delimiter="\t")
+            return sorted({int(r["lesion_id"]) for r in rows})
     stats = root / "sub-01" / "ses-01" / "anat" / "sub-01_ses-01_desc-lesions_stats.tsv"
     with stats.open() as handle:
         return [int(r["index"]) for r in csv.DictReader(handle, delimiter="\t")]

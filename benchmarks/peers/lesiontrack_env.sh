@@ -6,9 +6,13 @@
 # lesiontrack (PyPI, MIT; C. Conday) tracks lesions across sessions on an overlap graph and
 # finds slowly expanding lesion candidates after Elliott et al. (Mult Scler 2019) from the
 # Jacobian of a greedy registration in halfway space. greedy comes as the `picsl_greedy`
-# wheel (CPU only), so nothing else is downloaded. It is kept out of smoulder's environment:
-# it pulls pandas, scikit-image and matplotlib, which the pipeline does not need.
+# wheel (CPU only), so nothing else is downloaded.
 #
+# Its pins are loose (numpy >= 1.24, nibabel >= 5, picsl_greedy >= 1.4), but
+# pandas, scikit-image and matplotlib come with it: the separate environment keeps them out.
+#
+# Known to work (2026-12): Python 3.11, lesiontrack 0.2.0, picsl_greedy 1.4.0.3, numpy 2.4.6,
+# scipy 1.17.1, nibabel 5.4.2, pandas 3.1.1, scikit-image 0.26.0 (825 MB; about a minute).
 # Check: `$VENV/bin/lesiontrack --help`.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"

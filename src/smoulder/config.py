@@ -241,6 +241,7 @@ class LongitudinalRegistration:
     transform: str = field(metadata=_accepts(choices=("deformable", "affine", "rigid")))
     pairs: str = field(metadata=_accepts(choices=("baseline", "consecutive")))
     resolution_mm: float | None = field(metadata=_accepts(above=0, most=20))
+    finest: bool
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,6 +45,7 @@ from smoulder.registration.transforms import (
 )
 
 if TYPE_CHECKING:
+    from smoulder.registration.torch_engine import DeformableSettings
     from smoulder.registration.transforms import Interpolation, Transform
 
 #: Registration passes of the template (the second registers to the sharper average).
@@ -59,11 +60,20 @@ class SubjectSpace:
         grid: an image defining the grid (its data are not used).
         to_session: ``{session label: grid points → session points}``, in time order.
         method: ``halfway`` (two sessions), ``template`` (three or more) or ``single``.
+        linear: ``{session label: 4×4 matrix}``, the rigid/affine part of each map alone
+            (default: the affine steps of ``to_session``'s chains). Where a lesion is new,
+            the deformable part may have squeezed it; its images are compared through these.
     """
 
     grid: nib.Nifti1Image
     to_session: dict[str, Transform]
     method: str
+    linear: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for label, transform in self.to_session.items():
+            if label not in self.linear:
+                self.linear[label] = _affine_part(transform)
 
     @property
     def sessions(self) -> list[str]:
@@ -102,7 +112,11 @@ class SubjectSpace:
             )
             path = chain.to_displacement(self.grid).save(folder / f"to-{label}.nii.gz")
             files[label] = path.name
-        meta = {"method": self.method, "sessions": files}
+        meta = {
+            "method": self.method,
+            "sessions": files,
+            "linear": {k: np.asarray(m).tolist() for k, m in self.linear.items()},
+        }
         (folder / "space.json").write_text(json.dumps(meta, indent=2) + "\n")
         return folder
 
@@ -115,7 +129,8 @@ class SubjectSpace:
         to_session = {
             label: load_transform(folder / name) for label, name in meta["sessions"].items()
         }
-        return cls(grid, to_session, meta["method"])  # type: ignore[arg-type]
+        linear = {k: np.asarray(m, float) for k, m in meta.get("linear", {}).items()}
+        return cls(grid, to_session, meta["method"], linear)  # type: ignore[arg-type]
 
 
 def subject_space(
@@ -126,6 +141,8 @@ def subject_space(
     device: str = "auto",
     seed: int = 0,
     threads: int | None = None,
+    settings: DeformableSettings | None = None,
+    finest: bool = True,
 ) -> SubjectSpace:
     """Return the within-subject space of a subject's session references (time order).
 
@@ -134,10 +151,16 @@ def subject_space(
             (labelled ``"0"``, ``"1"``, … in order).
         transform: ``deformable``, ``affine`` or ``rigid``.
         engine, device, seed, threads: as :func:`smoulder.registration.engines.register`.
+        settings: the deformable optimisation (default: the engine's on the grid, with its
+            full-resolution level when ``finest``: lesion growth is sub-millimetre).
+        finest: see ``settings``.
     """
-    from smoulder.registration.engines import halfway
+    from smoulder.registration.engines import default_settings, halfway, resolve_engine
 
     refs = matched_resolution(_labelled(references))
+    if settings is None and finest:
+        first = next(iter(refs.values()))
+        settings = default_settings(resolve_engine(engine, device)[0], first, finest=True)
     labels = list(refs)
     if len(labels) == 1:
         only = refs[labels[0]]
@@ -151,12 +174,19 @@ def subject_space(
             device=device,
             seed=seed,
             threads=threads,
+            settings=settings,
         )
         return SubjectSpace(
             result.reference, {labels[0]: result.to_a, labels[1]: result.to_b}, "halfway"
         )
     return subject_template(
-        refs, transform=transform, engine=engine, device=device, seed=seed, threads=threads
+        refs,
+        transform=transform,
+        engine=engine,
+        device=device,
+        seed=seed,
+        threads=threads,
+        settings=settings,
     )
 
 
@@ -169,6 +199,7 @@ def subject_template(
     seed: int = 0,
     threads: int | None = None,
     passes: int = TEMPLATE_PASSES,
+    settings: DeformableSettings | None = None,
 ) -> SubjectSpace:
     """Return the unbiased within-subject template of three or more sessions (module doc)."""
     from smoulder.registration.engines import halfway_grid, register, velocity
@@ -215,6 +246,7 @@ def subject_template(
                 device=device,
                 seed=seed,
                 threads=threads,
+                settings=settings,
             )
             for k in labels
         }
@@ -276,6 +308,17 @@ def _labelled(
     if not out:
         raise ValueError("subject space: expected at least one session reference, found none")
     return out
+
+
+def _affine_part(transform: Transform) -> np.ndarray:
+    """Return the product of the affine steps of a transform (in point order); a displacement
+    field alone gives the identity."""
+    steps = transform.steps if isinstance(transform, TransformChain) else (transform,)
+    matrix = np.eye(4)
+    for step in steps:
+        if isinstance(step, AffineTransform):
+            matrix = step.matrix @ matrix
+    return matrix
 
 
 def _chain_matrix(chain: TransformChain, image: nib.Nifti1Image) -> np.ndarray:

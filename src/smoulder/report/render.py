@@ -23,13 +23,20 @@ from smoulder.rims.rules import sector_index
 Floats = Sequence[float] | np.ndarray
 
 #: Overlay colours (RGB).
-RED, YELLOW, CYAN, GREEN, MAGENTA = (
+RED, YELLOW, CYAN, GREEN, MAGENTA, BLACK = (
     (255, 40, 40),
     (255, 220, 0),
     (0, 220, 255),
     (60, 220, 60),
     (255, 0, 255),
+    (0, 0, 0),
 )
+#: Half-size of the lesion-centred crops, mm.
+CROP_HALF_MM = 16.0
+#: Pixels a crop is drawn at (about), per side.
+CROP_PX = 132
+#: Colour of values a map does not give (NaN) in :func:`diverging` pictures.
+NO_VALUE = (128, 128, 128)
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,36 @@ def to_gray(plane: np.ndarray, window: Window) -> np.ndarray:
     return (np.clip(scaled, 0, 1) * 255).astype(np.uint8)
 
 
+def diverging(plane: np.ndarray, window: Window) -> np.ndarray:
+    """Return ``plane`` as RGB on a blue–white–red scale: ``window.low`` blue, the window's
+    middle white, ``window.high`` red (clipped beyond; NaN grey).
+
+    Examples:
+        >>> diverging(np.array([[-10.0, 0.0, 10.0, np.nan]]), Window(-10, 10, "")).tolist()
+        [[[0, 0, 255], [255, 255, 255], [255, 0, 0], [128, 128, 128]]]
+    """
+    middle, half = (window.low + window.high) / 2, (window.high - window.low) / 2
+    t = np.clip((np.nan_to_num(plane, nan=middle) - middle) / half, -1.0, 1.0)
+    fade = np.rint(255 * (1 - np.abs(t))).astype(np.uint8)
+    rgb = np.stack([fade, fade, fade], axis=-1)
+    rgb[t > 0, 0] = 255
+    rgb[t < 0, 2] = 255
+    rgb[np.isnan(plane)] = NO_VALUE
+    return rgb
+
+
+def colour_bar(window: Window, width: int = 160, height: int = 10) -> np.ndarray:
+    """Return the RGB bar of :func:`diverging`: ``window.low`` on the left, ``high`` right.
+
+    Examples:
+        >>> bar = colour_bar(Window(-1, 1, ""), width=3, height=1)
+        >>> bar[0].tolist()
+        [[0, 0, 255], [255, 255, 255], [255, 0, 0]]
+    """
+    ramp = np.linspace(window.low, window.high, width)[None, :].repeat(height, axis=0)
+    return diverging(ramp, window)
+
+
 def contour(mask: np.ndarray) -> np.ndarray:
     """Return the inner boundary pixels of a 2D mask.
 
@@ -99,8 +136,9 @@ def edges(plane: np.ndarray, top_share: float = 0.1) -> np.ndarray:
 def compose(
     gray: np.ndarray, overlays: Sequence[tuple[np.ndarray, tuple[int, int, int]]]
 ) -> np.ndarray:
-    """Return an RGB picture: ``gray`` with each (mask, colour) painted on top, in order."""
-    rgb = np.repeat(gray[..., None], 3, axis=2)
+    """Return an RGB picture: ``gray`` (or an RGB picture) with each (mask, colour) painted on
+    top, in order."""
+    rgb = np.repeat(gray[..., None], 3, axis=2) if gray.ndim == 2 else gray.copy()
     for mask, colour in overlays:
         rgb[mask] = colour
     return rgb
@@ -190,6 +228,25 @@ def png_uri(rgb: np.ndarray, scale: int = 1) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def block(volume: np.ndarray, centre: Sequence[int], half: Sequence[int]) -> np.ndarray:
+    """Return ``volume[centre ± half]`` along its three axes, zero beyond the volume: a small
+    copy to crop many planes from (:func:`planes` with ``centre = half``).
+
+    Examples:
+        >>> v = np.ones((4, 4, 4))
+        >>> b = block(v, (0, 3, 1), (1, 1, 1))
+        >>> b.shape, float(b.sum()), float(b[0].sum()), float(b[:, 2].sum())
+        ((3, 3, 3), 12.0, 0.0, 0.0)
+    """
+    c, h = [int(round(v)) for v in centre], [int(v) for v in half]
+    lo = [max(ci - hi, 0) for ci, hi in zip(c, h, strict=True)]
+    hi = [min(ci + hi + 1, n) for ci, hi, n in zip(c, h, volume.shape, strict=True)]
+    inside = volume[tuple(slice(a, max(a, b)) for a, b in zip(lo, hi, strict=True))]
+    before = [a - (ci - hi) for a, ci, hi in zip(lo, c, h, strict=True)]
+    after = [2 * hi + 1 - b - n for hi, b, n in zip(h, before, inside.shape, strict=True)]
+    return np.pad(inside, list(zip(before, after, strict=True)))
+
+
 def planes(volume: np.ndarray, centre: Sequence[int], half: Sequence[int]) -> list[np.ndarray]:
     """Return the axial, coronal and sagittal crops of ``volume`` around voxel ``centre``.
 
@@ -222,6 +279,18 @@ def mosaic_slices(mask: np.ndarray, n: int) -> list[int]:
     zs = np.flatnonzero(mask.any((0, 1))) if mask.any() else np.arange(mask.shape[2])
     lo, hi = int(zs.min()), int(zs.max())
     return [int(round(v)) for v in np.linspace(lo, hi, n + 2)[1:-1]]
+
+
+def strip(pictures: Sequence[np.ndarray]) -> np.ndarray:
+    """Return RGB pictures side by side (padded to the tallest), 2 px apart.
+
+    Examples:
+        >>> strip([np.zeros((2, 3, 3), np.uint8), np.zeros((4, 1, 3), np.uint8)]).shape
+        (4, 8, 3)
+    """
+    h = max(p.shape[0] for p in pictures)
+    padded = [np.pad(p, ((0, h - p.shape[0]), (0, 2), (0, 0))) for p in pictures]
+    return np.concatenate(padded, axis=1)
 
 
 def tile(pictures: Sequence[np.ndarray], columns: int) -> np.ndarray:

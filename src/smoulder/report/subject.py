@@ -9,9 +9,14 @@ numbers come from the marker modules (:mod:`smoulder.atrophy` for volumes and ra
 :mod:`smoulder.longitudinal` for intervals and lesions across sessions), so ``smoulder report
 OUT`` rebuilds it at any time.
 
-Lesions are those of the reference (first) session; their volume in a later session is the
-volume of that session's lesions mapped onto the reference grid through the longitudinal
-transform, inside the reference lesion (0 µl: gone or not yet matched).
+Lesions are the subject's tracked lesions when the run wrote the longitudinal tables (two or
+more sessions, :mod:`smoulder.report.longitudinal`): one card per persistent lesion ID with its
+fate, volume, expansion, SEL and rim numbers per session as the table gives them, and crops of
+every session on the within-subject grid; the summary shows the activity per interval.
+Without the tables (one session, or a run from before the longitudinal step) they are the
+reference (first) session's lesions, their volume in a later session the volume of that
+session's lesions mapped onto the reference grid through the longitudinal transform, inside
+the reference lesion (0 µl: gone or not yet matched).
 
 Paramagnetic rim lesions (PRL) come from the rim step's columns of the lesion table and its
 sidecar (:class:`RimEvidence`, :func:`prl_count`); a table without them was written by a run
@@ -28,7 +33,7 @@ import html
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
@@ -45,17 +50,15 @@ from smoulder.derivatives import bids_name, is_bids_label
 from smoulder.images import read_tsv, save_text
 from smoulder.longitudinal.intervals import session_dates, years_since_first
 from smoulder.longitudinal.matching import lesion_volumes_ul, map_instances
+from smoulder.report import longitudinal as tracked
 from smoulder.report import render
+from smoulder.report.render import CROP_HALF_MM, CROP_PX
 from smoulder.report.review import read_review, review_path
 from smoulder.segmentation.classes import LESION, class_indices
 
 if TYPE_CHECKING:
     from smoulder.registration.transforms import AffineTransform
 
-#: Half-size of the lesion-centred crops, mm.
-CROP_HALF_MM = 16.0
-#: Pixels a crop is drawn at (about), per side.
-CROP_PX = 132
 #: QSM window (ppm), stated on every card.
 QSM_WINDOW_PPM = 0.15
 #: Rows of the atrophy table: (name shown, tissue of :data:`smoulder.segmentation.classes.
@@ -371,8 +374,11 @@ def _susceptibility(ses: SessionData) -> tuple[Path | None, str, render.Window |
     return mag, "GRE magnitude (echo 1; no QSM yet)", None
 
 
-def lesion_pictures(ses: SessionData, max_lesions: int | None = None) -> dict[int, dict[str, Any]]:
-    """Return, per lesion of ``ses``, its crops: ``{id: {modality: {gray, contour, window}}}``."""
+def lesion_pictures(
+    ses: SessionData, max_lesions: int | None = None, ids: Collection[int] | None = None
+) -> dict[int, dict[str, Any]]:
+    """Return, per lesion of ``ses`` (those of ``ids`` when given), its crops:
+    ``{id: {modality: {gray, contour, window}}}``."""
     inst = _load(ses.file("dseg", {"desc": "lesions"}))
     if inst is None:
         return {}
@@ -400,7 +406,8 @@ def lesion_pictures(ses: SessionData, max_lesions: int | None = None) -> dict[in
     scale = max(1, CROP_PX // (2 * max(half) + 1))
     centres = {i: c for i, c in enumerate(_centres(labels), start=0) if i > 0 and c is not None}
     out: dict[int, dict[str, Any]] = {}
-    for lid, centre in list(centres.items())[:max_lesions]:
+    chosen = [(i, c) for i, c in centres.items() if ids is None or i in ids][:max_lesions]
+    for lid, centre in chosen:
         mask_planes = render.planes((labels == lid).astype(np.float32), centre, half)
         other_planes = render.planes(
             ((labels > 0) & (labels != lid)).astype(np.float32), centre, half
@@ -420,8 +427,8 @@ def lesion_pictures(ses: SessionData, max_lesions: int | None = None) -> dict[in
                 for g, m, o in zip(grays, mask_planes, other_planes, strict=True)
             ]
             cards[name] = {
-                "gray": render.png_uri(_strip(plain), scale),
-                "contour": render.png_uri(_strip(lined), scale),
+                "gray": render.png_uri(render.strip(plain), scale),
+                "contour": render.png_uri(render.strip(lined), scale),
                 "window": f"{window.label}: {window.low:.4g} to {window.high:.4g}",
             }
         out[lid] = cards
@@ -441,13 +448,6 @@ def _centres(labels: np.ndarray) -> list[tuple[int, int, int] | None]:
         mean = idx.mean(0)
         out[i] = tuple(int(v) for v in idx[np.argmin(((idx - mean) ** 2).sum(1))])  # type: ignore[assignment]
     return out
-
-
-def _strip(pictures: list[np.ndarray]) -> np.ndarray:
-    """Return pictures side by side (padded to the tallest), 2 px apart."""
-    h = max(p.shape[0] for p in pictures)
-    padded = [np.pad(p, ((0, h - p.shape[0]), (0, 2), (0, 0))) for p in pictures]
-    return np.concatenate(padded, axis=1)
 
 
 @dataclass(frozen=True)
@@ -851,8 +851,14 @@ def _rim_summary(sessions: list[SessionData]) -> str:
     return "".join(parts)
 
 
-def _summary_section(root: Path, subject: str, sessions: list[SessionData]) -> str:
-    """Return the summary section: inputs, run status, versions, warnings and crashes."""
+def _summary_section(
+    root: Path,
+    subject: str,
+    sessions: list[SessionData],
+    tracks: tracked.LesionTracks | None = None,
+) -> str:
+    """Return the summary section: inputs, run status, rim lesions, lesion activity per
+    interval (``tracks``, the longitudinal tables), versions, warnings and crashes."""
     inputs = (
         root / subject / bids_name(_subject_entities(subject), suffix="inputs", extension=".tsv")
     )
@@ -875,6 +881,10 @@ def _summary_section(root: Path, subject: str, sessions: list[SessionData]) -> s
         )
     parts.append("</table>")
     parts.append(_rim_summary(sessions))
+    if tracks is not None:
+        parts.append(tracked.activity_section(tracks))
+    elif len(sessions) > 1:
+        parts.append("<p>Lesion activity: not measured by this run (no longitudinal table).</p>")
     parts.append("<h3>Versions</h3><ul>")
     parts.extend(f"<li>{_e(k)}: {_e(v)}</li>" for k, v in _versions(root, sessions))
     parts.append("</ul><h3>Warnings and crashes</h3>")
@@ -940,15 +950,23 @@ def _atrophy_section(sessions: list[SessionData], years: list[float | None]) -> 
     return "".join(parts)
 
 
-def _lesion_records(sessions: list[SessionData], max_lesions: int | None) -> list[dict[str, Any]]:
-    """Return one record per pictured lesion of the reference session, in lesion order.
+def _lesion_records(
+    sessions: list[SessionData],
+    max_lesions: int | None,
+    tracks: tracked.LesionTracks | None = None,
+) -> list[dict[str, Any]]:
+    """Return one record per pictured lesion, in lesion order: the tracked lesions when the
+    subject has the longitudinal table (:func:`_tracked_records`), else the reference
+    session's lesions.
 
     Each holds ``id``, ``location``, ``probability`` (None: not given), ``volume_ul``,
     ``volumes`` (µl per session), ``rim`` (:class:`RimEvidence`), ``images``
     (:func:`lesion_pictures`) and ``rim_image`` (:func:`rim_pictures`; None without).
     """
+    if tracks is not None:
+        return _tracked_records(sessions, tracks, max_lesions)
     ref = sessions[0] if sessions else None
-    by_session = lesion_volumes_by_session(sessions) if sessions else {}
+    by_session = lesion_volumes_by_session(sessions) if sessions and tracks is None else {}
     pictures = lesion_pictures(ref, max_lesions) if ref else {}
     table = {int(r["index"]): r for r in (ref.lesions if ref else [])}
     rims = {lid: rim_evidence(table.get(lid, {})) for lid in pictures}
@@ -972,24 +990,134 @@ def _lesion_records(sessions: list[SessionData], max_lesions: int | None) -> lis
     return lesions
 
 
-#: The lesion section's toolbar (rater, filters, sort, export) and its keyboard help.
-TOOLBAR = (
-    '<div class="toolbar"><label>Rater <input id="rater" autocomplete="off" '
-    'placeholder="your ID"></label> '
-    '<label>Show <select id="filter"><option value="all">all</option>'
-    '<option value="unrated">unrated</option>'
-    '<option value="rim">rim candidates</option><option value="sel">SEL</option></select></label> '
-    '<label>Sort <select id="sort"><option value="id">ID</option>'
-    '<option value="probability">probability</option>'
-    '<option value="rim">rim probability</option>'
-    '<option value="volume">volume</option></select></label> '
-    '<label><input type="checkbox" id="contours" checked> contours (c)</label> '
-    '<button id="export">Export TSV</button> <label class="import">Import TSV '
-    '<input type="file" id="import" accept=".tsv,text/tab-separated-values"></label> '
-    '<span id="status" role="status"></span></div>'
-    "<p class='note'>Keys: j/k next/previous, y/n lesion, 1/2/3 rim definite/probable/none, "
-    "s SEL yes, x SEL no, e note, c contours. Windows are stated on each image.</p>"
+def _grid_files(
+    sessions: list[SessionData], tracks: tracked.LesionTracks
+) -> list[tracked.GridFiles]:
+    """Return each tracked session's files on the within-subject grid (in the table's order)."""
+    by_label = {s.label: s for s in sessions}
+    out = []
+    for label in tracks.sessions:
+        ses = by_label.get(f"ses-{label}")
+        if ses is None:
+            out.append(tracked.GridFiles(f"ses-{label}", None))
+            continue
+        to_session = {"from": "longitudinal", "to": f"ses{label}", "mode": "image"}
+        out.append(
+            tracked.GridFiles(
+                ses.label,
+                ses.file(tracked.GRID_LABELS[1], tracked.GRID_LABELS[0]),
+                flair=ses.file("FLAIR", {"desc": "preproc"}),
+                to_session=ses.file("xfm", to_session),
+                expansion=ses.file(tracked.GRID_EXPANSION[1], tracked.GRID_EXPANSION[0]),
+                sel=ses.file(tracked.GRID_SEL[1], tracked.GRID_SEL[0]),
+            )
+        )
+    return out
+
+
+def _tracked_records(
+    sessions: list[SessionData], tracks: tracked.LesionTracks, max_lesions: int | None
+) -> list[dict[str, Any]]:
+    """Return one record per persistent lesion of the longitudinal table (see
+    :func:`_lesion_records`), its numbers from the table.
+
+    The session crops, the lesion-table row (location, probability, rim evidence) and the
+    rim crop are those of the lesion's first instance at its first session (``source``);
+    ``grid`` holds its crops on the within-subject grid, every session
+    (:func:`smoulder.report.longitudinal.tracked_pictures`).
+    """
+    ids = tracks.ids[:max_lesions]
+    by_label = {s.label: s for s in sessions}
+    wanted: dict[str, dict[int, int]] = {}  # session -> {instance: persistent ID}
+    for lid in ids:
+        where = tracks.first_instance(lid)
+        if where is not None:
+            wanted.setdefault(f"ses-{where[0]}", {})[where[1]] = lid
+    found: dict[int, dict[str, Any]] = {}
+    for label, instances in wanted.items():
+        ses = by_label.get(label)
+        if ses is None:
+            continue
+        pictures = lesion_pictures(ses, ids=set(instances))
+        table = {int(r["index"]): r for r in ses.lesions}
+        rims = {i: rim_evidence(table.get(i, {})) for i in instances}
+        crops = rim_pictures(ses, rims)
+        for inst, lid in instances.items():
+            found[lid] = {
+                "row": table.get(inst, {}),
+                "rim": rims[inst],
+                "images": pictures.get(inst, {}),
+                "rim_image": crops.get(inst),
+                "source": f"{label} lesion {inst}",
+            }
+    units = {f"ses-{s}": tracks.unit(s) for s in tracks.sessions}
+    grid = tracked.tracked_pictures(_grid_files(sessions, tracks), ids, units)
+    records = []
+    for lid in ids:
+        first = found.get(lid, {})
+        row = first.get("row", {})
+        volumes = [_number(tracks.row(lid, s), "volume_ul") for s in tracks.sessions]
+        records.append(
+            {
+                "id": lid,
+                "location": row.get("location", "n/a"),
+                "probability": _number(row, "mean_probability"),
+                "volume_ul": max((v for v in volumes if v is not None), default=math.nan),
+                "volumes": volumes,
+                "rim": first.get("rim", RimEvidence()),
+                "images": first.get("images", {}),
+                "rim_image": first.get("rim_image"),
+                "source": first.get("source"),
+                "grid": grid.get(lid, {}),
+            }
+        )
+    return records
+
+
+#: The lesion section's filters: (value, label); with the longitudinal table, :data:`FATE_FILTERS`
+#: follow.
+FILTERS = (
+    ("all", "all"),
+    ("unrated", "unrated"),
+    ("rim", "rim candidates"),
+    ("sel", "SEL (rated)"),
 )
+#: Filters by the longitudinal table: a fate at a later session, or the SEL call.
+FATE_FILTERS = (
+    *((f"fate-{fate}", fate) for fate in tracked.FILTER_FATES),
+    ("sel-call", "SEL (called)"),
+)
+#: The lesion section's sort orders: (value, label); ``sel-rate`` with the longitudinal table.
+SORTS = (
+    ("id", "ID"),
+    ("probability", "probability"),
+    ("rim", "rim probability"),
+    ("volume", "volume"),
+)
+
+
+def _options(choices: Sequence[tuple[str, str]]) -> str:
+    """Return the ``<option>`` elements of ``(value, label)`` pairs."""
+    return "".join(f'<option value="{_e(v)}">{_e(label)}</option>' for v, label in choices)
+
+
+def toolbar(tracks: tracked.LesionTracks | None = None) -> str:
+    """Return the lesion section's toolbar (rater, filters, sort, export) and its keyboard help;
+    with the longitudinal table, the filters by fate and SEL call and the sort by SEL rate."""
+    filters = (*FILTERS, *(FATE_FILTERS if tracks is not None else ()))
+    sorts = (*SORTS, *((("sel-rate", "SEL rate"),) if tracks is not None else ()))
+    return (
+        '<div class="toolbar"><label>Rater <input id="rater" autocomplete="off" '
+        'placeholder="your ID"></label> '
+        f'<label>Show <select id="filter">{_options(filters)}</select></label> '
+        f'<label>Sort <select id="sort">{_options(sorts)}</select></label> '
+        '<label><input type="checkbox" id="contours" checked> contours (c)</label> '
+        '<button id="export">Export TSV</button> <label class="import">Import TSV '
+        '<input type="file" id="import" accept=".tsv,text/tab-separated-values"></label> '
+        '<span id="status" role="status"></span></div>'
+        "<p class='note'>Keys: j/k next/previous, y/n lesion, 1/2/3 rim definite/probable/none, "
+        "s SEL yes, x SEL no, e note, c contours. Windows are stated on each image.</p>"
+    )
 
 
 def _review_form(lid: int) -> str:
@@ -1074,18 +1202,28 @@ def rim_evidence_line(rim: RimEvidence) -> str:
     return " · ".join(parts)
 
 
-def _lesion_card(les: dict[str, Any], sessions: list[SessionData], times: list[float]) -> str:
-    """Return one lesion's card: header, crops (filled in by the page's script), volumes, form."""
+def _lesion_card(
+    les: dict[str, Any],
+    labels: list[str],
+    times: list[float],
+    tracks: tracked.LesionTracks | None = None,
+) -> str:
+    """Return one lesion's card: header, crops (filled in by the page's script), volumes, form.
+
+    ``labels`` name the sessions of ``les["volumes"]``; with ``tracks`` (the longitudinal
+    table) the card also holds the lesion's table of sessions on the within-subject grid.
+    """
     lid = int(les["id"])
     vols = ", ".join(
-        f"{_e(s.label)}: {'n/a' if v is None else f'{v:.0f} µl'}"
-        for s, v in zip(sessions, list(les["volumes"]), strict=False)
+        f"{_e(label)}: {'n/a' if v is None else f'{v:.0f} µl'}"
+        for label, v in zip(labels, list(les["volumes"]), strict=False)
     )
     svg = render.trajectory_svg(times[: len(les["volumes"])], les["volumes"], unit="µl")
+    source = f", {les['source']}" if les.get("source") else ""
     imgs = "".join(
         f'<figure class="crop"><img data-lesion="{lid}" data-modality="{_e(name)}" '
         f'alt="{_e(name)} lesion {lid}">'
-        f"<figcaption>{_e(name)} — {_e(info['window'])}</figcaption></figure>"
+        f"<figcaption>{_e(name)}{_e(source)} — {_e(info['window'])}</figcaption></figure>"
         for name, info in les["images"].items()
     )
     crop = les.get("rim_image")
@@ -1093,22 +1231,62 @@ def _lesion_card(les: dict[str, Any], sessions: list[SessionData], times: list[f
         imgs += (
             f'<figure class="crop rim-crop"><img data-lesion="{lid}" data-rim-crop="1" '
             f'alt="{_e(crop["name"])} lesion {lid}">'
-            f"<figcaption>{_e(crop['name'])} — {_e(crop['window'])}</figcaption></figure>"
+            f"<figcaption>{_e(crop['name'])}{_e(source)} — {_e(crop['window'])}</figcaption>"
+            "</figure>"
         )
     prob = "n/a" if les["probability"] is None else f"{les['probability']:.2f}"
     rim: RimEvidence = les["rim"]
-    rim_prob = "" if rim.probability is None else f"{rim.probability:.3f}"
-    evidence = rim_evidence_line(rim)
+    rim_prob, rim_call = rim.probability, rim.call
+    activity, attributes, sessions_table = "SEL: not measured", "", ""
+    volume = les["volume_ul"]
+    size = "n/a" if math.isnan(volume) else f"{volume:.0f} µl"
+    rim_text, evidence = rim_header(rim), rim_evidence_line(rim)
+    if tracks is not None:
+        rows = [tracks.row(lid, s) for s in tracks.sessions]
+        calls = [_cell(r, "rim_call") for r in rows]
+        probs = [p for p in (_number(r, "rim_probability") for r in rows) if p is not None]
+        rim_call = "yes" if "yes" in calls else rim_call
+        rim_prob = max(probs, default=rim_prob)
+        activity = tracked.header_text(tracks, lid)
+        attributes = tracked.card_attributes(tracks, lid)
+        sessions_table = tracked.sessions_table(tracks, lid, les.get("grid", {}))
+        size = f"largest {size}"
+        rim_text = tracked.rim_text(tracks, lid) or rim_text
+        evidence = (
+            f"{_e(les['source'])}: {evidence}" if evidence and les.get("source") else evidence
+        )
     return (
         f'<article class="card" tabindex="0" data-lesion-id="{lid}" data-probability="{prob}" '
-        f'data-volume="{les["volume_ul"]:.1f}" data-rim-probability="{rim_prob}" '
-        f'data-rim-call="{_e(rim.call)}">'
-        f"<header><b>Lesion {lid}</b> · {_e(les['location'])} · {les['volume_ul']:.0f} µl · "
-        f"probability {prob} · {rim_header(rim)} · SEL: not measured</header>"
+        f'data-volume="{volume:.1f}" '
+        f'data-rim-probability="{"" if rim_prob is None else f"{rim_prob:.3f}"}" '
+        f'data-rim-call="{_e(rim_call)}"{attributes}>'
+        f"<header><b>Lesion {lid}</b> · {_e(les['location'])} · {size} · "
+        f"probability {prob} · {rim_text} · {activity}</header>"
         + (f'<div class="rim">{evidence}</div>' if evidence else "")
+        + sessions_table
         + f'<div class="crops">{imgs}</div><div class="meta">Volume per session: {vols} {svg}</div>'
         + _review_form(lid)
         + "</article>"
+    )
+
+
+def _tracked_note(tracks: tracked.LesionTracks) -> str:
+    """Return the note on the tracked lesions' cards: IDs, crops, outlines, colour scale."""
+    units = sorted({tracks.unit(s) for s in tracks.sessions[1:]}) or ["%/year"]
+    bars = " ".join(
+        f"<img class='colour-bar' src='{tracked.colour_bar_uri(u)}' "
+        f"alt='expansion colour scale'> {_e(tracked.expansion_window(u).label)}"
+        for u in units
+    )
+    return (
+        "<p class='note'>Lesion IDs are the subject's persistent IDs (the longitudinal table, "
+        "one per lesion over all sessions); the review table keeps them. Each card's table "
+        "shows the lesion at every session on the within-subject grid, same crop: the "
+        "session's FLAIR resampled onto the grid (lesion red, other lesions yellow; window per "
+        "session) and the expansion map since the session before (lesion at that session "
+        f"black, SEL candidates green): {bars}. Fates, volumes, rates and SEL numbers are the "
+        "table's. The crops below it are of the lesion's first session on that session's own "
+        "grid.</p>"
     )
 
 
@@ -1132,17 +1310,31 @@ def _rim_note(ses: SessionData) -> str:
 
 
 def _lesions_section(
-    lesions: list[dict[str, Any]], sessions: list[SessionData], years: list[float | None]
+    lesions: list[dict[str, Any]],
+    sessions: list[SessionData],
+    years: list[float | None],
+    tracks: tracked.LesionTracks | None = None,
 ) -> str:
-    """Return the lesions section: the toolbar and one card per lesion."""
-    times = [y if y is not None else float(i) for i, y in enumerate(years)]
-    ref_label = sessions[0].label if sessions else "n/a"
+    """Return the lesions section: the toolbar and one card per lesion (tracked over the
+    sessions when ``tracks``, the longitudinal table, is given)."""
+    if tracks is None:
+        labels = [s.label for s in sessions]
+        times = [y if y is not None else float(i) for i, y in enumerate(years)]
+        title = f"reference {_e(sessions[0].label if sessions else 'n/a')}"
+    else:
+        labels = [f"ses-{s}" for s in tracks.sessions]
+        known = dict(zip([s.label for s in sessions], years, strict=True))
+        times = [
+            y if (y := known.get(label)) is not None else float(i) for i, label in enumerate(labels)
+        ]
+        title = f"tracked over {len(labels)} sessions"
     return (
-        f'<section id="lesions"><h2>Lesions ({len(lesions)}, reference {_e(ref_label)})</h2>'
-        + TOOLBAR
+        f'<section id="lesions"><h2>Lesions ({len(lesions)}, {title})</h2>'
+        + toolbar(tracks)
+        + (_tracked_note(tracks) if tracks is not None else "")
         + (_rim_note(sessions[0]) if sessions else "")
         + '<div id="cards">'
-        + "".join(_lesion_card(les, sessions, times) for les in lesions)
+        + "".join(_lesion_card(les, labels, times, tracks) for les in lesions)
         + "</div></section>"
     )
 
@@ -1153,10 +1345,12 @@ def _page(
     data: dict[str, Any],
     images: dict[str, Any],
     rim_images: dict[str, Any] | None = None,
+    grid_images: dict[str, Any] | None = None,
 ) -> str:
     """Return the self-contained page: ``body``, its data and images as JSON, style, script.
 
-    ``images`` holds each lesion's modality crops, ``rim_images`` its GRE-grid rim crop.
+    ``images`` holds each lesion's modality crops, ``rim_images`` its GRE-grid rim crop,
+    ``grid_images`` its crops on the within-subject grid (tracked lesions).
     """
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
@@ -1169,6 +1363,8 @@ def _page(
         + f'<script type="application/json" id="lesion-images">{_json_for_script(images)}</script>'
         + '<script type="application/json" id="rim-images">'
         + f"{_json_for_script(rim_images or {})}</script>"
+        + '<script type="application/json" id="grid-images">'
+        + f"{_json_for_script(grid_images or {})}</script>"
         + f"<script>{_static('report.js')}</script></body></html>"
     )
 
@@ -1189,20 +1385,27 @@ def build_subject_report(
     if sessions is None:
         sessions = collect_sessions(root, subject)
     years = session_years(sessions)
-    lesions = _lesion_records(sessions, max_lesions)
+    tracks = tracked.read_lesion_tracks(root / subject, subject)
+    lesions = _lesion_records(sessions, max_lesions, tracks)
     saved = read_review(review_path(root / subject, subject))
     body = (
         f"<h1>{_e(subject)}</h1>"
-        + _summary_section(root, subject, sessions)
+        + _summary_section(root, subject, sessions, tracks)
         + _registration_section(sessions)
         + _segmentation_section(sessions)
         + _atrophy_section(sessions, years)
-        + _lesions_section(lesions, sessions, years)
+        + _lesions_section(lesions, sessions, years, tracks)
     )
     images = {str(le["id"]): le["images"] for le in lesions}
     rim_images = {str(le["id"]): le["rim_image"] for le in lesions if le["rim_image"]}
-    data = {"subject": subject, "review": saved, "version": __version__}
-    page = _page(subject, body, data, images, rim_images)
+    grid_images = {str(le["id"]): le["grid"] for le in lesions if le.get("grid")}
+    data = {
+        "subject": subject,
+        "review": saved,
+        "version": __version__,
+        "lesionIds": "longitudinal" if tracks is not None else "reference session",
+    }
+    page = _page(subject, body, data, images, rim_images, grid_images)
     return save_text(page, root / f"{subject}.html")
 
 
@@ -1211,12 +1414,15 @@ def subject_summary(
 ) -> dict[str, Any]:
     """Return the index page's numbers for one subject.
 
-    ``prl`` holds ``(session, paramagnetic rim lesions)`` pairs (None: none assessed).
+    ``prl`` holds ``(session, paramagnetic rim lesions)`` pairs (None: none assessed);
+    ``lesions`` counts the tracked lesions when the subject has the longitudinal table (else
+    the reference session's); ``activity`` holds its activity table's rows (empty without).
     """
     if sessions is None:
         sessions = collect_sessions(root, subject)
     years = session_years(sessions)
-    n_lesions = len(sessions[0].lesions) if sessions else 0
+    tracks = tracked.read_lesion_tracks(root / subject, subject)
+    n_lesions = len(tracks.ids) if tracks else len(sessions[0].lesions) if sessions else 0
     reviewed = {
         r["lesion_id"] for r in read_review(review_path(root / subject, subject)) if r["lesion"]
     }
@@ -1230,6 +1436,7 @@ def subject_summary(
         "brain_rate": None if rate is None or math.isnan(rate) else rate,
         "reviewed": len(reviewed),
         "prl": [(s.label, prl_count(s)) for s in sessions],
+        "activity": tracks.intervals if tracks else [],
     }
 
 
@@ -1256,15 +1463,16 @@ def build_index(
             f"<tr data-subject='{_e(subject)}'><td><a href='{_e(subject)}.html'>{_e(subject)}</a></td>"
             f"<td>{s['sessions']}</td><td>{s['lesions']}</td><td>{lesion_ml}</td><td>{rate}</td>"
             f"<td class='prl'>{prl or 'n/a'}</td>"
+            f"<td class='activity'>{tracked.activity_line(s['activity'])}</td>"
             f"<td>{s['reviewed']}/{s['lesions']} ({status})</td></tr>"
         )
     page = (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>smoulder cohort</title>"
         f"<style>{_static('report.css')}</style></head><body><h1>smoulder cohort</h1>"
-        "<table><tr><th>subject</th><th>sessions</th><th>lesions (reference session)</th>"
+        "<table><tr><th>subject</th><th>sessions</th>"
+        "<th>lesions (tracked over sessions, else of the reference session)</th>"
         "<th>lesion volume, last session (ml)</th><th>brain volume change (%/year)</th>"
-        "<th>paramagnetic rim lesions per session</th><th>reviewed lesions</th></tr>"
-        + "".join(rows)
-        + "</table></body></html>"
+        "<th>paramagnetic rim lesions per session</th><th>lesion activity per interval</th>"
+        "<th>reviewed lesions</th></tr>" + "".join(rows) + "</table></body></html>"
     )
     return save_text(page, root / "index.html")

@@ -5,6 +5,8 @@
   const images = JSON.parse(document.getElementById("lesion-images").textContent);
   const rimBox = document.getElementById("rim-images");
   const rimImages = rimBox ? JSON.parse(rimBox.textContent) : {};
+  const gridBox = document.getElementById("grid-images");
+  const gridImages = gridBox ? JSON.parse(gridBox.textContent) : {}; // tracked lesions, every session
   const COLUMNS = ["lesion_id", "rater", "lesion", "rim", "sel", "note", "time"];
   const FIELDS = ["lesion", "rim", "sel", "note"];
   const served = location.protocol === "http:" || location.protocol === "https:";
@@ -35,6 +37,10 @@
     });
     card.querySelectorAll("img[data-rim-crop]").forEach(function (img) {
       const info = rimImages[id];
+      if (info) { img.src = lined ? info.contour : info.gray; }
+    });
+    card.querySelectorAll("img[data-grid]").forEach(function (img) {
+      const info = (gridImages[id] || {})[img.dataset.grid];
       if (info) { img.src = lined ? info.contour : info.gray; }
     });
     card.dataset.loaded = "1";
@@ -143,6 +149,9 @@
       // rim candidates: called "yes" by the rim model, or rated definite/probable by the rater
       if (f === "rim") { show = c.dataset.rimCall === "yes" || rated(c, "rim", ["definite", "probable"]); }
       if (f === "sel") { show = rated(c, "sel", ["yes"]); }
+      // tracked lesions: a fate at a later session, or the pipeline's SEL call
+      if (f.indexOf("fate-") === 0) { show = (c.dataset.fates || "").split(" ").indexOf(f.slice(5)) >= 0; }
+      if (f === "sel-call") { show = c.dataset.selCall === "yes"; }
       c.classList.toggle("hidden", !show);
     });
     const num = function (c, k) { const v = parseFloat(c.dataset[k]); return isNaN(v) ? -1 : v; };
@@ -150,6 +159,7 @@
       if (s === "probability") { return num(b, "probability") - num(a, "probability"); }
       if (s === "rim") { return (num(b, "rimProbability") - num(a, "rimProbability")) || (a.dataset.lesionId - b.dataset.lesionId); }
       if (s === "volume") { return num(b, "volume") - num(a, "volume"); }
+      if (s === "sel-rate") { return (num(b, "selRate") - num(a, "selRate")) || (a.dataset.lesionId - b.dataset.lesionId); }
       return a.dataset.lesionId - b.dataset.lesionId;
     });
     order.forEach(function (c) { cardsBox.appendChild(c); });
