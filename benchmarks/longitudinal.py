@@ -34,8 +34,8 @@ Methods
 ``smoulder-longitudinal`` — ``smoulder.longitudinal.space.subject_space`` (greedy, CPU) and
     ``smoulder.longitudinal.activity.lesion_activity`` with default ``ActivitySettings``, in a
     child process per subject. New and enlarging lesions: the rows' fates; SEL: ``sel_call``;
-    rate: ``sel_lesion_rate`` (the lesion's mean Jacobian expansion since the first
-    session, %/year); change: ``activity.change``.
+    rate: the rows' volume ``rate`` (partial volume, per interval) compounded from the first
+    session to the last, per year; change: ``activity.change``.
 ``lesiontrack`` — PyPI ``lesiontrack`` 0.2.0 in its own environment
     (``benchmarks/peers/lesiontrack_env.sh``): ``lesiontrack run MANIFEST --out DIR`` with the
     same masks, T1w, FLAIR and brain mask; every follow-up against the baseline in its
@@ -487,7 +487,7 @@ def smoulder_calls(subject: dict, device: str, threads: int) -> dict:
             lesions=loaded(s["lesions"]),
             lesion_probability=None,
             t1=loaded(s["t1"]),
-            wm=None,
+            wm=loaded(s.get("wm")),
             brain=loaded(s["brain"]),
             rim_rows=None,
         )
@@ -521,18 +521,42 @@ def instance_ids(text: str) -> list[int]:
     return [int(t) for t in text.split(";") if t.strip()]
 
 
+def compound_rate(rows: list[dict], years: dict[str, float | None]) -> float | None:
+    """Return a lesion's volume rate from its first session to its last (%/year): its
+    per-interval volume rates (the rows' ``rate``) compounded, then annualised; None when it
+    was not followed over every interval or a date is missing.
+
+    Examples:
+        >>> rows = [{"session": "1", "rate": "n/a"}, {"session": "2", "rate": 10.0},
+        ...         {"session": "3", "rate": 10.0}]
+        >>> round(compound_rate(rows, {"1": 0.0, "2": 1.0, "3": 2.0}), 2)
+        10.5
+    """
+    ordered = sorted(rows, key=lambda r: years.get(r["session"]) or 0.0)
+    factor, span = 1.0, 0.0
+    for before, after in zip(ordered, ordered[1:], strict=False):
+        t0, t1 = years.get(before["session"]), years.get(after["session"])
+        rate = after.get("rate")
+        if t0 is None or t1 is None or not isinstance(rate, int | float) or not math.isfinite(rate):
+            return None
+        factor *= 1.0 + float(rate) * (t1 - t0) / 100.0
+        span += t1 - t0
+    return (factor - 1.0) * 100.0 / span if span > 0 else None
+
+
 def activity_calls(subject: dict, space, activity) -> dict:  # noqa: ANN001 - API objects
     """Return the calls of ``lesion_activity``'s rows, intervals and change maps.
 
     SEL: a persistent lesion with ``sel_call == "yes"`` in any row, named by its instances at
-    the first session; rate: its last numeric ``sel_lesion_rate`` (the whole lesion's mean
-    expansion since the first session, %/year), where it is one first-session instance.
+    the first session; rate: its volume rate from the first session to the last
+    (:func:`compound_rate` of the rows' ``rate``), where it is one first-session instance.
     New/enlarging at an interval: the later session's instances of rows with that fate, on
     that session's grid.
     """
     from smoulder.registration.transforms import AffineTransform
 
     labels = [s["label"] for s in subject["sessions"]]
+    years = {s["label"]: s["years"] for s in subject["sessions"]}
     first = labels[0]
     by_lesion: dict[int, list[dict]] = {}
     for row in activity.rows:
@@ -542,14 +566,9 @@ def activity_calls(subject: dict, space, activity) -> dict:  # noqa: ANN001 - AP
         base = [i for r in rows if r["session"] == first for i in instance_ids(r["instances"])]
         if any(r["sel_call"] == "yes" for r in rows):
             sel.update(base)
-        finite = [
-            float(r["sel_lesion_rate"])
-            for r in rows
-            if isinstance(r.get("sel_lesion_rate"), int | float)
-            and math.isfinite(float(r["sel_lesion_rate"]))
-        ]
-        if finite and len(base) == 1:
-            rates[base[0]] = finite[-1]
+        overall = compound_rate(rows, years)
+        if overall is not None and len(base) == 1:
+            rates[base[0]] = overall
     intervals = []
     for a, b in intervals_of(labels):
         session = subject["sessions"][labels.index(b)]

@@ -159,17 +159,20 @@ def phantom_subject(
         lesions = tdir / f"{prefix}_space-T1w_desc-lesions_dseg.nii.gz"
         brain = tdir / f"{prefix}_space-T1w_desc-brain_mask.nii.gz"
         t1 = anat / f"{prefix}_T1w.nii.gz"
+        wm = tdir / f"{prefix}_space-T1w_label-WM_probseg.nii.gz"
         if thick_root is not None and ses == labels[-1]:
             flair = thick_root / f"sub-{sub}" / f"ses-{ses}" / "anat" / f"{prefix}_FLAIR.nii.gz"
             lesions = thick_labels(lesions, flair, work / f"{prefix}_lesions.nii.gz")
             brain = on_grid_file(brain, flair, work / f"{prefix}_brain.nii.gz", "nearest")
             t1 = on_grid_file(t1, flair, work / f"{prefix}_T1w.nii.gz", "linear")
+            wm = on_grid_file(wm, flair, work / f"{prefix}_wm.nii.gz", "linear")
         sessions.append(
             {
                 "label": ses,
                 "years": years[ses],
                 "flair": str(flair),
                 "t1": str(t1),
+                "wm": str(wm),
                 "brain": str(brain),
                 "lesions": str(lesions),
                 "truth_lesions": str(lesions),

@@ -603,13 +603,12 @@ def test_outputs_are_bids_derivatives(runs: Runs) -> None:
 
 def _check_lesion_activity(layout: Any, subject: str) -> None:
     """The subject's lesion activity: tables with dictionaries, and maps on one grid."""
-    from bids.layout import Query
 
+    # (not queried by session: pybids reads the dictionary's "session" column as the entity)
     tables = {
         f.entities["desc"]: f
-        for f in layout.get(subject=subject, session=Query.NONE, suffix="longitudinal",
-                            extension=".tsv")
-    }  # fmt: skip
+        for f in layout.get(subject=subject, suffix="longitudinal", extension=".tsv")
+    }
     assert set(tables) == {"lesions", "activity"}
     rows = read_tsv(tables["lesions"].path)
     meta = tables["lesions"].get_metadata()

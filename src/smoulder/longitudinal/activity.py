@@ -329,7 +329,10 @@ def lesion_activity(
     sessions = [
         replace(s, flair=flairs[str(k)], t1=t1s.get(str(k))) for k, s in enumerate(sessions)
     ]
-    grid = [_on_grid(space, t, s, box) for t, s in zip(transforms, sessions, strict=True)]
+    linears = list(space.linear[label] for label in space.to_session)
+    grid = [
+        _on_grid(space, t, m, s, box) for t, m, s in zip(transforms, linears, sessions, strict=True)
+    ]
     tracks = track_lesions([g.instances for g in grid])
     voxel_mm = float(np.cbrt(voxel_volume_mm3(space.grid.affine)))
     voxel_ul = voxel_volume_mm3(space.grid.affine)
@@ -351,7 +354,7 @@ def lesion_activity(
         name = f"{a.label}-{b.label}"
         changed = np.zeros(rate.shape, bool)
         dets = (a.det, b.det)
-        linear = [space.linear[label] for label in space.to_session]
+        linear = linears
         newness = functools.partial(
             chg.newness_z,
             sessions[k].lesions,
@@ -422,7 +425,11 @@ def analysis_box(
 
 
 def _on_grid(
-    space: SubjectSpace, transform: Any, s: SessionImages, box: tuple[slice, ...]
+    space: SubjectSpace,
+    transform: Any,
+    linear: np.ndarray,
+    s: SessionImages,
+    box: tuple[slice, ...],
 ) -> _OnGrid:
     """Return a session's images on the grid's ``box``, its Jacobian and its native lesion
     volumes. The grid → session map is evaluated once per voxel and serves every image."""
@@ -440,6 +447,7 @@ def _on_grid(
     instances = moved(s.lesions, 0)
     brain = moved(s.brain, 0)
     assert instances is not None
+    _place_missed(instances, s.lesions, space.grid.affine, linear, box)
     det = _points_jacobian(points.T.reshape(3, *shape), space.grid.affine)
     return _OnGrid(
         label=s.label,
@@ -452,6 +460,33 @@ def _on_grid(
         volumes_ul=native_volumes_ul(s.lesions, s.lesion_probability),
         rims=_rims(s.rim_rows),
     )
+
+
+def _place_missed(
+    instances: np.ndarray,
+    lesions: nib.Nifti1Image,
+    grid_affine: np.ndarray,
+    linear: np.ndarray,
+    box: tuple[slice, ...],
+) -> None:
+    """Give every lesion of the session at least one grid voxel: a lesion smaller than a grid
+    voxel can fall between the grid's samples, and would then have no row. Its centre goes
+    through the inverse of the session's linear map (the deformable part is small) to the
+    nearest grid voxel of the ``box``, unless another lesion holds it."""
+    data = np.asarray(lesions.dataobj).astype(np.int64)
+    missed = sorted(set(np.unique(data[data > 0]).tolist()) - set(np.unique(instances).tolist()))
+    if not missed:
+        return
+    to_grid = np.linalg.inv(grid_affine) @ np.linalg.inv(linear)
+    slices = ndimage.find_objects(data)
+    offset = np.array([b.start for b in box])
+    for lesion in missed:
+        where = slices[lesion - 1]
+        local = np.argwhere(data[where] == lesion).mean(axis=0) + [w.start for w in where]
+        world = nib.affines.apply_affine(lesions.affine, local)
+        voxel = np.rint(nib.affines.apply_affine(to_grid, world)).astype(int) - offset
+        if np.all(voxel >= 0) and np.all(voxel < instances.shape) and not instances[tuple(voxel)]:
+            instances[tuple(voxel)] = lesion
 
 
 def _sample(data: np.ndarray, affine: np.ndarray, points: np.ndarray, order: int) -> np.ndarray:
