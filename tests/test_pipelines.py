@@ -630,7 +630,9 @@ def _check_lesion_activity(layout: Any, subject: str) -> None:
     assert interval["interval"] == "01-02" and float(interval["years"]) > 0
     assert int(interval["new_count"]) == sum(r["fate"] == "new" for r in rows)
     grid = {"subject": subject, "space": "longitudinal", "extension": ".nii.gz"}
-    maps = layout.get(subject=subject, suffix="xfm", **{"from": "longitudinal"})
+    maps = layout.get(
+        subject=subject, suffix="xfm", extension=".nii.gz", **{"from": "longitudinal"}
+    )
     shapes = {f.get_image().shape for f in layout.get(**grid) + maps}
     assert len({s[:3] for s in shapes}) == 1  # one within-subject grid
     for desc, suffix in (("change", "mask"), ("expansion", "map"), ("SEL", "mask")):
