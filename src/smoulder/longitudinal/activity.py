@@ -763,7 +763,7 @@ def _sel_since_first(
         )  # fmt: skip
         if call:
             sub = out[box]
-            sub |= slx.candidate(rate[box], lesion[box], settings.sel)
+            sub |= slx.candidate(rate[box], lesion[box], settings.sel, voxel_mm)
     return out
 
 

@@ -51,7 +51,8 @@ class SELSettings:
     Attributes:
         seed_pct_per_year: candidate seeds (Elliott's JE1, 12.5 %/yr).
         grow_pct_per_year: candidate growth (Elliott's JE2, 4 %/yr).
-        min_voxels: smallest candidate (Elliott: 10 voxels at ~1 mm).
+        min_voxels: smallest candidate, in voxels of a 1-mm grid (Elliott: 10 voxels at
+            ~1 mm; on other grids the same volume).
         min_mean_pct_per_year: smallest mean rate of a candidate, whatever the noise floor.
         min_concentricity: smallest share of the edge sectors that expand.
         min_constancy: smallest R² of the linear fit over time (three or more sessions).
@@ -98,9 +99,12 @@ def expansion_rate(jacobian_ratio: np.ndarray, years: float | None) -> np.ndarra
     return ((np.asarray(jacobian_ratio, np.float32) - 1.0) * 100.0 / per).astype(np.float32)
 
 
-def candidate(rate: np.ndarray, lesion: np.ndarray, settings: SELSettings) -> np.ndarray:
+def candidate(
+    rate: np.ndarray, lesion: np.ndarray, settings: SELSettings, voxel_mm: float = 1.0
+) -> np.ndarray:
     """Return the Elliott candidate inside ``lesion`` (seeds grown by hysteresis, small ones
-    dropped) as a boolean mask.
+    dropped) as a boolean mask. ``min_voxels`` counts voxels of a 1-mm grid (Elliott's): on a
+    grid of ``voxel_mm`` voxels the smallest candidate has the same volume (at least 2 voxels).
 
     Examples:
         >>> rate = np.zeros((1, 1, 30)); rate[0, 0, 5:20] = 6.0; rate[0, 0, 10] = 20.0
@@ -117,7 +121,7 @@ def candidate(rate: np.ndarray, lesion: np.ndarray, settings: SELSettings) -> np
     sizes = np.bincount(components.ravel(), minlength=n + 1)
     keep = np.zeros(n + 1, bool)
     keep[seeded[seeded > 0]] = True
-    keep &= sizes >= settings.min_voxels
+    keep &= sizes >= max(2, round(settings.min_voxels / voxel_mm**3))
     keep[0] = False
     return keep[components]
 
@@ -153,7 +157,7 @@ def concentricity(
     values = rate[tuple(pts[ok].astype(int).T)]
     sums = np.bincount(sector, weights=values, minlength=len(DIRECTIONS))
     counts = np.bincount(sector, minlength=len(DIRECTIONS))
-    used = counts >= 2
+    used = counts >= 1
     if int(used.sum()) < 6:
         return float("nan")
     return float(np.mean(sums[used] / counts[used] > threshold))
@@ -185,7 +189,7 @@ def measure(
 ) -> SELMeasures:
     """Return the expansion measures of one lesion (``lesion``: its mask on the grid)."""
     lesion = np.asarray(lesion, bool)
-    cand = candidate(rate, lesion, settings)
+    cand = candidate(rate, lesion, settings, voxel_mm)
     n = int(cand.sum())
     return SELMeasures(
         candidate_voxels=n,
