@@ -46,11 +46,12 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from smoulder.grids import voxel_volume_mm3
+from smoulder.grids import sample_world, voxel_volume_mm3
 from smoulder.longitudinal import change as chg
 from smoulder.longitudinal import sel as slx
 from smoulder.longitudinal.space import SubjectSpace, matched_resolution
 from smoulder.longitudinal.tracking import Tracks, track_lesions
+from smoulder.registration.transforms import mapped_points_jacobian
 
 #: Fates a lesion can have at a session (relative to the session before).
 FATES = (
@@ -318,6 +319,7 @@ def lesion_activity(
     dated = all(y is not None for y in years)
     messages = [] if dated else ["a session date is missing: rates are per interval, not per year"]
     times = [float(y) if y is not None else float(k) for k, y in enumerate(years)]
+    sessions = [_in_memory(s) for s in sessions]
     transforms = list(space.to_session.values())
     first = sessions[0]
     box = analysis_box(
@@ -407,10 +409,7 @@ def analysis_box(
     shape = space.grid.shape[:3]
     stride = 4
     ijk = np.indices(tuple(int(np.ceil(n / stride)) for n in shape)).reshape(3, -1).T * stride
-    data = np.asarray(image.dataobj, np.float32)
-    values = _sample(
-        data, image.affine, transform.apply(nib.affines.apply_affine(space.grid.affine, ijk)), 1
-    )
+    values = sample_world(image, transform.apply(nib.affines.apply_affine(space.grid.affine, ijk)))
     positive = values[values > 0]
     if positive.size == 0:
         return (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
@@ -441,14 +440,14 @@ def _on_grid(
     def moved(img: nib.Nifti1Image | None, order: int = 1) -> np.ndarray | None:
         if img is None:
             return None
-        data = np.asarray(img.dataobj)
-        return _sample(data, img.affine, points, order).reshape(shape)
+        values = sample_world(img, points) if order else _nearest(img, points)
+        return values.reshape(shape)
 
     instances = moved(s.lesions, 0)
     brain = moved(s.brain, 0)
     assert instances is not None
     _place_missed(instances, s.lesions, space.grid.affine, linear, box)
-    det = _points_jacobian(points.T.reshape(3, *shape), space.grid.affine)
+    det = mapped_points_jacobian(points.reshape(*shape, 3), space.grid.affine)
     return _OnGrid(
         label=s.label,
         instances=instances.astype(np.int32),
@@ -489,31 +488,28 @@ def _place_missed(
             instances[tuple(voxel)] = lesion
 
 
-def _sample(data: np.ndarray, affine: np.ndarray, points: np.ndarray, order: int) -> np.ndarray:
-    """Return ``data`` (voxel-to-world ``affine``) at world ``points`` ``(N, 3)``: linear
-    (``order`` 1) or nearest (0), 0 outside the image."""
-    vox = nib.affines.apply_affine(np.linalg.inv(affine), points).T
-    if order == 0:
-        idx = np.rint(vox).astype(np.int64)
-        ok = np.all((idx >= 0) & (idx < np.array(data.shape[:3])[:, None]), axis=0)
-        out = np.zeros(points.shape[0], data.dtype)
-        out[ok] = data[tuple(idx[:, ok])]
-        return out
-    return ndimage.map_coordinates(
-        np.asarray(data, np.float32), vox, order=1, mode="constant", cval=0.0, prefilter=False
-    )
+def _in_memory(s: SessionImages) -> SessionImages:
+    """Return the session with every image read into memory once: a compressed file's proxy
+    is decompressed again on every access, and the steps below read each image several times."""
+
+    def read(img: nib.Nifti1Image | None) -> nib.Nifti1Image | None:
+        if img is None or isinstance(img.dataobj, np.ndarray):
+            return img
+        return nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine, img.header)
+
+    images = ("flair", "lesions", "lesion_probability", "t1", "wm", "brain")
+    return replace(s, **{name: read(getattr(s, name)) for name in images})
 
 
-def _points_jacobian(points: np.ndarray, grid_affine: np.ndarray) -> np.ndarray:
-    """Return the Jacobian determinant of the map whose images of the grid's voxels are
-    ``points`` ``(3, X, Y, Z)`` (world mm), per grid voxel volume (1: volume kept)."""
-    d = [np.gradient(points[i], axis=(0, 1, 2)) for i in range(3)]  # d[i][j] = ∂y_i/∂x_j
-    det = (
-        d[0][0] * (d[1][1] * d[2][2] - d[1][2] * d[2][1])
-        - d[0][1] * (d[1][0] * d[2][2] - d[1][2] * d[2][0])
-        + d[0][2] * (d[1][0] * d[2][1] - d[1][1] * d[2][0])
-    )
-    return (det / float(np.linalg.det(grid_affine[:3, :3]))).astype(np.float32)
+def _nearest(img: nib.Nifti1Image, points: np.ndarray) -> np.ndarray:
+    """Return ``img`` at world ``points`` ``(N, 3)``, nearest voxel (labels keep their values
+    and dtype), 0 outside the image."""
+    data = np.asarray(img.dataobj)
+    idx = np.rint(nib.affines.apply_affine(np.linalg.inv(img.affine), points).T).astype(np.int64)
+    ok = np.all((idx >= 0) & (idx < np.array(data.shape[:3])[:, None]), axis=0)
+    out = np.zeros(points.shape[0], data.dtype)
+    out[ok] = data[tuple(idx[:, ok])]
+    return out
 
 
 def native_volumes_ul(

@@ -21,6 +21,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from smoulder.grids import sample_world
+
 #: Smoothing (mm) of the session-to-session intensity ratio: bias fields vary over centimetres.
 BIAS_SMOOTHING_MM = 12.0
 
@@ -253,8 +255,8 @@ def newness_z(
 
     def change(region: np.ndarray) -> np.ndarray:
         world = nib.affines.apply_affine(lesions.affine, np.argwhere(region) + offset)
-        b = _values(later, world) / scales[1]
-        a = _values(earlier, nib.affines.apply_affine(later_to_earlier, world)) / scales[0]
+        b = sample_world(later, world) / scales[1]
+        a = sample_world(earlier, nib.affines.apply_affine(later_to_earlier, world)) / scales[0]
         ok = (a > 0) & (b > 0)
         return (b - a)[ok]
 
@@ -263,10 +265,3 @@ def newness_z(
         return float("nan")
     centre = float(np.median(around)) if around.size else 0.0
     return float((np.mean(inside) - centre) / max(noise_sd, 1e-6))
-
-
-def _values(image: nib.Nifti1Image, world: np.ndarray) -> np.ndarray:
-    """Return ``image`` at world points ``(N, 3)`` (linear, 0 outside)."""
-    vox = nib.affines.apply_affine(np.linalg.inv(image.affine), world).T
-    data = np.asarray(image.dataobj, np.float32)
-    return ndimage.map_coordinates(data, vox, order=1, mode="constant", cval=0.0)

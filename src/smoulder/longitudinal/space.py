@@ -18,7 +18,7 @@ Avants et al., NeuroImage 2010; Reuter et al., NeuroImage 2012 for the within-su
 A :class:`SubjectSpace` holds the grid and, per session, the map from grid points to that
 session's points (a pull-back: it resamples the session onto the grid). The local volume
 change from session ``a`` to session ``b`` at a grid point is the ratio of the Jacobian
-determinants of the two maps (:meth:`SubjectSpace.interval_jacobian`): the same grid voxel's
+determinants of the two maps (:mod:`smoulder.longitudinal.activity`): the same grid voxel's
 pre-images in the two sessions, so the expansion of every interval lives on one grid.
 """
 
@@ -39,14 +39,13 @@ from smoulder.registration.transforms import (
     AffineTransform,
     DisplacementTransform,
     TransformChain,
-    jacobian_determinant_map,
     load_transform,
     resample,
 )
 
 if TYPE_CHECKING:
     from smoulder.registration.torch_engine import DeformableSettings
-    from smoulder.registration.transforms import Interpolation, Transform
+    from smoulder.registration.transforms import Transform
 
 #: Registration passes of the template (the second registers to the sharper average).
 TEMPLATE_PASSES = 2
@@ -79,22 +78,6 @@ class SubjectSpace:
     def sessions(self) -> list[str]:
         """Return the session labels in time order."""
         return list(self.to_session)
-
-    def resample(
-        self, image: nib.Nifti1Image, session: str, *, interpolation: Interpolation = "linear"
-    ) -> np.ndarray:
-        """Return ``image`` of ``session`` (any grid of that session's space) on the grid."""
-        moved = resample(image, self.grid, self.to_session[session], interpolation=interpolation)
-        return np.asarray(moved.dataobj)
-
-    def jacobian(self, session: str) -> np.ndarray:
-        """Return the Jacobian determinant of the grid → ``session`` map on the grid."""
-        return np.asarray(jacobian_determinant_map(self.to_session[session], self.grid).dataobj)
-
-    def interval_jacobian(self, earlier: str, later: str) -> np.ndarray:
-        """Return the local volume ratio from ``earlier`` to ``later`` on the grid (> 1: the
-        tissue at that grid voxel is larger at ``later``)."""
-        return self.jacobian(later) / np.maximum(self.jacobian(earlier), 1e-6)
 
     def save(self, folder: str | Path) -> Path:
         """Write the grid (``grid.nii.gz``), one displacement field per session

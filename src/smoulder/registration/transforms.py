@@ -443,16 +443,30 @@ def jacobian_determinant_map(transform: Transform, reference: nib.Nifti1Image) -
         raise RegistrationError(
             "reference image", expected="at least 2 voxels along every axis", found=str(shape)
         )
-    voxel_det = float(np.linalg.det(affine[:3, :3]))
     det = np.empty(shape, np.float32)
     for rows in _slabs(shape):
         lo, hi = max(rows.start - 1, 0), min(rows.stop + 1, shape[0])
         moved = transform.apply(_grid_world_points(affine, shape, slice(lo, hi)))
-        moved = moved.reshape(hi - lo, *shape[1:], 3)
-        jac = np.stack([np.gradient(moved, axis=j) for j in range(3)], axis=-1)
         keep = slice(rows.start - lo, rows.stop - lo)
-        det[rows] = np.linalg.det(jac[keep]) / voxel_det
+        det[rows] = mapped_points_jacobian(moved.reshape(hi - lo, *shape[1:], 3), affine)[keep]
     return _image_like(det, affine)
+
+
+def mapped_points_jacobian(moved: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Return the Jacobian determinant of a point map from the world images ``moved``
+    ``(X, Y, Z, 3)`` of the voxels of a grid with voxel-to-world ``affine``: finite
+    differences between neighbouring voxels (central inside, one-sided at the border), per
+    voxel volume (1: volume kept).
+
+    Examples:
+        >>> grid = np.diag([2.0, 2.0, 2.0, 1.0])
+        >>> ijk = np.indices((3, 3, 3)).transpose(1, 2, 3, 0).astype(float)
+        >>> moved = 1.1 * nib.affines.apply_affine(grid, ijk)  # 10 % larger along each axis
+        >>> round(float(mapped_points_jacobian(moved, grid)[1, 1, 1]), 3)
+        1.331
+    """
+    jac = np.stack([np.gradient(moved, axis=j) for j in range(3)], axis=-1)
+    return (np.linalg.det(jac) / float(np.linalg.det(affine[:3, :3]))).astype(np.float32)
 
 
 def log_jacobian_map(
