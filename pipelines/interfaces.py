@@ -795,6 +795,157 @@ class FillLesions(SimpleInterface):
         return runtime
 
 
+# ------------------------------------------------------------------------------------ atrophy
+
+
+class _SessionAtrophyInputSpec(BaseInterfaceInputSpec):
+    flair_file = File(exists=True, mandatory=True, desc="the session's FLAIR (reference grid)")
+    t1_file = File(exists=True, desc="T1w (or UNIT1) on the FLAIR grid: the cord image")
+    t1_name = traits.Str("T1w", usedefault=True, desc="which image t1_file is (T1w or UNIT1)")
+    dseg = File(exists=True, mandatory=True, desc="tissue classes")
+    dseg_tsv = File(exists=True, mandatory=True, desc="index and name of each class")
+    brain_mask = File(exists=True, mandatory=True, desc="brain (parenchyma) mask")
+    settings = traits.Dict(desc="the configuration's atrophy section")
+
+
+class _SessionAtrophyOutputSpec(TraitedSpec):
+    stats = File(exists=True, desc="one-row table: volumes, fractions, cord area")
+    metadata = traits.Dict(desc="its column dictionary")
+    cord_probseg = File(exists=True, desc="cord fraction on the cord image's grid")
+    cord_mask = File(exists=True, desc="cord mask (fraction >= 0.5)")
+    centreline = File(exists=True, desc="the cord's centreline, per slice")
+
+
+class SessionAtrophy(SimpleInterface):
+    """A session's volumes and cord area (:mod:`smoulder.atrophy.session`)."""
+
+    input_spec = _SessionAtrophyInputSpec
+    output_spec = _SessionAtrophyOutputSpec
+
+    def _run_interface(self, runtime: Any) -> Any:
+        from smoulder.atrophy.columns import SESSION_COLUMNS, column_dictionary
+        from smoulder.atrophy.session import cord_measure, session_row
+        from smoulder.cord.measure import save_cord_outputs
+        from smoulder.images import load_image, read_tsv, save_tsv
+
+        settings = self.inputs.settings if isdefined(self.inputs.settings) else {}
+        with_t1 = isdefined(self.inputs.t1_file)
+        image = load_image(self.inputs.t1_file if with_t1 else self.inputs.flair_file)
+        cord = cord_measure(
+            image,
+            brain_mask=load_image(self.inputs.brain_mask),
+            level_below_anchor_mm=float(settings.get("cord_level_below_anchor_mm", 15.0)),
+            length_mm=float(settings.get("cord_length_mm", 15.0)),
+        )
+        names = {r["name"]: int(r["index"]) for r in read_tsv(self.inputs.dseg_tsv)}
+        row = session_row(
+            load_image(self.inputs.dseg),
+            names,
+            cord,
+            cord_image=self.inputs.t1_name if with_t1 else "FLAIR",
+            standard_icv_ml=float(settings.get("standard_icv_ml", 1500.0)),
+        )
+        cwd = Path(runtime.cwd)
+        self._results["stats"] = str(
+            save_tsv([row], cwd / "atrophy.tsv", columns=[c for c in SESSION_COLUMNS if c in row])
+        )
+        self._results["metadata"] = column_dictionary(SESSION_COLUMNS)
+        paths = save_cord_outputs(cord, image.affine, cwd, "cord")
+        self._results.update(
+            cord_probseg=str(paths["probseg"]),
+            cord_mask=str(paths["mask"]),
+            centreline=str(paths["centreline"]),
+        )
+        return runtime
+
+
+class _SubjectAtrophyInputSpec(BaseInterfaceInputSpec):
+    space_files = traits.List(File(exists=True), mandatory=True, desc="the within-subject space")
+    labels = traits.List(traits.Str, mandatory=True, desc="session labels, time order")
+    flair_files = traits.List(File(exists=True), mandatory=True, desc="session references")
+    t1_files = traits.List(File(exists=True), desc="T1w (or UNIT1) on the FLAIR grids")
+    gm_probseg_files = traits.List(File(exists=True), mandatory=True, desc="GM probability")
+    wm_probseg_files = traits.List(File(exists=True), mandatory=True, desc="WM probability")
+    lesion_probseg_files = traits.List(File(exists=True), mandatory=True, desc="lesion prob.")
+    stats_files = traits.List(File(exists=True), mandatory=True, desc="the sessions' rows")
+    bids_dir = traits.Str(mandatory=True, desc="the raw BIDS dataset (session dates)")
+    subject = traits.Str(mandatory=True, desc="subject label")
+    settings = traits.Dict(desc="the configuration's atrophy section")
+
+
+class _SubjectAtrophyOutputSpec(TraitedSpec):
+    stats = File(exists=True, desc="per session: volumes; per interval: changes and rates")
+    metadata = traits.Dict(desc="its column dictionary")
+
+
+class SubjectAtrophy(SimpleInterface):
+    """PBVC, grey-matter and cord change within the subject
+    (:func:`smoulder.atrophy.subject.subject_atrophy`)."""
+
+    input_spec = _SubjectAtrophyInputSpec
+    output_spec = _SubjectAtrophyOutputSpec
+
+    def _run_interface(self, runtime: Any) -> Any:
+        import nibabel as nib
+        import numpy as np
+
+        from smoulder.atrophy.columns import SUBJECT_COLUMNS, column_dictionary
+        from smoulder.atrophy.subject import AtrophySession, subject_atrophy
+        from smoulder.images import load_image, read_tsv, save_tsv
+        from smoulder.longitudinal.intervals import session_times, years_since_first
+        from smoulder.longitudinal.space import SubjectSpace
+
+        settings = self.inputs.settings if isdefined(self.inputs.settings) else {}
+        labels = list(self.inputs.labels)
+        t1s = list(self.inputs.t1_files) if isdefined(self.inputs.t1_files) else []
+        sessions = []
+        for k, label in enumerate(labels):
+            parts = [
+                np.asarray(load_image(getattr(self.inputs, f"{t}_probseg_files")[k]).dataobj)
+                for t in ("gm", "wm", "lesion")
+            ]
+            gm = load_image(self.inputs.gm_probseg_files[k])
+            brain = nib.Nifti1Image(np.clip(sum(parts), 0, 1).astype(np.float32), gm.affine)
+            row = read_tsv(self.inputs.stats_files[k])[0]
+            flair = load_image(self.inputs.flair_files[k])
+            t1 = load_image(t1s[k]) if len(t1s) == len(labels) else None
+            sessions.append(
+                AtrophySession(
+                    label, flair, brain, gm, t1,
+                    row={c: v for c, v in row.items() if not c.startswith("cord_")},
+                    cord_image=t1 if t1 is not None else flair,
+                    cord_image_name=str(row.get("cord_image", "T1w" if t1 else "FLAIR")),
+                )
+            )  # fmt: skip
+        times, sources = session_times(self.inputs.bids_dir, self.inputs.subject, labels)
+        missing = [s for s, src in sources.items() if src == "missing"]
+        space = SubjectSpace.load(Path(self.inputs.space_files[0]).parent)
+        rows, _ = subject_atrophy(
+            space,
+            sessions,
+            years_since_first(times),
+            pbvc_method=str(settings.get("pbvc_method", "jacobian")),
+            boundary_shift=bool(settings.get("boundary_shift", True)),
+            cord_level_below_anchor_mm=float(settings.get("cord_level_below_anchor_mm", 15.0)),
+            cord_length_mm=float(settings.get("cord_length_mm", 15.0)),
+        )
+        path = save_tsv(rows, Path(runtime.cwd) / "atrophy.tsv", columns=list(SUBJECT_COLUMNS))
+        self._results["stats"] = str(path)
+        self._results["metadata"] = {
+            **column_dictionary(SUBJECT_COLUMNS),
+            "SessionDates": {
+                s: (t.isoformat() if t else "missing") for s, t in zip(labels, times, strict=True)
+            },
+            "Messages": [
+                f"no acquisition date for session(s) {', '.join(missing)} (sessions.tsv "
+                "acq_time, scans.tsv, AcquisitionDateTime): changes are per interval, no "
+                "yearly rates"
+            ]
+            * bool(missing),
+        }
+        return runtime
+
+
 # --------------------------------------------------------------------------------- derivatives
 
 

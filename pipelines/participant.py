@@ -155,6 +155,7 @@ def _init_sub_wf(
             chimap=plan.chimap,
             rims=cfg.rims if cfg.rims.enabled else None,
             mp2rage=plan.mp2rage,
+            atrophy=cfg.atrophy if cfg.segmentation.enabled else None,
             name=f"ses_{plan.session}_wf" if plan.session else "session_wf",
         )
         sub_wf.add_nodes([session_wfs[plan.session]])
@@ -168,10 +169,15 @@ def _init_sub_wf(
             context=context,
             registration=cfg.registration.longitudinal,
             activity=cfg.longitudinal if segmented else None,
+            atrophy=cfg.atrophy if segmented and cfg.atrophy.enabled else None,
             with_t1=with_t1,
         )
+        atrophy = segmented and cfg.atrophy.enabled
         outputs = [
-            o for o in SESSION_OUTPUTS if o == "reference" or (segmented and (o != "t1" or with_t1))
+            o
+            for o in SESSION_OUTPUTS
+            if o == "reference"
+            or (segmented and (o != "t1" or with_t1) and (o != "atrophy_stats" or atrophy))
         ]
         for label in labels:
             for output in outputs:

@@ -36,6 +36,7 @@ from smoulder.pipelines.interfaces import (
     FillLesions,
     MapChimap,
     Segment,
+    SessionAtrophy,
     derivatives_node,
 )
 from smoulder.segmentation.outputs import OUTPUTS
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     import os
 
     from smoulder.config import (
+        AtrophySettings,
         QSMSettings,
         RimsSettings,
         SegmentationSettings,
@@ -58,6 +60,7 @@ REFERENCE = "FLAIR"
 #: T1w or UNIT1).
 SESSION_OUTPUTS = [
     "reference", "lesions", "probseg_lesion", "probseg_wm", "brain_mask", "t1", "lesion_stats",
+    "probseg_gm", "atrophy_stats",
 ]  # fmt: skip
 
 #: Entities and suffix of each modality's published image (the MEGRE is its echo-1 magnitude).
@@ -216,6 +219,7 @@ def init_session_wf(
     chimap: str | Path | None = None,
     rims: RimsSettings | None = None,
     mp2rage: tuple[Path, Path] | None = None,
+    atrophy: AtrophySettings | None = None,
     name: str = "session_wf",
 ) -> pe.Workflow:
     """Return the workflow of one session.
@@ -243,6 +247,8 @@ def init_session_wf(
             segmentation does and publishes the lesion table.
         mp2rage: the MP2RAGE INV1 and INV2 images (their sidecars hold the sequence
             parameters): quantitative T1 per lesion from the UNIT1.
+        atrophy: the atrophy settings; with segmentation, the session's volumes and cord area
+            (``sub-X_ses-Y_desc-atrophy_stats.tsv``, the cord mask and centreline).
         name: workflow name.
 
     Outputs (``outputnode``, :data:`SESSION_OUTPUTS`):
@@ -294,9 +300,13 @@ def init_session_wf(
     assess = _add_lesion_assessment(wf, conform_ref, coregs, seg, context, files, rims, mp2rage)
     wf.connect([
         (seg, outputnode, [("lesions", "lesions"), ("probseg_lesion", "probseg_lesion"),
-                           ("probseg_wm", "probseg_wm"), ("brain_mask", "brain_mask")]),
+                           ("probseg_wm", "probseg_wm"), ("brain_mask", "brain_mask"),
+                           ("probseg_gm", "probseg_gm")]),
         (assess, outputnode, [("lesion_stats", "lesion_stats")]),
     ])  # fmt: skip
+    if atrophy is not None and atrophy.enabled:
+        node = _add_atrophy(wf, conform_ref, coregs, seg, context, files, atrophy)
+        wf.connect(node, "stats", outputnode, "atrophy_stats")
     for t1 in ("T1w", "UNIT1"):
         if t1 in coregs:
             wf.connect(coregs[t1], "out_file", outputnode, "t1")
@@ -514,6 +524,58 @@ def _add_rims_input_sink(
         (assess, sink, [("rims_input", "in_file")]),
         (assess, patches, [("patches", "in_file")]),
     ])  # fmt: skip
+
+
+def _add_atrophy(
+    wf: pe.Workflow,
+    conform_ref: pe.Node,
+    coregs: dict[str, pe.Node],
+    seg: pe.Node,
+    context: WorkflowContext,
+    files: _SessionFiles,
+    settings: AtrophySettings,
+) -> pe.Node:
+    """Return the session's atrophy step (volumes, cord area), after adding it and its sinks."""
+    from dataclasses import asdict
+
+    node = pe.Node(
+        SessionAtrophy(settings=asdict(settings)),
+        name="atrophy",
+        mem_gb=context.memory_gb("jacobian"),
+    )
+    wf.connect([
+        (conform_ref, node, [("out_file", "flair_file")]),
+        (seg, node, [("dseg", "dseg"), ("dseg_tsv", "dseg_tsv"), ("brain_mask", "brain_mask")]),
+    ])  # fmt: skip
+    for t1 in ("T1w", "UNIT1"):
+        if t1 in coregs:
+            node.inputs.t1_name = t1
+            wf.connect(coregs[t1], "out_file", node, "t1_file")
+            break
+    ds_stats = context.sink(
+        "ds_atrophy_stats",
+        entities={**files.entities, "desc": "atrophy"},
+        suffix="stats",
+        sources=files.sources,
+    )
+    wf.connect([(node, ds_stats, [("stats", "in_file"), ("metadata", "metadata")])])
+    for output, entities, suffix, text in (
+        ("cord_probseg", {"label": "cord"}, "probseg", "spinal cord fraction (partial volume)"),
+        ("cord_mask", {"desc": "cord"}, "mask", "spinal cord mask (fraction >= 0.5)"),
+        ("centreline", {"desc": "cordcentreline"}, "stats",
+         "cord centreline per slice: world centre and tangent, distance below the anchor, "
+         "angle-corrected area"),
+    ):  # fmt: skip
+        sink = context.sink(
+            f"ds_{output}",
+            entities={**files.entities, **entities},
+            suffix=suffix,
+            sources=files.sources,
+            spatial_reference=None if suffix == "stats" else files.reference_file,
+            metadata={"Description": text},
+        )
+        wf.connect(node, output, sink, "in_file")
+    return node
 
 
 def _add_lesion_filling(

@@ -12,6 +12,10 @@ Methods (atrophy adds its nodes here):
    step 1 (no second registration), for three or more an unbiased template
    (:func:`smoulder.longitudinal.space.subject_template`). Each session's map from it is
    published (``from-longitudinal``).
+5. Atrophy (:func:`smoulder.atrophy.subject.subject_atrophy`), when segmentation runs: PBVC
+   by Jacobian integration and by boundary shift, grey-matter change over the joint grey-
+   matter map, and the cord area at one level for all sessions, published as
+   ``sub-X_desc-atrophy_stats.tsv``.
 4. Lesion activity (:func:`smoulder.longitudinal.activity.lesion_activity`), when segmentation
    runs: one ID per lesion for the subject, its fate per interval (new, enlarging, stable,
    shrinking, resolved, merged, split) decided on both sessions' images, slowly expanding
@@ -34,12 +38,13 @@ from smoulder.pipelines.interfaces import (
     HalfwayRegister,
     JacobianMaps,
     LesionActivity,
+    SubjectAtrophy,
     SubjectTemplate,
 )
 from smoulder.pipelines.session import REFERENCE, SESSION_OUTPUTS, WorkflowContext
 
 if TYPE_CHECKING:
-    from smoulder.config import LongitudinalRegistration, LongitudinalSettings
+    from smoulder.config import AtrophySettings, LongitudinalRegistration, LongitudinalSettings
 
 #: Space label of the within-subject grid in derivative names.
 WITHIN_SUBJECT = "longitudinal"
@@ -95,6 +100,7 @@ def init_subject_wf(
     context: WorkflowContext,
     registration: LongitudinalRegistration,
     activity: LongitudinalSettings | None = None,
+    atrophy: AtrophySettings | None = None,
     with_t1: bool = False,
     name: str = SUBJECT_WF,
 ) -> pe.Workflow:
@@ -111,6 +117,8 @@ def init_subject_wf(
             each session's grid).
         activity: the lesion-activity settings (the configuration's ``longitudinal``
             section); ``None``: no lesion activity (segmentation off).
+        atrophy: the atrophy settings; ``None``: no within-subject PBVC, grey-matter and cord
+            change (segmentation off).
         with_t1: every session has a T1w (or UNIT1) on its FLAIR grid (the lesions' T1 change).
         name: workflow name.
 
@@ -129,13 +137,18 @@ def init_subject_wf(
         (a, b): _add_pair(wf, inputnode, context, registration, subject, a, b)
         for a, b in session_pairs(sessions, mode=registration.pairs)
     }
-    if activity is None or not activity.enabled:
+    with_activity = activity is not None and activity.enabled
+    if not with_activity and atrophy is None:
         return wf
     if len(ordered) == 2:
         space, field = halfways[ordered[0], ordered[1]], "space_files"
     else:
         space, field = _add_template(wf, inputnode, context, registration, ordered), "space_files"
-    _add_activity(wf, inputnode, (space, field), context, subject, ordered, activity, with_t1)
+    if with_activity:
+        assert activity is not None
+        _add_activity(wf, inputnode, (space, field), context, subject, ordered, activity, with_t1)
+    if atrophy is not None:
+        _add_atrophy(wf, inputnode, (space, field), context, subject, ordered, atrophy, with_t1)
     return wf
 
 
@@ -290,6 +303,61 @@ def _add_activity(
         wf.connect(
             [(space[0], pick, [("session_maps", "inlist")]), (pick, sink, [("out", "in_file")])]
         )
+
+
+#: The atrophy inputs fed from the session workflows: (session output, input).
+_ATROPHY_INPUTS = (
+    ("reference", "flair_files"),
+    ("probseg_gm", "gm_probseg_files"),
+    ("probseg_wm", "wm_probseg_files"),
+    ("probseg_lesion", "lesion_probseg_files"),
+    ("atrophy_stats", "stats_files"),
+)
+
+
+def _add_atrophy(
+    wf: pe.Workflow,
+    inputnode: pe.Node,
+    space: tuple[pe.Node, str],
+    context: WorkflowContext,
+    subject: str,
+    sessions: Sequence[str],
+    settings: AtrophySettings,
+    with_t1: bool,
+) -> None:
+    """Add the within-subject atrophy node, its inputs from every session, and its sink."""
+    from dataclasses import asdict
+
+    node = pe.Node(
+        SubjectAtrophy(
+            labels=list(sessions),
+            bids_dir=str(context.bids_dir),
+            subject=subject,
+            settings=asdict(settings),
+        ),
+        name="atrophy",
+        mem_gb=context.memory_gb("jacobian", volumes=2 * len(sessions)),
+    )
+    wf.connect(space[0], space[1], node, "space_files")
+    inputs = _ATROPHY_INPUTS + ((("t1", "t1_files"),) if with_t1 else ())
+    for output, field in inputs:
+        merge = pe.Node(
+            Merge(len(sessions)), name=f"merge_atrophy_{output}", run_without_submitting=True
+        )
+        for k, s in enumerate(sessions, start=1):
+            wf.connect(inputnode, f"{output}_{s}", merge, f"in{k}")
+        wf.connect(merge, "out", node, field)
+    sink = context.sink(
+        "ds_atrophy_stats",
+        entities={"sub": subject, "desc": "atrophy"},
+        suffix="stats",
+        sources=[context.reference_file(subject, s) for s in sessions],
+        metadata={
+            "Description": "per session: volumes and cord area; per interval: PBVC, grey-"
+            "matter and cord area change within the subject, yearly rates and classes"
+        },
+    )
+    wf.connect([(node, sink, [("stats", "in_file"), ("metadata", "metadata")])])
 
 
 def _add_activity_map_sinks(

@@ -81,17 +81,20 @@ def test_graph_has_only_real_steps(phantom_dir: Path, tmp_path: Path) -> None:
     steps = sorted(n for n in nodes if ".ds_" not in n)
     assert steps == [
         "sub_01_wf.ses_01_wf.assess_lesions",
+        "sub_01_wf.ses_01_wf.atrophy",
         "sub_01_wf.ses_01_wf.conform_flair",
         "sub_01_wf.ses_01_wf.conform_t1w",
         "sub_01_wf.ses_01_wf.coreg_t1w",
         "sub_01_wf.ses_01_wf.fill_lesions",
         "sub_01_wf.ses_01_wf.segment",
         "sub_01_wf.ses_02_wf.assess_lesions",
+        "sub_01_wf.ses_02_wf.atrophy",
         "sub_01_wf.ses_02_wf.conform_flair",
         "sub_01_wf.ses_02_wf.conform_t1w",
         "sub_01_wf.ses_02_wf.coreg_t1w",
         "sub_01_wf.ses_02_wf.fill_lesions",
         "sub_01_wf.ses_02_wf.segment",
+        "sub_01_wf.subject_wf.atrophy",
         "sub_01_wf.subject_wf.halfway_01_02",
         "sub_01_wf.subject_wf.jacobian_01_02",
         "sub_01_wf.subject_wf.lesion_activity",
@@ -572,6 +575,7 @@ def test_outputs_are_bids_derivatives(runs: Runs) -> None:
             ("ses02", "ses01"),
         ]
         _check_lesion_activity(layout, subject)
+        _check_atrophy(layout, subject)
         (det,) = layout.get(suffix="jacobian", desc="det", space="ses01", **later)
         (logdet,) = layout.get(suffix="jacobian", desc="logdet", space="ses01", **later)
         meta = det.get_metadata()
@@ -621,7 +625,8 @@ def _check_lesion_activity(layout: Any, subject: str) -> None:
                      "split", "absent"}  # fmt: skip
     # each session's own lesion IDs: every instance of its lesion table is in exactly one row
     for session in ("01", "02"):
-        stats = layout.get(subject=subject, session=session, suffix="stats", extension=".tsv")[0]
+        (stats,) = layout.get(subject=subject, session=session, suffix="stats", desc="lesions",
+                              extension=".tsv")  # fmt: skip
         own = sorted(int(r["index"]) for r in read_tsv(stats.path))
         listed = sorted(int(i) for r in rows if r["session"] == session and r["instances"]
                         for i in r["instances"].split(";"))  # fmt: skip
@@ -640,6 +645,35 @@ def _check_lesion_activity(layout: Any, subject: str) -> None:
     ids = {int(v) for f in layout.get(desc="lesions", suffix="dseg", **grid)
            for v in np.unique(np.asarray(f.get_image().dataobj)) if v > 0}  # fmt: skip
     assert ids == {int(r["lesion_id"]) for r in rows if r["instances"]}
+
+
+def _check_atrophy(layout: Any, subject: str) -> None:
+    """Per session: volumes and the cord; per subject: the within-subject changes."""
+    for session in ("01", "02"):
+        query = {"subject": subject, "session": session}
+        (stats,) = layout.get(suffix="stats", desc="atrophy", extension=".tsv", **query)
+        (row,) = read_tsv(stats.path)
+        brain, icv = float(row["brain_ml"]), float(row["icv_ml"])
+        assert 0 < brain < icv and float(row["bpf"]) == pytest.approx(brain / icv, abs=1e-4)
+        assert stats.get_metadata()["nbv_ml"]["Units"] == "ml"
+        assert row["cord_status"] in {"measured", "not measurable"} and row["cord_reason"]
+        assert layout.get(suffix="probseg", label="cord", extension=".nii.gz", **query)
+        assert layout.get(suffix="mask", desc="cord", extension=".nii.gz", **query)
+        assert layout.get(suffix="stats", desc="cordcentreline", extension=".tsv", **query)
+    # the subject's table (not queried by session: its "session" column reads as the entity)
+    found = layout.get(subject=subject, suffix="stats", desc="atrophy", extension=".tsv")
+    (table,) = [f for f in found if "ses-" not in Path(f.path).name]
+    rows = read_tsv(table.path)
+    assert [r["session"] for r in rows] == ["01", "02"]
+    later = rows[1]
+    for column in ("pbvc_jacobian_interval_pct", "pbvc_boundary_shift_interval_pct",
+                   "gm_change_interval_pct", "pbvc_per_year_pct"):  # fmt: skip
+        assert abs(float(later[column])) < 10, column  # a measured change, in percent
+    assert later["pbvc_interval_pct"] == later[f"pbvc_{later['pbvc_method']}_interval_pct"]
+    assert later["pbvc_class"] in {"pathological", "normal"}
+    meta = table.get_metadata()
+    assert meta["pbvc_class"]["Description"].count("De Stefano") == 1
+    assert set(meta["SessionDates"]) == {"01", "02"}
 
 
 def test_transforms_are_readable_itk(runs: Runs) -> None:

@@ -308,6 +308,19 @@ class LongitudinalSettings:
 
 
 @dataclass(frozen=True)
+class AtrophySettings:
+    """Brain, grey-matter and cord volumes per session and their change within the subject
+    (:mod:`smoulder.atrophy`, :mod:`smoulder.cord`)."""
+
+    enabled: bool
+    pbvc_method: str = field(metadata=_accepts(choices=("jacobian", "boundary_shift")))
+    boundary_shift: bool
+    standard_icv_ml: float = field(metadata=_accepts(above=0))
+    cord_level_below_anchor_mm: float = field(metadata=_accepts(minimum=0))
+    cord_length_mm: float = field(metadata=_accepts(above=0))
+
+
+@dataclass(frozen=True)
 class PhantomSettings:
     """The dataset ``smoulder phantom`` writes (PhantomConfig keys; it checks their ranges)."""
 
@@ -344,6 +357,7 @@ class Config:
     qsm: QSMSettings
     rims: RimsSettings
     longitudinal: LongitudinalSettings
+    atrophy: AtrophySettings
     phantom: PhantomSettings
 
 

@@ -54,3 +54,53 @@ def tissue_volumes_ml(
         )
         for tissue in tissues
     }
+
+
+#: Intracranial volume of the standard head the normalised brain volume is scaled to (ml).
+STANDARD_ICV_ML = 1500.0
+
+
+def session_volumes(
+    dseg: np.ndarray,
+    affine: np.ndarray,
+    class_index: Mapping[str, int],
+    *,
+    standard_icv_ml: float = STANDARD_ICV_ML,
+) -> dict[str, float]:
+    """Return a session's cross-sectional volumes (ml) and fractions from its class map.
+
+    Brain is the parenchyma (GM, WM and lesions); the intracranial volume (ICV) adds the CSF;
+    the brain parenchymal fraction (BPF) is their ratio. The normalised brain volume scales
+    the brain to a head of ``standard_icv_ml``: the volume factor ``standard_icv_ml / ICV``
+    plays the part of SIENAX's skull-to-template scaling (a volume ratio of head sizes).
+
+    Examples:
+        >>> names = {"background": 0, "CSF": 1, "cortical_GM": 2, "deep_GM": 3, "WM": 4,
+        ...          "lesion": 5}
+        >>> dseg = np.array([[[1, 2, 2, 3, 4, 4, 4, 5]]])
+        >>> v = session_volumes(dseg, np.diag([10.0, 10.0, 10.0, 1.0]), names,
+        ...                     standard_icv_ml=16.0)
+        >>> v["brain_ml"], v["icv_ml"], v["bpf"], v["nbv_ml"], v["head_scale"]
+        (7.0, 8.0, 0.875, 14.0, 2.0)
+    """
+    v = tissue_volumes_ml(
+        dseg,
+        affine,
+        class_index,
+        ("brain", "GM", "cortical_GM", "deep_GM", "WM_lesions_filled", "lesion", "CSF"),
+    )
+    icv = v["brain"] + v["CSF"]
+    scale = standard_icv_ml / icv if icv > 0 else float("nan")
+    return {
+        "brain_ml": v["brain"],
+        "gm_ml": v["GM"],
+        "cortical_gm_ml": v["cortical_GM"],
+        "deep_gm_ml": v["deep_GM"],
+        "wm_lesions_filled_ml": v["WM_lesions_filled"],
+        "lesion_ml": v["lesion"],
+        "csf_ml": v["CSF"],
+        "icv_ml": round(icv, 3),
+        "bpf": round(v["brain"] / icv, 5) if icv > 0 else float("nan"),
+        "head_scale": round(scale, 5),
+        "nbv_ml": round(v["brain"] * scale, 3),
+    }

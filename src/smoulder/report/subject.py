@@ -44,12 +44,12 @@ import nibabel as nib
 import numpy as np
 
 from smoulder import __version__
-from smoulder.atrophy.rates import annual_rate_percent
 from smoulder.atrophy.volumes import tissue_volumes_ml
 from smoulder.derivatives import bids_name, is_bids_label
 from smoulder.images import read_tsv, save_text
 from smoulder.longitudinal.intervals import session_dates, years_since_first
 from smoulder.longitudinal.matching import lesion_volumes_ul, map_instances
+from smoulder.report import atrophy as atrophy_report
 from smoulder.report import longitudinal as tracked
 from smoulder.report import render
 from smoulder.report.render import CROP_HALF_MM, CROP_PX
@@ -926,30 +926,6 @@ def _segmentation_section(sessions: list[SessionData]) -> str:
     return "".join(parts)
 
 
-def _atrophy_section(sessions: list[SessionData], years: list[float | None]) -> str:
-    """Return the atrophy section: each tissue volume per session, its rate and trend."""
-    parts = ['<section id="atrophy"><h2>Atrophy and cord</h2>']
-    parts.append(
-        "<table><tr><th>measure</th>"
-        + "".join(f"<th>{_e(s.label)}</th>" for s in sessions)
-        + "<th>rate %/year</th><th>trend</th></tr>"
-    )
-    for name, tissue in VOLUME_ROWS:
-        values = [s.volumes_ml.get(tissue, 0.0) for s in sessions]
-        rate = annual_rate_percent(years, values)
-        svg = render.trajectory_svg([y or float(i) for i, y in enumerate(years)], values, unit="ml")
-        parts.append(
-            f"<tr><td>{_e(name)} volume (ml)</td>"
-            + "".join(f"<td>{v:.1f}</td>" for v in values)
-            + f"<td>{'n/a' if rate is None else f'{rate:+.2f}'}</td><td>{svg}</td></tr>"
-        )
-    parts.append(
-        "</table><p class='note'>Volumes from each session's class map (lesion-filled "
-        "segmentation). Spinal cord area: not measured by this version.</p></section>"
-    )
-    return "".join(parts)
-
-
 def _lesion_records(
     sessions: list[SessionData],
     max_lesions: int | None,
@@ -1393,7 +1369,7 @@ def build_subject_report(
         + _summary_section(root, subject, sessions, tracks)
         + _registration_section(sessions)
         + _segmentation_section(sessions)
-        + _atrophy_section(sessions, years)
+        + atrophy_report.atrophy_section(root / subject, subject, [s.label for s in sessions])
         + _lesions_section(lesions, sessions, years, tracks)
     )
     images = {str(le["id"]): le["images"] for le in lesions}
@@ -1420,14 +1396,12 @@ def subject_summary(
     """
     if sessions is None:
         sessions = collect_sessions(root, subject)
-    years = session_years(sessions)
     tracks = tracked.read_lesion_tracks(root / subject, subject)
     n_lesions = len(tracks.ids) if tracks else len(sessions[0].lesions) if sessions else 0
     reviewed = {
         r["lesion_id"] for r in read_review(review_path(root / subject, subject)) if r["lesion"]
     }
-    brain = [s.volumes_ml.get("brain", 0.0) for s in sessions]
-    rate = annual_rate_percent(years, brain)
+    rate = atrophy_report.brain_rate(root / subject, subject)  # within the subject only
     return {
         "subject": subject,
         "sessions": len(sessions),
