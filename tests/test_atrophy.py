@@ -8,7 +8,7 @@ import pytest
 from scipy import ndimage
 
 from smoulder.atrophy.subject import AtrophySession, classify, subject_atrophy
-from smoulder.atrophy.volumes import session_volumes
+from smoulder.atrophy.volumes import ATROPHY_TISSUES, session_volumes, tissue_volumes_ml
 from smoulder.longitudinal.space import SubjectSpace
 from smoulder.registration.transforms import AffineTransform
 from smoulder.segmentation.classes import CLASSES
@@ -16,6 +16,37 @@ from smoulder.segmentation.classes import CLASSES
 NAMES = {name: k for k, name in enumerate(CLASSES)}
 SHAPE = (64, 64, 64)
 CENTRE = np.array([31.5, 31.5, 31.5])
+
+
+def _dseg() -> np.ndarray:
+    """Return a class map holding ``i + 1`` voxels of class ``i`` (background: 1 voxel)."""
+    labels = np.concatenate([np.full(i + 1, i) for i in range(len(CLASSES))])
+    return labels.reshape(1, 1, -1).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("tissue", "voxels"),
+    [
+        ("brain", 3 + 4 + 5 + 6),  # cortical GM, deep GM, WM, lesion
+        ("GM", 3 + 4),
+        ("WM", 5),  # lesions excluded
+        ("WM_lesions_filled", 5 + 6),  # lesions counted as WM, as atrophy measures do
+        ("lesion", 6),
+        ("CSF", 2),
+    ],
+)
+def test_tissue_volume_sums_the_classes_of_the_tissue(tissue: str, voxels: int) -> None:
+    affine = np.diag([2.0, 1.0, 0.5, 1.0])  # 1 mm³ voxels, anisotropic
+    affine[:3, 3] = 10.0
+    volumes = tissue_volumes_ml(_dseg(), affine, NAMES, (tissue,))
+    assert volumes == {tissue: pytest.approx(voxels / 1000.0)}
+
+
+def test_tissue_volumes_default_to_the_atrophy_tissues_and_skip_missing_classes() -> None:
+    dseg = np.array([[[0, 4, 4]]], np.int16)
+    volumes = tissue_volumes_ml(dseg, np.diag([10.0, 10.0, 10.0, 1.0]), {"bg": 0, "WM": 4})
+    assert list(volumes) == list(ATROPHY_TISSUES)
+    assert volumes == {"brain": 2.0, "GM": 0.0, "WM_lesions_filled": 2.0, "lesion": 0.0}
 
 
 def _head(scale: float, seed: int) -> dict[str, nib.Nifti1Image]:

@@ -1,6 +1,8 @@
-"""Atrophy: tissue volumes from a class map and their yearly rates of change.
+"""Atrophy: brain, grey-matter and cord volume loss, measured within the subject.
 
-Modules: ``volumes`` (millilitres of each named tissue of a class map), ``rates`` (the
-least-squares yearly change of a measure, in % of its first value). Pure functions on arrays
-and tables; reading the derivatives is the caller's (the report, later a ``command``).
+Modules: ``volumes`` (tissue volumes of a class map; a session's ICV, BPF and normalised brain
+volume), ``session`` (a session's cross-sectional row with its cord area, :mod:`smoulder.cord`),
+``change`` (PBVC by Jacobian integration and by boundary shift, grey-matter change, on the
+within-subject grid), ``subject`` (a subject's table: per session, per interval, yearly rates
+classified against published cut-offs), ``columns`` (the tables' columns and units).
 """
