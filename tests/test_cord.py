@@ -61,6 +61,63 @@ def test_tilted_cylinder_csa_is_angle_corrected(contrast: Contrast) -> None:
     assert uncorrected / TRUE_CSA - 1 > 0.03
 
 
+HEAD_SHAPE = (64, 56, 84)
+HEAD_TILT_DEG = 10.0
+
+
+def synthetic_head(*, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Return (T1 image, brain mask) of a whole-head field of view, 1 mm voxels.
+
+    A 'brain' ellipsoid (as bright as the cord) sits above an elliptic cord tilted
+    ``HEAD_TILT_DEG`` in its CSF canal; beside the canal a brighter cord-like rod in its own
+    dark sheath runs from mid-neck on up through the brain (a distracting tube, as the
+    head's surface or a vessel may be). 3×3×3 supersampling; noise SD 1.5.
+    """
+    t = np.radians(HEAD_TILT_DEG)
+    axis, e1 = np.array([np.sin(t), 0.0, np.cos(t)]), np.array([np.cos(t), 0.0, -np.sin(t)])
+    base = np.array([28.0, 24.0, 0.0])
+    sub = (np.arange(3) - 1) / 3.0
+    grids = np.meshgrid(*(np.arange(n, dtype=float) for n in HEAD_SHAPE), indexing="ij")
+    parts = {k: np.zeros(HEAD_SHAPE) for k in ("cord", "canal", "brain", "rod", "sheath")}
+    for dx in sub:
+        for dy in sub:
+            for dz in sub:
+                p = np.stack([grids[0] + dx, grids[1] + dy, grids[2] + dz], -1)
+                perp = (p - base) - ((p - base) @ axis)[..., None] * axis
+                x1, y1 = perp @ e1, perp[..., 1]
+                parts["cord"] += ((x1 / A_MM) ** 2 + (y1 / B_MM) ** 2 <= 1.0) / 27
+                parts["canal"] += (np.hypot(x1, y1) <= 8.0) / 27
+                ellipsoid = (((p - [36.0, 26.0, 74.0]) / [26.0, 22.0, 22.0]) ** 2).sum(-1)
+                parts["brain"] += (ellipsoid <= 1.0) / 27
+                r = np.where(p[..., 2] >= 22.0, np.hypot(p[..., 0] - 32.0, p[..., 1] - 38.5), 99)
+                parts["rod"] += (r <= 3.0) / 27
+                parts["sheath"] += (r <= 5.5) / 27
+    brain = parts["brain"]
+    cord = np.maximum(parts["cord"] - brain, 0.0)
+    csf = np.maximum(parts["canal"] - brain, 0.0) - cord + parts["sheath"] - parts["rod"]
+    rest = np.clip(1.0 - brain - cord - csf - parts["rod"], 0.0, 1.0)
+    image = 40.0 * (cord + brain) + 5.0 * csf + 70.0 * parts["rod"] + 90.0 * rest
+    image += np.random.default_rng(seed).normal(0.0, 1.5, HEAD_SHAPE)
+    return image.astype(np.float32), brain >= 0.5
+
+
+def test_whole_head_cord_is_found_below_the_brain() -> None:
+    image, brain = synthetic_head()
+    result = measure_cord(image, np.eye(4), "T1", brain_mask=brain)
+    assert result.status == "measured", result.reason
+    assert result.level == "brain mask"
+    assert result.csa_mm2 == pytest.approx(TRUE_CSA, rel=0.03)
+    line = result.centreline
+    assert line is not None
+    # on the cord's axis, not the rod beside it, and not followed up into the brain
+    t = np.radians(HEAD_TILT_DEG)
+    axis_x = 28.0 + line.centre_vox[:, 2] * np.tan(t)
+    off_mm = np.hypot(line.centre_vox[:, 0] - axis_x, line.centre_vox[:, 1] - 24.0)
+    assert off_mm.max() < 1.5
+    brain_bottom = int(np.argwhere(brain)[:, 2].min())
+    assert line.slice_index.max() < brain_bottom
+
+
 def test_short_field_of_view_is_not_measurable() -> None:
     image, top = tilted_cord("T1")
     keep = int(round(10 * np.cos(np.radians(TILT_DEG))))

@@ -7,9 +7,11 @@ Method, in the order :func:`~smoulder.cord.measure.measure_cord` runs it:
 2. **Centreline** (:mod:`smoulder.cord.centreline`). Each slice is filtered by a cord-in-CSF
    detector (a cord-sized square of one contrast against CSF squares on either side, bright
    cord in dark CSF on T1-like images, the reverse on T2); its lowest value over 15 mm along
-   the slices marks tubes. Up to 20 tubes (near a given start point, if any) are tracked slice
-   by slice, up and down, to the best response within a few mm of the predicted position; the
-   track on which a cord blob is found most often is kept. Each tracked centre is refined to
+   the slices marks tubes. Up to 20 tubes (below and near a given start point, if any) are
+   tracked slice by slice, up and down, to the best response within 1.5 mm of the line
+   through the last 10 mm of track (at most 45° from the slice normal); with a brain mask,
+   nothing at or above the brain's lower end is searched or followed. The track on which a
+   cord blob is found most often is kept. Each tracked centre is refined to
    the centroid of the cord found there, and x(z), y(z) are smoothed by a robust polynomial
    whose derivative gives the unit tangent.
 3. **Partial-volume cord fraction** (:mod:`smoulder.cord.fraction`). On each slice the cord

@@ -1,12 +1,13 @@
 """The spinal cord's centreline: detected on each axial slice, tracked, then smoothed.
 
 A cord-in-CSF filter responds to a cord-sized square of one contrast with CSF on either side;
-its lowest value over 15 mm along the slices favours tubes, and each strong tube (near a given
-start point, if any) seeds a track that moves slice by slice, up and down, to the best response
-within a few mm of the position predicted from the previous slices, bridging up to three weak
-slices. The track on which a cord blob (:mod:`smoulder.cord.slices`) is found most often wins;
-each of its centres is refined to the centroid of that blob, and the centres are smoothed by a
-robust polynomial of the slice index, whose derivative gives the tangent.
+its lowest value over 15 mm along the slices favours tubes, and each strong tube (below and near
+a given start point, if any) seeds a track that moves slice by slice, up and down, to the best
+response within 1.5 mm of the line through the last 10 mm of track (its slope held to 45°),
+bridging up to three weak slices and stopping at a region to avoid (the brain). The track on
+which a cord blob (:mod:`smoulder.cord.slices`) is found most often wins; each of its centres
+is refined to the centroid of that blob, and the centres are smoothed by a robust polynomial of
+the slice index, whose derivative gives the tangent.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ MIN_SLICES = 3
 N_SEEDS = 20
 #: Weak slices bridged before the tracking stops.
 MAX_MISSES = 3
+#: Steepest cord allowed against the slice normal (mm sideways per mm along the slices): 45°.
+MAX_SLOPE = 1.0
+#: How far (mm) the tracked centre may stray from the line through the previous centres.
+TRACK_TOLERANCE_MM = 1.5
+#: Length (mm) of the last stretch of track whose line predicts the next centre.
+LOOKBACK_MM = 10.0
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,7 @@ def find_centreline(
     *,
     start_mm: np.ndarray | None = None,
     search_radius_mm: float = 15.0,
+    avoid: np.ndarray | None = None,
 ) -> Centreline | None:
     """Return the cord's centreline in ``image``, or None when no cord is found.
 
@@ -108,9 +116,12 @@ def find_centreline(
         image: 3D intensities.
         affine: 4×4 voxel-to-world matrix (mm).
         contrast: ``"T1"`` (cord brighter than CSF) or ``"T2"`` (darker).
-        start_mm: a world point near the cord to start from (the lower end of the brainstem);
+        start_mm: a world point at or above the cord's upper end (the lower end of the
+            brainstem): the cord is looked for below it, within ``search_radius_mm``;
             without it, the strongest cord-like tube in the image.
         search_radius_mm: how far from ``start_mm`` the cord may be.
+        avoid: boolean mask on the image grid that the cord does not enter (the brain's
+            bulk): no seed lies in it, and a track stops where it would enter it.
     """
     sign = contrast_sign(contrast)
     axis = slice_axis(affine)
@@ -118,7 +129,11 @@ def find_centreline(
     spacing = in_plane_spacing_mm(affine, axis)
     thickness = float(np.linalg.norm(np.asarray(affine, float)[:3, axis]))
     response = detector_response(stack, spacing, sign)
-    seeds = _seeds(response, affine, axis, spacing, thickness, start_mm, search_radius_mm)
+    blocked = None if avoid is None else np.moveaxis(np.asarray(avoid, bool), axis, -1)
+    if blocked is not None:
+        response = np.where(blocked, -np.inf, response)
+    up = 1 if float(np.asarray(affine, float)[2, axis]) > 0 else -1
+    seeds = _seeds(response, affine, axis, spacing, thickness, start_mm, search_radius_mm, up)
     best: tuple[np.ndarray, np.ndarray] | None = None
     best_score = (0, 0)
     for seed in seeds:
@@ -148,11 +163,13 @@ def _seeds(
     thickness: float,
     start_mm: np.ndarray | None,
     search_radius_mm: float,
+    up: int,
 ) -> list[tuple[int, np.ndarray]]:
     """Return up to :data:`N_SEEDS` seeds (slice, ``(u, v)`` centre): the strongest tubes.
 
     A tube's strength is the lowest response over :data:`TUBE_MM` along the slices; seeds are
-    its local maxima, strongest first, within ``search_radius_mm`` of ``start_mm`` if given.
+    its local maxima, strongest first. Given ``start_mm``, they lie below it (``up`` is the
+    slice step towards the head), within ``search_radius_mm`` in-plane and along the slices.
     """
     n_tube = max(int(round(TUBE_MM / thickness)), 1)
     tube = ndi.minimum_filter1d(response, n_tube, axis=2, mode="nearest")
@@ -163,7 +180,8 @@ def _seeds(
         u0, v0, s0 = _voxel(np.asarray(start_mm, float), affine, axis)
         uu, vv, ss = np.meshgrid(*(np.arange(n) for n in tube.shape), indexing="ij", sparse=True)
         near = np.hypot((uu - u0) * spacing[0], (vv - v0) * spacing[1]) <= search_radius_mm
-        allowed &= near & (np.abs(ss - s0) * thickness <= search_radius_mm)
+        depth_mm = (s0 - ss) * up * thickness
+        allowed &= near & (depth_mm >= 0) & (depth_mm <= search_radius_mm)
     score = np.where(allowed & (tube > 0), tube, -np.inf)
     # one seed per tube: the best slice of each in-plane position, then in-plane maxima
     best_slice = np.argmax(score, axis=2)
@@ -178,41 +196,86 @@ def _seeds(
 def _track(
     response: np.ndarray, seed: tuple[int, np.ndarray], spacing: np.ndarray, thickness: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Return the tracked slices and their ``(u, v)`` centres, following the best response."""
+    """Return the tracked slices and their ``(u, v)`` centres, following the best response.
+
+    From the seed, up and down, each slice's centre is the best response within
+    :data:`TRACK_TOLERANCE_MM` (at least a voxel) of the line through the last
+    :data:`LOOKBACK_MM` of track, whose slope is held to :data:`MAX_SLOPE`; the tolerance
+    grows by that slope for each slice since the last one found, so a bridged gap may bend
+    no more than the cord can. The track stops after :data:`MAX_MISSES` weak slices, or
+    where the response is ``-inf`` (a region to avoid).
+    """
     s0, c0 = seed
-    step_mm = max(2.5, 1.2 * thickness)
+    tolerance = max(TRACK_TOLERANCE_MM, 1.01 * float(np.max(spacing)))
+    lookback = max(int(round(LOOKBACK_MM / thickness)), 2)
     found = {s0: c0}
     for direction in (1, -1):
-        history = [c0]
+        history = [(s0, c0)]
         levels = [float(response[int(c0[0]), int(c0[1]), s0])]
         misses, s = 0, s0
         while 0 <= s + direction < response.shape[2] and misses <= MAX_MISSES:
             s += direction
-            velocity = history[-1] - history[-2] if len(history) > 1 else np.zeros(2)
-            predicted = history[-1] + velocity
-            centre, value = _best_near(response[:, :, s], predicted, spacing, step_mm)
+            predicted = _predict(history[-lookback:], s, spacing, thickness)
+            gap = abs(s - history[-1][0])
+            radius = tolerance + MAX_SLOPE * thickness * (gap - 1)
+            at = np.clip(np.round(predicted).astype(int), 0, np.array(response.shape[:2]) - 1)
+            if not np.isfinite(response[at[0], at[1], s]):
+                break
+            centre, value = _best_near(response[:, :, s], predicted, spacing, radius)
             if value >= ACCEPT * float(np.median(levels)):
                 found[s], misses = centre, 0
                 levels.append(value)
-                history.append(centre)
+                history.append((s, centre))
             else:
                 misses += 1
-                history.append(predicted)
     slices = np.array(sorted(found))
     return slices, np.array([found[s] for s in slices])
+
+
+def _predict(
+    history: list[tuple[int, np.ndarray]], s: int, spacing: np.ndarray, thickness: float
+) -> np.ndarray:
+    """Return the ``(u, v)`` centre on slice ``s`` of the line through ``history``'s centres.
+
+    The line is a least-squares fit, its slope held to :data:`MAX_SLOPE`; with one centre,
+    that centre.
+
+    Examples:
+        >>> hist = [(0, np.array([10.0, 10.0])), (1, np.array([10.5, 10.0])),
+        ...         (2, np.array([11.0, 10.0]))]
+        >>> np.round(_predict(hist, 3, np.ones(2), 1.0), 6).tolist()
+        [11.5, 10.0]
+    """
+    ss = np.array([h[0] for h in history], float)
+    uv = np.array([h[1] for h in history], float)
+    if len(history) < 2 or np.ptp(ss) == 0:
+        return uv[-1]
+    slope = np.polyfit(ss, uv, 1)[0]
+    # slope in voxels per slice; its size in mm per mm is held to MAX_SLOPE
+    steep = float(np.hypot(*(slope * spacing))) / thickness
+    if steep > MAX_SLOPE:
+        slope = slope * MAX_SLOPE / steep
+    mean_s, mean_uv = ss.mean(), uv.mean(axis=0)
+    return mean_uv + slope * (s - mean_s)
 
 
 def _best_near(
     plane: np.ndarray, centre: np.ndarray, spacing: np.ndarray, radius_mm: float
 ) -> tuple[np.ndarray, float]:
     """Return the position and value of the highest response within ``radius_mm``."""
-    uu, vv = np.meshgrid(np.arange(plane.shape[0]), np.arange(plane.shape[1]), indexing="ij")
+    half = np.ceil(radius_mm / np.asarray(spacing, float)).astype(int)
+    c = np.round(centre).astype(int)
+    lo = np.maximum(c - half, 0)
+    hi = np.minimum(c + half + 1, plane.shape)
+    if np.any(lo >= hi):
+        return centre, -np.inf
+    uu, vv = np.meshgrid(np.arange(lo[0], hi[0]), np.arange(lo[1], hi[1]), indexing="ij")
     near = np.hypot((uu - centre[0]) * spacing[0], (vv - centre[1]) * spacing[1]) <= radius_mm
     if not near.any():
         return centre, -np.inf
-    values = np.where(near, plane, -np.inf)
-    best = np.unravel_index(int(np.argmax(values)), plane.shape)
-    return np.array(best, float), float(values[best])
+    values = np.where(near, plane[lo[0] : hi[0], lo[1] : hi[1]], -np.inf)
+    best = np.unravel_index(int(np.argmax(values)), values.shape)
+    return np.array(best, float) + lo, float(values[best])
 
 
 def _refine(

@@ -23,6 +23,12 @@ __all__ = ["Contrast", "CordMeasure", "measure_cord", "save_cord_outputs"]
 
 #: How far above the top of the centreline the brain mask is looked for (mm).
 ANCHOR_REACH_MM = 40.0
+#: A brain-mask slice this large (mm²) is the brain's bulk (cerebellum, medulla), not the cord:
+#: the cord's CSA is under 150 mm², the medulla's above 300 mm² with the cerebellar tonsils
+#: beside it. A mask that runs on down the cord is cut below its bulk (:func:`brain_bulk`).
+BULK_AREA_MM2 = 300.0
+#: The cord search starts this far below the brain's lower end (mm).
+SEED_BELOW_MM = 10.0
 #: Share of the slab's slices on which the cord must have been found.
 MIN_SLAB_COVERAGE = 0.5
 
@@ -112,8 +118,11 @@ def measure_cord(
     is reported, with ``level`` ``"no anchor"``.
     """
     image = np.asarray(image, np.float32)
+    if brain_mask is not None:
+        brain_mask = brain_bulk(brain_mask, affine)
     seed_mm = anchor_mm if anchor_mm is not None else _brain_bottom_mm(brain_mask, affine)
-    line = find_centreline(image, affine, contrast, start_mm=seed_mm)
+    avoid = None if anchor_mm is not None else _above_brain(brain_mask, affine)
+    line = find_centreline(image, affine, contrast, start_mm=seed_mm, avoid=avoid)
     if line is None:
         return CordMeasure(
             None,
@@ -238,8 +247,44 @@ def _anchor_arc(
     return None, "no anchor"
 
 
+def brain_bulk(brain_mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Return ``brain_mask`` (≥ 0.5) without the slices below the lowest one whose area is at
+    least :data:`BULK_AREA_MM2`: a segmentation that labels the cord as white matter would
+    otherwise put the anchor at the bottom of the image.
+
+    Examples:
+        >>> mask = np.zeros((30, 30, 20), bool)
+        >>> mask[5:25, 5:25, 10:] = True  # the brain: 400 mm² slices
+        >>> mask[13:17, 13:17, :10] = True  # a cord of 16 mm² below it
+        >>> int(np.argwhere(brain_bulk(mask, np.eye(4)))[:, 2].min())
+        10
+    """
+    from smoulder.cord.slices import slice_axis
+
+    mask = np.asarray(brain_mask) >= 0.5
+    axis = slice_axis(affine)
+    spacing = np.sqrt((np.asarray(affine, float)[:3, :3] ** 2).sum(axis=0))
+    pixel = float(np.prod(np.delete(spacing, axis)))
+    areas = mask.sum(axis=tuple(a for a in range(3) if a != axis)) * pixel
+    bulk = np.nonzero(areas >= BULK_AREA_MM2)[0]
+    if bulk.size == 0:
+        return mask
+    # the foot end of the slice axis: where world z is lowest
+    foot_first = float(np.asarray(affine, float)[2, axis]) > 0
+    keep = np.zeros(mask.shape[axis], bool)
+    if foot_first:
+        keep[bulk.min() :] = True
+    else:
+        keep[: bulk.max() + 1] = True
+    shape = [1, 1, 1]
+    shape[axis] = -1
+    return mask & keep.reshape(shape)
+
+
 def _brain_bottom_mm(brain_mask: np.ndarray | None, affine: np.ndarray) -> np.ndarray | None:
-    """Return the world centre of the lowest 3 mm of ``brain_mask`` (the medulla's lower end)."""
+    """Return where to start looking for the cord: the world centre of the lowest 3 mm of
+    ``brain_mask``, :data:`SEED_BELOW_MM` further down (the cord, not the brainstem above it,
+    is then the nearest cord-like tube)."""
     if brain_mask is None:
         return None
     ijk = np.argwhere(np.asarray(brain_mask) >= 0.5)
@@ -247,7 +292,25 @@ def _brain_bottom_mm(brain_mask: np.ndarray | None, affine: np.ndarray) -> np.nd
         return None
     world = ijk @ np.asarray(affine, float)[:3, :3].T + np.asarray(affine, float)[:3, 3]
     low = world[world[:, 2] <= world[:, 2].min() + 3.0]
-    return np.asarray(low.mean(axis=0))
+    return np.asarray(low.mean(axis=0)) - np.array([0.0, 0.0, SEED_BELOW_MM])
+
+
+def _above_brain(brain_mask: np.ndarray | None, affine: np.ndarray) -> np.ndarray | None:
+    """Return the voxels at or above the lowest world z of ``brain_mask``, None without one.
+
+    The cord is measured below the brain, and tracking it up into the head only risks
+    following the brain's surface or the skull: the cord is neither looked for nor
+    followed there (its anchor is found along its tangent, :func:`_anchor_arc`).
+    """
+    if brain_mask is None:
+        return None
+    mask = np.asarray(brain_mask) >= 0.5
+    if not mask.any():
+        return None
+    row = np.asarray(affine, float)[2]
+    grids = np.ogrid[tuple(slice(0, n) for n in mask.shape)]
+    z_mm = row[0] * grids[0] + row[1] * grids[1] + row[2] * grids[2] + row[3]
+    return np.asarray(z_mm >= z_mm[mask].min())
 
 
 def _in_mask(mask: np.ndarray, affine: np.ndarray, point_mm: np.ndarray) -> bool:
