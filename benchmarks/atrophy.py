@@ -25,7 +25,8 @@ Methods
 -------
 ``smoulder-jacobian`` / ``smoulder-boundary-shift`` — one run: smoulder's segmentation of each
     session (``smoulder.segmentation.inference.segment``, FLAIR + T1w), the within-subject space
-    (``smoulder.longitudinal.space.subject_space``, greedy on the CPU) and
+    (``smoulder.atrophy.subject.atrophy_space``: the FLAIRs coarsened to the configuration's
+    ``atrophy.registration_mm``, 2 mm, registered half way by greedy on the CPU) and
     ``smoulder.atrophy.subject.subject_atrophy``: PBVC by Jacobian integration and by boundary
     shift, grey-matter change (Jacobian integration over the joint grey-matter map), the cord
     area of each session at the subject's common level. ``wall_s``: space and atrophy (the
@@ -201,8 +202,8 @@ def segmentation(session: dict[str, Any], args: argparse.Namespace) -> dict[str,
 
 def run_smoulder(pair: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Child process: smoulder's space and atrophy on a pair (segmentations given)."""
-    from smoulder.atrophy.subject import AtrophySession, subject_atrophy
-    from smoulder.longitudinal.space import subject_space
+    from smoulder.atrophy.subject import AtrophySession, atrophy_space, subject_atrophy
+    from smoulder.config import resolve
 
     sessions = []
     for s in pair["sessions"]:
@@ -216,9 +217,11 @@ def run_smoulder(pair: dict[str, Any], args: argparse.Namespace) -> dict[str, An
             AtrophySession(s["label"], flair, brain, gm, t1, cord_image=t1, cord_image_name="T1w")
         )
     start = time.perf_counter()
-    space = subject_space({s.label: s.reference for s in sessions}, threads=args.threads)
+    registration_mm = resolve().atrophy.registration_mm
+    refs = {s.label: s.reference for s in sessions}
+    space = atrophy_space(refs, registration_mm, threads=args.threads, seed=args.seed)
     mid = time.perf_counter()
-    rows, cords = subject_atrophy(space, sessions, [0.0, 1.0])
+    rows, cords = subject_atrophy(space, sessions, [0.0, 1.0], boundary_shift=True)
     end = time.perf_counter()
     later = rows[1]
     return {
@@ -380,14 +383,15 @@ def cord_records(cases: list[str], args: argparse.Namespace) -> list[dict[str, A
 
 
 def run_benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Return the records of every selected case."""
-    records = []
+    """Return the records of every selected case, writing the outputs after each case (a long
+    run that stops keeps what it measured)."""
+    records = cord_records([c for c in args.cases if c.startswith("spinal_cord")], args)
     for case in args.cases:
         if case.startswith("spinal_cord"):
             continue
         print(f"{case}:", flush=True)
         records += phantom_records(case, args)
-    records += cord_records([c for c in args.cases if c.startswith("spinal_cord")], args)
+        write_outputs(args, records)
     return records
 
 
@@ -427,6 +431,7 @@ def write_outputs(args: argparse.Namespace, records: list[dict[str, Any]]) -> No
             if (r["method"], r["case"]) not in {(x["method"], x["case"]) for x in records}
         ]  # fmt: skip
         records = keep + records
+    args.append = args.append or bool(records)  # later writes of this run merge too
     path.write_text(json.dumps(records, indent=1) + "\n")
     lines = [
         "# Atrophy benchmark",
@@ -475,8 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown: {', '.join(sorted(unknown))}")
     args.cache.mkdir(parents=True, exist_ok=True)
-    records = run_benchmark(args)
-    write_outputs(args, records)
+    write_outputs(args, run_benchmark(args))
     print(f"wrote {args.out / (NAME + '.json')} and {args.out / (NAME + '.md')}")
     return 0
 

@@ -859,8 +859,10 @@ class SessionAtrophy(SimpleInterface):
         return runtime
 
 
-class _SubjectAtrophyInputSpec(BaseInterfaceInputSpec):
-    space_files = traits.List(File(exists=True), mandatory=True, desc="the within-subject space")
+class _SubjectAtrophyInputSpec(_RegistrationInputSpec):
+    space_files = traits.List(
+        File(exists=True), desc="the lesion-activity space (used when registration_mm is null)"
+    )
     labels = traits.List(traits.Str, mandatory=True, desc="session labels, time order")
     flair_files = traits.List(File(exists=True), mandatory=True, desc="session references")
     t1_files = traits.List(File(exists=True), desc="T1w (or UNIT1) on the FLAIR grids")
@@ -890,7 +892,7 @@ class SubjectAtrophy(SimpleInterface):
         import numpy as np
 
         from smoulder.atrophy.columns import SUBJECT_COLUMNS, column_dictionary
-        from smoulder.atrophy.subject import AtrophySession, subject_atrophy
+        from smoulder.atrophy.subject import AtrophySession, atrophy_space, subject_atrophy
         from smoulder.images import load_image, read_tsv, save_tsv
         from smoulder.longitudinal.intervals import session_times, years_since_first
         from smoulder.longitudinal.space import SubjectSpace
@@ -919,7 +921,15 @@ class SubjectAtrophy(SimpleInterface):
             )  # fmt: skip
         times, sources = session_times(self.inputs.bids_dir, self.inputs.subject, labels)
         missing = [s for s, src in sources.items() if src == "missing"]
-        space = SubjectSpace.load(Path(self.inputs.space_files[0]).parent)
+        registration_mm = settings.get("registration_mm")
+        if registration_mm or not isdefined(self.inputs.space_files):
+            space = atrophy_space(
+                {s.label: s.reference for s in sessions},
+                registration_mm,
+                **_engine_options(self.inputs),
+            )
+        else:
+            space = SubjectSpace.load(Path(self.inputs.space_files[0]).parent)
         rows, _ = subject_atrophy(
             space,
             sessions,

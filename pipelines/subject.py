@@ -12,10 +12,11 @@ Methods (atrophy adds its nodes here):
    step 1 (no second registration), for three or more an unbiased template
    (:func:`smoulder.longitudinal.space.subject_template`). Each session's map from it is
    published (``from-longitudinal``).
-5. Atrophy (:func:`smoulder.atrophy.subject.subject_atrophy`), when segmentation runs: PBVC
-   by Jacobian integration and by boundary shift, grey-matter change over the joint grey-
-   matter map, and the cord area at one level for all sessions, published as
-   ``sub-X_desc-atrophy_stats.tsv``.
+5. Atrophy (:func:`smoulder.atrophy.subject.subject_atrophy`), when segmentation runs, on its
+   own within-subject registration of the references coarsened to ``atrophy.registration_mm``
+   (else the space of step 3): PBVC by Jacobian integration and by boundary shift, grey-matter
+   change over the joint grey-matter map, and the cord area at one level for all sessions,
+   published as ``sub-X_desc-atrophy_stats.tsv``.
 4. Lesion activity (:func:`smoulder.longitudinal.activity.lesion_activity`), when segmentation
    runs: one ID per lesion for the subject, its fate per interval (new, enlarging, stable,
    shrinking, resolved, merged, split) decided on both sessions' images, slowly expanding
@@ -138,7 +139,10 @@ def init_subject_wf(
         for a, b in session_pairs(sessions, mode=registration.pairs)
     }
     with_activity = activity is not None and activity.enabled
-    if not with_activity and atrophy is None:
+    own_space = atrophy is not None and atrophy.registration_mm is not None
+    if not with_activity and (atrophy is None or own_space):
+        if atrophy is not None:
+            _add_atrophy(wf, inputnode, None, context, subject, ordered, atrophy, with_t1)
         return wf
     if len(ordered) == 2:
         space, field = halfways[ordered[0], ordered[1]], "space_files"
@@ -318,7 +322,7 @@ _ATROPHY_INPUTS = (
 def _add_atrophy(
     wf: pe.Workflow,
     inputnode: pe.Node,
-    space: tuple[pe.Node, str],
+    space: tuple[pe.Node, str] | None,
     context: WorkflowContext,
     subject: str,
     sessions: Sequence[str],
@@ -334,11 +338,14 @@ def _add_atrophy(
             bids_dir=str(context.bids_dir),
             subject=subject,
             settings=asdict(settings),
+            **context.registration_inputs(),
         ),
         name="atrophy",
-        mem_gb=context.memory_gb("jacobian", volumes=2 * len(sessions)),
+        n_procs=context.n_procs,
+        mem_gb=context.memory_gb("halfway", volumes=len(sessions)),
     )
-    wf.connect(space[0], space[1], node, "space_files")
+    if settings.registration_mm is None and space is not None:  # the lesion-activity space
+        wf.connect(space[0], space[1], node, "space_files")
     inputs = _ATROPHY_INPUTS + ((("t1", "t1_files"),) if with_t1 else ())
     for output, field in inputs:
         merge = pe.Node(

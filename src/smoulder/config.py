@@ -313,6 +313,7 @@ class AtrophySettings:
     (:mod:`smoulder.atrophy`, :mod:`smoulder.cord`)."""
 
     enabled: bool
+    registration_mm: float | None = field(metadata=_accepts(above=0, most=20))
     pbvc_method: str = field(metadata=_accepts(choices=("jacobian", "boundary_shift")))
     boundary_shift: bool
     standard_icv_ml: float = field(metadata=_accepts(above=0))

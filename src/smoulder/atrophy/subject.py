@@ -201,6 +201,26 @@ def _pair_change(
     return out
 
 
+def atrophy_space(
+    references: Mapping[str, nib.Nifti1Image],
+    registration_mm: float | None,
+    **engine: Any,
+) -> Any:
+    """Return the within-subject space the atrophy is measured on: the sessions' references
+    coarsened to ``registration_mm`` (:func:`smoulder.images.coarsen`) and registered half way
+    (two sessions) or to an unbiased template (three or more), the coarse grid's finest level
+    included. ``engine``: the engine keywords of :func:`smoulder.longitudinal.space.
+    subject_space` (engine, device, seed, threads)."""
+    from smoulder.images import coarsen
+    from smoulder.longitudinal.space import subject_space
+
+    refs = {
+        label: coarsen(img, registration_mm) if registration_mm else img
+        for label, img in references.items()
+    }
+    return subject_space(refs, finest=True, **engine)
+
+
 def common_cord_level(
     space: Any,
     sessions: Sequence[AtrophySession],
