@@ -375,7 +375,7 @@ class LesionActivity(SimpleInterface):
 
         from smoulder.images import read_tsv, save_tsv, write_nifti
         from smoulder.longitudinal import activity as act
-        from smoulder.longitudinal.intervals import session_times, years_since_first
+        from smoulder.longitudinal.intervals import missing_dates, session_times, years_since_first
         from smoulder.longitudinal.space import SubjectSpace
 
         labels = list(self.inputs.labels)
@@ -405,7 +405,6 @@ class LesionActivity(SimpleInterface):
             for k, label in enumerate(labels)
         ]
         times, sources = session_times(self.inputs.bids_dir, self.inputs.subject, labels)
-        missing = [s for s, src in sources.items() if src == "missing"]
         space = SubjectSpace.load(Path(self.inputs.space_files[0]).parent)  # one folder
         settings = act.ActivitySettings.from_mapping(
             self.inputs.settings if isdefined(self.inputs.settings) else {}
@@ -416,9 +415,7 @@ class LesionActivity(SimpleInterface):
         common = {
             "SessionDates": dates,
             "SessionDateSources": sources,
-            "Messages": result.messages
-            + [f"no acquisition date for session(s) {', '.join(missing)} (sessions.tsv "
-               "acq_time, scans.tsv, AcquisitionDateTime)"] * bool(missing),
+            "Messages": result.messages + missing_dates(sources),
         }  # fmt: skip
         for key, rows, columns in (
             ("lesions", result.rows, act.COLUMNS),
@@ -894,7 +891,7 @@ class SubjectAtrophy(SimpleInterface):
         from smoulder.atrophy.columns import SUBJECT_COLUMNS, column_dictionary
         from smoulder.atrophy.subject import AtrophySession, atrophy_space, subject_atrophy
         from smoulder.images import load_image, read_tsv, save_tsv
-        from smoulder.longitudinal.intervals import session_times, years_since_first
+        from smoulder.longitudinal.intervals import missing_dates, session_times, years_since_first
         from smoulder.longitudinal.space import SubjectSpace
 
         settings = self.inputs.settings if isdefined(self.inputs.settings) else {}
@@ -920,7 +917,6 @@ class SubjectAtrophy(SimpleInterface):
                 )
             )  # fmt: skip
         times, sources = session_times(self.inputs.bids_dir, self.inputs.subject, labels)
-        missing = [s for s, src in sources.items() if src == "missing"]
         registration_mm = settings.get("registration_mm")
         if registration_mm or not isdefined(self.inputs.space_files):
             space = atrophy_space(
@@ -947,11 +943,8 @@ class SubjectAtrophy(SimpleInterface):
                 s: (t.isoformat() if t else "missing") for s, t in zip(labels, times, strict=True)
             },
             "Messages": [
-                f"no acquisition date for session(s) {', '.join(missing)} (sessions.tsv "
-                "acq_time, scans.tsv, AcquisitionDateTime): changes are per interval, no "
-                "yearly rates"
-            ]
-            * bool(missing),
+                f"{m}: changes are per interval, no yearly rates" for m in missing_dates(sources)
+            ],
         }
         return runtime
 

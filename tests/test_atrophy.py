@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -141,3 +143,19 @@ def test_cutoffs_are_cited() -> None:
     assert classify("brain", -0.4) == "pathological"
     assert classify("brain", -0.39) == "normal"
     assert classify("gm", -5.0) == "no published cut-off"
+
+
+def test_a_missing_session_date_is_named(tmp_path: Path) -> None:
+    """A subject whose second session has no date anywhere: the session is named and the
+    changes stay per interval (no yearly rate, no class)."""
+    from smoulder.longitudinal.intervals import missing_dates, session_times
+
+    for ses in ("01", "02"):
+        (tmp_path / "sub-01" / f"ses-{ses}" / "anat").mkdir(parents=True)
+    (tmp_path / "sub-01" / "sub-01_sessions.tsv").write_text(
+        "session_id\tacq_time\nses-01\t2020-01-06T09:00:00\nses-02\tn/a\n"
+    )
+    times, sources = session_times(tmp_path, "01", ["01", "02"])
+    assert times[1] is None and sources == {"01": "sessions.tsv", "02": "missing"}
+    (message,) = missing_dates(sources)
+    assert "session(s) 02" in message

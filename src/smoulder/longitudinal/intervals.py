@@ -113,3 +113,21 @@ def _sidecar_time(folder: Path) -> tuple[datetime | None, str]:
         if when is not None and (best[0] is None or when < best[0]):
             best = (when, f"sidecar {sidecar.name}")
     return best
+
+
+def missing_dates(sources: Mapping[str, str]) -> list[str]:
+    """Return the message naming the sessions without a date (none when every one has one).
+
+    Examples:
+        >>> missing_dates({"01": "sessions.tsv", "02": "missing"})[0][:38]
+        'no acquisition date for session(s) 02 '
+        >>> missing_dates({"01": "scans.tsv"})
+        []
+    """
+    missing = [s for s, src in sources.items() if src == "missing"]
+    if not missing:
+        return []
+    return [
+        f"no acquisition date for session(s) {', '.join(missing)} (sessions.tsv acq_time, "
+        "scans.tsv, AcquisitionDateTime)"
+    ]
