@@ -201,6 +201,13 @@ def _pair_change(
     return out
 
 
+#: Regularisation of the atrophy's registration (Gaussian sigmas of the update and of the
+#: field, voxels): smoother than lesion activity's (1.7, 0.7), since atrophy is a smooth field
+#: over the whole brain. On three 1-mm phantom pairs registered at 2 mm, the PBVC error went
+#: from 0.07, 0.10 and 0.14 to 0.01, 0.09 and 0.10 percentage points.
+ATROPHY_SIGMAS = (3.0, 1.0)
+
+
 def atrophy_space(
     references: Mapping[str, nib.Nifti1Image],
     registration_mm: float | None,
@@ -209,16 +216,25 @@ def atrophy_space(
     """Return the within-subject space the atrophy is measured on: the sessions' references
     coarsened to ``registration_mm`` (:func:`smoulder.images.coarsen`) and registered half way
     (two sessions) or to an unbiased template (three or more), the coarse grid's finest level
-    included. ``engine``: the engine keywords of :func:`smoulder.longitudinal.space.
-    subject_space` (engine, device, seed, threads)."""
+    included, regularised by :data:`ATROPHY_SIGMAS`. ``engine``: the engine keywords of
+    :func:`smoulder.longitudinal.space.subject_space` (engine, device, seed, threads)."""
+    import dataclasses
+
     from smoulder.images import coarsen
     from smoulder.longitudinal.space import subject_space
+    from smoulder.registration.engines import default_settings, resolve_engine
 
     refs = {
         label: coarsen(img, registration_mm) if registration_mm else img
         for label, img in references.items()
     }
-    return subject_space(refs, finest=True, **engine)
+    name = resolve_engine(engine.get("engine", "auto"), engine.get("device", "auto"))[0]
+    settings = dataclasses.replace(
+        default_settings(name, next(iter(refs.values())), finest=True),
+        fluid_sigma=ATROPHY_SIGMAS[0],
+        elastic_sigma=ATROPHY_SIGMAS[1],
+    )
+    return subject_space(refs, settings=settings, **engine)
 
 
 def common_cord_level(
