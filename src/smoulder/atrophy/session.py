@@ -27,14 +27,15 @@ def cord_measure(
     length_mm: float = 15.0,
 ) -> CordMeasure:
     """Return the cord measure of a T1-like image (T1w, UNIT1 or FLAIR: cord brighter than
-    CSF) at the slab below ``anchor_mm``, else below the lower end of ``brain_mask``."""
+    CSF) at the slab below ``anchor_mm``, else below the lower end of ``brain_mask`` (which
+    also keeps the search below the brain)."""
     mask = None if brain_mask is None else np.asarray(brain_mask.dataobj) > 0.5
     return measure_cord(
         np.asarray(image.dataobj, np.float32),
         image.affine,
         "T1",
         anchor_mm=anchor_mm,
-        brain_mask=mask if anchor_mm is None else None,
+        brain_mask=mask,
         level_below_anchor_mm=level_below_anchor_mm,
         length_mm=length_mm,
     )

@@ -272,6 +272,7 @@ def common_cord_level(
     return [
         cord_measure(
             s.cord_image,  # type: ignore[arg-type]
+            brain_mask=s.brain,
             anchor_mm=nib.affines.apply_affine(m, mean),
             level_below_anchor_mm=level_below_anchor_mm,
             length_mm=length_mm,

@@ -110,7 +110,8 @@ def measure_cord(
         contrast: ``"T1"`` (cord brighter than CSF: T1w, UNIT1, FLAIR) or ``"T2"``.
         anchor_mm: world point of the reference level; projected onto the centreline.
         brain_mask: parenchyma mask (or probability) on the image grid; its lower end along
-            the centreline is the anchor when ``anchor_mm`` is not given.
+            the centreline is the anchor when ``anchor_mm`` is not given. Either way the cord
+            is not looked for above the brain's lowest point.
         level_below_anchor_mm: slab start, below the anchor along the centreline (mm).
         length_mm: slab length (mm).
 
@@ -121,7 +122,7 @@ def measure_cord(
     if brain_mask is not None:
         brain_mask = brain_bulk(brain_mask, affine)
     seed_mm = anchor_mm if anchor_mm is not None else _brain_bottom_mm(brain_mask, affine)
-    avoid = None if anchor_mm is not None else _above_brain(brain_mask, affine)
+    avoid = _above_brain(brain_mask, affine)  # the cord is below the brain, given anchor or not
     line = find_centreline(image, affine, contrast, start_mm=seed_mm, avoid=avoid)
     if line is None:
         return CordMeasure(
