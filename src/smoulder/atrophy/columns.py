@@ -85,9 +85,10 @@ SUBJECT_COLUMNS: dict[str, tuple[str, str | None]] = {
     "pbvc_method": ("the PBVC estimator of pbvc_*: jacobian | boundary_shift", None),
 }
 
-#: Scan-rescan uncertainty of each yearly change (percentage points, one interval of a year):
-#: the mean |measured - true| change of smoulder on the phantom's rescan pairs (no change,
-#: new noise, bias and head position; a changed voxel size), ``benchmarks/atrophy.py``.
-SCAN_RESCAN: dict[str, float] = {}
+#: Scan-rescan uncertainty of each change (percentage points per interval): the mean
+#: |measured - true| change of smoulder on the 1-mm phantom's two rescan pairs (new noise, bias
+#: field and head position: PBVC 0.006, grey matter 0.72, cord 0.23; a changed voxel size,
+#: 1 against 1.25 mm: 0.54, 1.27, 0.43), ``benchmarks/atrophy.py``, 2026-12-07.
+SCAN_RESCAN: dict[str, float] = {"pbvc": 0.27, "gm": 0.99, "cord_csa": 0.33}
 #: Where :data:`SCAN_RESCAN` comes from.
-SCAN_RESCAN_SOURCE = "benchmarks/results/atrophy.md"
+SCAN_RESCAN_SOURCE = "1-mm phantom rescans, benchmarks/results/atrophy.md"

@@ -147,7 +147,7 @@ def atrophy_section(subject_dir: Path, subject: str, labels: list[str]) -> str:
         f"</table><p class='note'>Measured within the subject: PBVC by {how}"
         " (both estimators are in the table), grey matter by Jacobian integration over the "
         "joint grey-matter map, the cord at one level for all sessions. Whole-brain cut-off "
-        "-0.4 %/year (De Stefano et al., JNNP 2016). ± : the scan-rescan figure of "
+        "-0.4 %/year (De Stefano et al., JNNP 2016). ± : the scan-rescan error per interval of "
         f"smoulder's benchmark ({_e(SCAN_RESCAN_SOURCE)}).</p></section>"
     )
     return "".join(parts)
