@@ -63,6 +63,9 @@ SESSION_OUTPUTS = [
     "probseg_gm", "atrophy_stats",
 ]  # fmt: skip
 
+#: The segmentation's outputs the session workflow hands on (same names on both sides).
+_SEGMENTATION_OUTPUTS = ("lesions", "probseg_lesion", "probseg_wm", "brain_mask", "probseg_gm")
+
 #: Entities and suffix of each modality's published image (the MEGRE is its echo-1 magnitude).
 MODALITY_ENTITIES: dict[str, tuple[dict[str, Any], str]] = {
     "FLAIR": ({}, "FLAIR"),
@@ -247,8 +250,7 @@ def init_session_wf(
             segmentation does and publishes the lesion table.
         mp2rage: the MP2RAGE INV1 and INV2 images (their sidecars hold the sequence
             parameters): quantitative T1 per lesion from the UNIT1.
-        atrophy: the atrophy settings; with segmentation, the session's volumes and cord area
-            (``sub-X_ses-Y_desc-atrophy_stats.tsv``, the cord mask and centreline).
+        atrophy: with segmentation, the session's volumes and cord area (``desc-atrophy``).
         name: workflow name.
 
     Outputs (``outputnode``, :data:`SESSION_OUTPUTS`):
@@ -299,14 +301,11 @@ def init_session_wf(
     seg = _add_segmentation(wf, conform_ref, coregs, context, files, segmentation)
     assess = _add_lesion_assessment(wf, conform_ref, coregs, seg, context, files, rims, mp2rage)
     wf.connect([
-        (seg, outputnode, [("lesions", "lesions"), ("probseg_lesion", "probseg_lesion"),
-                           ("probseg_wm", "probseg_wm"), ("brain_mask", "brain_mask"),
-                           ("probseg_gm", "probseg_gm")]),
+        (seg, outputnode, [(name, name) for name in _SEGMENTATION_OUTPUTS]),
         (assess, outputnode, [("lesion_stats", "lesion_stats")]),
     ])  # fmt: skip
-    if atrophy is not None and atrophy.enabled:
-        node = _add_atrophy(wf, conform_ref, coregs, seg, context, files, atrophy)
-        wf.connect(node, "stats", outputnode, "atrophy_stats")
+    if atrophy is not None and atrophy.enabled:  # its stats: the subject's atrophy input
+        _add_atrophy(wf, conform_ref, coregs, seg, context, files, atrophy, outputnode)
     for t1 in ("T1w", "UNIT1"):
         if t1 in coregs:
             wf.connect(coregs[t1], "out_file", outputnode, "t1")
@@ -534,8 +533,9 @@ def _add_atrophy(
     context: WorkflowContext,
     files: _SessionFiles,
     settings: AtrophySettings,
-) -> pe.Node:
-    """Return the session's atrophy step (volumes, cord area), after adding it and its sinks."""
+    outputnode: pe.Node,
+) -> None:
+    """Add the session's atrophy step (volumes, cord area), its sinks and its output."""
     from dataclasses import asdict
 
     node = pe.Node(
@@ -575,7 +575,7 @@ def _add_atrophy(
             metadata={"Description": text},
         )
         wf.connect(node, output, sink, "in_file")
-    return node
+    wf.connect(node, "stats", outputnode, "atrophy_stats")
 
 
 def _add_lesion_filling(

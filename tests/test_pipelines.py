@@ -143,7 +143,7 @@ def test_gpu_steps_are_marked_for_multiproc(phantom_dir: Path, tmp_path: Path) -
     gpu = sorted(name.split(".")[-1] for name, n in nodes.items() if n.is_gpu_node())
     assert gpu == sorted(
         ["assess_lesions", "coreg_megre", "coreg_t1w", "coreg_unit1", "qsm", "segment"] * 2
-        + ["halfway_01_02"]
+        + ["halfway_01_02", "atrophy"]  # the subject's atrophy registers too
     )
     # one GPU slot each: MultiProc counts a GPU node's n_procs against n_gpu_procs
     assert all(n.n_procs == 1 for n in nodes.values() if n.is_gpu_node())
@@ -463,9 +463,11 @@ def test_corrupt_session_is_reported_and_the_others_finish(runs: Runs) -> None:
         "sub_02_wf.ses_02_wf.fill_lesions",
         "sub_02_wf.ses_02_wf.qsm",
         "sub_02_wf.ses_02_wf.assess_lesions",
+        "sub_02_wf.ses_02_wf.atrophy",
         "sub_02_wf.subject_wf.halfway_01_02",
         "sub_02_wf.subject_wf.jacobian_01_02",
         "sub_02_wf.subject_wf.lesion_activity",
+        "sub_02_wf.subject_wf.atrophy",
     }
     finished = _steps(run, "ran")
     assert {k for k in finished if k.startswith("sub_01_wf")} == {
@@ -488,7 +490,7 @@ def test_rerun_resumes_without_redoing_finished_steps(runs: Runs) -> None:
     assert _steps(after, "cached") == _steps(before, "ran")
     # Nipype did not execute them again: their result files are untouched
     finished = [_result_file(node) for node in _steps(before, "ran")]
-    assert len(finished) == 32  # 21 of sub-01, 9 of sub-02 ses-01, 2 conforms of ses-02
+    assert len(finished) == 36  # 24 of sub-01, 10 of sub-02 ses-01, 2 conforms of ses-02
     assert all(after.result_mtimes[k] == before.result_mtimes[k] for k in finished)
     summary = json.loads(sorted(runs.out.glob("smoulder/logs/provenance-*.json"))[1].read_text())
     assert {(r["subject"], r["session"]): r["status"] for r in summary["summary"]} == {
@@ -509,7 +511,8 @@ def test_changed_setting_reruns_exactly_the_affected_steps(runs: Runs) -> None:
         "sub_01_wf.subject_wf.jacobian_01_02",
         "sub_01_wf.subject_wf.lesion_activity",
     }
-    assert len(_steps(run, "cached")) == 18
+    # the atrophy has its own registration (atrophy.registration_mm): not rerun
+    assert len(_steps(run, "cached")) == 21
     assert not _steps(run, "failed") and not _steps(run, "not run")
     ran = [n for n in run.nodes.values() if n["status"] == "ran" and n["kind"] == "step"]
     assert all(n["mem_peak_gb"] is not None and n["mem_peak_gb"] > 0 for n in ran)
