@@ -449,6 +449,7 @@ class _SegmentInputSpec(_DeviceInputSpec):
     t1_file = File(exists=True, desc="T1w or UNIT1 resampled onto the FLAIR grid")
     model = traits.Str("", usedefault=True, desc="MONAI bundle folder; empty: the shipped one")
     min_lesion_ul = traits.Float(10.0, usedefault=True, desc="smallest lesion kept (µl)")
+    min_lesion_voxels = traits.Int(3, usedefault=True, desc="smallest lesion kept (voxels)")
     refine = traits.Bool(
         True, usedefault=True, desc="fit the subject's intensities with the network as prior"
     )
@@ -491,6 +492,7 @@ class Segment(SimpleInterface):
                 device=self.inputs.device,
                 model=self.inputs.model or None,
                 min_lesion_ul=self.inputs.min_lesion_ul,
+                min_lesion_voxels=self.inputs.min_lesion_voxels,
                 refine=self.inputs.refine,
             )
             sources = [self.inputs.flair_file] + ([self.inputs.t1_file] if t1 is not None else [])

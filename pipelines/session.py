@@ -402,6 +402,7 @@ def _add_segmentation(
         Segment(
             model=str(settings.model or ""),
             min_lesion_ul=float(settings.min_lesion_ul),
+            min_lesion_voxels=int(settings.min_lesion_voxels),
             refine=bool(settings.refine),
             **context.device_inputs(),
         ),

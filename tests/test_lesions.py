@@ -70,6 +70,22 @@ def test_lesions_under_min_volume_are_dropped_by_volume_not_voxel_count(
     assert int(inst.max()) == int(kept)
 
 
+@pytest.mark.parametrize(("n_voxels", "kept"), [(1, False), (2, False), (3, True)])
+def test_on_a_coarse_grid_isolated_voxels_are_not_lesions(n_voxels: int, kept: bool) -> None:
+    # at 3 mm one voxel is 27 µl, far above the 10-µl minimum: the voxel count decides
+    prob = np.zeros((12, 12, 12), np.float32)
+    prob[5 : 5 + n_voxels, 5, 5] = 0.95
+    prob[0, 0, 0] = prob[11, 11, 11] = 0.99  # isolated single voxels: noise
+    inst = lesion_instances(prob, np.diag([3.0, 3.0, 3.0, 1.0]))
+    assert int(inst.max()) == int(kept)
+    assert inst[0, 0, 0] == inst[11, 11, 11] == 0
+
+
+def test_min_voxels_must_be_a_positive_whole_number() -> None:
+    with pytest.raises(ValueError, match="min_voxels"):
+        lesion_instances(np.zeros((4, 4, 4), np.float32), np.eye(4), min_voxels=0)
+
+
 def test_tiny_blob_is_removed_and_large_one_kept() -> None:
     prob = blob((20, 20, 20), 3.0)
     prob[40:42, 5:7, 5:7] = 0.99  # 8 µl

@@ -189,6 +189,37 @@ def test_deterministic_for_a_seed(tmp_path: Path) -> None:
     assert (a / lesions).read_text() == (b / lesions).read_text()
 
 
+def test_flair_inflow_brightens_csf_on_the_flair_only(tmp_path: Path) -> None:
+    cfg = PhantomConfig(resolution_mm=4.0, sessions=1, lesions=4, seed=11)
+    plain = generate_dataset(tmp_path / "plain", cfg)
+    inflow = generate_dataset(
+        tmp_path / "inflow", PhantomConfig(**{**cfg.__dict__, "flair_inflow": 0.4})
+    )
+    anat, truth = (
+        "sub-01/ses-01/anat/sub-01_ses-01",
+        "derivatives/truth/sub-01/ses-01/anat/sub-01_ses-01",
+    )
+    tissue = load(plain / f"{truth}_space-T1w_desc-tissue_dseg.nii.gz")
+    np.testing.assert_array_equal(
+        tissue, load(inflow / f"{truth}_space-T1w_desc-tissue_dseg.nii.gz")
+    )
+    csf, wm = tissue == 1, tissue == 3
+    flair_plain, flair_inflow = (
+        load(plain / f"{anat}_FLAIR.nii.gz"),
+        load(inflow / f"{anat}_FLAIR.nii.gz"),
+    )
+    wm_level = np.median(flair_plain[wm])
+    # CSF is nulled without inflow; with it, part of the CSF is as bright as white matter or more
+    assert np.mean(flair_plain[csf] > 0.6 * wm_level) < 0.05
+    assert 0.1 < np.mean(flair_inflow[csf] > 0.6 * wm_level) < 0.6
+    # the white matter's FLAIR is not touched (beyond noise), and the T1w keeps CSF dark
+    assert np.median(flair_inflow[wm]) == pytest.approx(wm_level, rel=0.05)
+    t1 = load(inflow / f"{anat}_T1w.nii.gz")
+    assert np.percentile(t1[csf], 90) < 0.6 * np.median(t1[wm])
+    with pytest.raises(ValueError, match="flair_inflow"):
+        PhantomConfig(flair_inflow=1.5)
+
+
 @pytest.mark.slow
 def test_bids_validator_finds_no_errors(phantom_dir: Path) -> None:
     """The raw phantom passes the official BIDS validator (npm bids-validator)."""

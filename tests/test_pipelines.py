@@ -709,3 +709,33 @@ def test_provenance_records_the_run(runs: Runs) -> None:
     assert len(configs) == 3
     assert "resolution_mm: 6" in configs[-1].read_text().split("longitudinal:")[1]
     assert os.path.getsize(runs.out / "smoulder" / "report.html") > 0
+
+
+def test_phantom_outputs_are_compared_with_the_truth(runs: Runs) -> None:
+    from smoulder.phantom.check import compare_with_truth, format_comparison
+
+    pristine = runs.bids.parent / "pristine"
+    rows = compare_with_truth(pristine, runs.out / "smoulder")
+    truth = pristine / "derivatives" / "truth"
+    for sub in ("sub-01", "sub-02"):
+        volumes = read_tsv(truth / sub / f"{sub}_desc-lesionvolumes_truth.tsv")
+        for ses in ("ses-01", "ses-02"):
+            count = sum(1 for r in volumes if r["session"] == ses and float(r["volume_ml"]) > 0)
+            found = [r for r in rows if (r.subject, r.when, r.marker) == (sub, ses, "lesions")]
+            assert len(found) == 1 and found[0].truth == count, (sub, ses)
+            stats = (
+                runs.out / "smoulder" / sub / ses / "anat" / f"{sub}_{ses}_desc-lesions_stats.tsv"
+            )
+            assert found[0].measured == len(read_tsv(stats))
+            dice = [r for r in rows if (r.subject, r.when, r.marker) == (sub, ses, "lesion Dice")]
+            assert len(dice) == 1 and 0.0 <= dice[0].measured <= 1.0
+        atrophy = {r["session"]: r for r in read_tsv(truth / sub / f"{sub}_desc-atrophy_truth.tsv")}
+        pbvc = [r for r in rows if (r.subject, r.marker) == (sub, "PBVC")]
+        assert [r.when for r in pbvc] == ["ses-01→ses-02"]
+        assert pbvc[0].truth == pytest.approx(float(atrophy["ses-02"]["pbvc_from_baseline_pct"]))
+        assert pbvc[0].measured is not None and abs(pbvc[0].error) < 5  # type: ignore[arg-type]
+    table = format_comparison(rows).splitlines()
+    assert table[0].split() == ["subject", "when", "marker", "measured", "truth"]
+    assert len(table) == len(rows) + 1
+    with pytest.raises(FileNotFoundError, match="phantom's truth"):
+        compare_with_truth(runs.bids, runs.out / "smoulder")

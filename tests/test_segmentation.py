@@ -240,7 +240,8 @@ def test_segment_command_writes_bids_outputs(phantom_2mm: Path, tmp_path: Path) 
     rows = list(csv.DictReader((tmp_path / "sub-01_desc-lesions_stats.tsv").open(), delimiter="\t"))
     assert rows and {"index", "volume_ul", "location"} <= set(rows[0])
     side = json.loads((tmp_path / "sub-01_dseg.json").read_text())
-    assert side["Settings"] == {"refine": True, "lesion_prior_floor": 0.1, "min_lesion_ul": 10.0}
+    assert side["Settings"] == {"refine": True, "lesion_prior_floor": 0.1, "min_lesion_ul": 10.0,
+                                "min_lesion_voxels": 3, "screen_candidates": True}  # fmt: skip
     # no lesion kept: an empty table (header only), not a crash; the settings say why
     out = tmp_path / "none"
     cmd = ["segment", str(flair), "-o", str(out), "--min-lesion-ul", "1e9"]

@@ -128,3 +128,20 @@ def test_no_function_longer_than_the_limit(folder: Path) -> None:
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines})")
     assert long == []
+
+
+def test_every_package_is_installed() -> None:
+    # a subpackage missing from pyproject's list works in an editable install and is absent
+    # from a wheel (the container's install): every folder with an __init__.py is listed
+    import tomllib
+
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(("smoulder", *init.parent.relative_to(ROOT / "src" / "smoulder").parts)).rstrip(
+            "."
+        )
+        for init in (ROOT / "src" / "smoulder").rglob("__init__.py")
+    }
+    assert found - listed == set()

@@ -25,6 +25,7 @@ smoulder BIDS_DIR OUTPUT_DIR {participant,group} [options]
        smoulder segment FLAIR [--t1 T1] -o OUT_DIR [options]
        smoulder train segmentation RUN_DIR [options]
        smoulder train rims RUN_DIR --shards DIR [options]
+       smoulder train candidates RUN_DIR [--install BUNDLE]
        smoulder qsm --magnitude M1 M2 ... --phase P1 P2 ... -o OUT_DIR [options]
        smoulder report OUTPUT_DIR [--participant-label ...]
        smoulder review OUTPUT_DIR [--host 127.0.0.1] [--port 8765]
@@ -276,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_train(rest: list[str]) -> int:
-    """Run ``smoulder train {segmentation,rims} ...``; return the exit status."""
+    """Run ``smoulder train {segmentation,candidates,rims} ...``; return the exit status."""
     from smoulder.errors import ConfigError
 
     if rest[:1] == ["rims"]:
@@ -287,8 +288,13 @@ def run_train(rest: list[str]) -> int:
         from smoulder.segmentation import command as seg
 
         return seg.run_train(rest)
+    if rest[:1] == ["candidates"]:
+        from smoulder.segmentation import command as seg
+
+        return seg.run_train_candidates(seg.candidates_parser().parse_args(rest[1:]))
     raise ConfigError(
-        f"smoulder train: expected 'segmentation' or 'rims', found {rest[:1] or 'nothing'}"
+        "smoulder train: expected 'segmentation', 'candidates' or 'rims', "
+        f"found {rest[:1] or 'nothing'}"
     )
 
 
@@ -426,6 +432,15 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     if status == 0:
         status = main([str(bids), str(out / "derivatives"), "group"])
+    if status == 0:
+        from smoulder.config import resolve
+        from smoulder.phantom.check import compare_with_truth, format_comparison
+
+        seg = resolve(fast=True).segmentation
+        minimum = (float(seg.min_lesion_ul), int(seg.min_lesion_voxels))
+        rows = compare_with_truth(bids, out / "derivatives" / "smoulder", minimum)
+        print("\nmeasured on the phantom, beside its truth:")
+        print(format_comparison(rows))
     return status
 
 

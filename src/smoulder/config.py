@@ -261,6 +261,7 @@ class SegmentationSettings:
     enabled: bool
     model: str | None
     min_lesion_ul: float = field(metadata=_accepts(minimum=0))
+    min_lesion_voxels: int = field(metadata=_accepts(minimum=1))
     refine: bool
 
 

@@ -359,6 +359,8 @@ def _flair(scan: _Scanner) -> list[RawImage]:
     sp = scan.anatomy.spacing_mm
     voxel = (sp[0], sp[1], scan.config.flair_slice_mm or sp[2])
     flair = scan.signal(lambda t: physics.flair_signal(t.pd, t.t1_ms, t.t2_ms, **FLAIR_PARAMS))
+    if scan.config.flair_inflow > 0:
+        flair = flair + _inflow_signal(scan, flair)
     data, affine = scan.acquire(flair, voxel)
     sidecar = {
         **scan.common,
@@ -368,6 +370,29 @@ def _flair(scan: _Scanner) -> list[RawImage]:
         "PulseSequenceType": "IR-TSE",
     }
     return [RawImage({}, "FLAIR", data, affine, sidecar)]
+
+
+def _inflow_signal(scan: _Scanner, flair: np.ndarray) -> np.ndarray:
+    """Return the FLAIR signal of CSF that escaped the inversion (``flair_inflow``).
+
+    Smooth patches (~6 mm) covering ``flair_inflow`` of the CSF volume, each carrying 0.6–1.6
+    times the white matter's FLAIR signal in proportion to the voxel's CSF fraction: as bright
+    as lesions on the FLAIR while the T1w and every other contrast keep them CSF. Drawn from
+    the scanner's ``rng`` only when enabled, so a phantom without inflow is unchanged.
+    """
+    csf = scan.truth.channel("csf")
+    spacing = float(np.mean(scan.anatomy.spacing_mm))
+    field = physics.smooth_bias_field(
+        csf.shape, scan.rng, strength=1.0, scale_voxels=max(6.0 / spacing, 1.0)
+    )
+    inside = csf > 0.5
+    if not inside.any():
+        return np.zeros_like(flair)
+    cut = float(np.quantile(field[inside], 1.0 - scan.config.flair_inflow))
+    patches = np.clip((field - cut) / max(float(field[inside].max()) - cut, 1e-6), 0.0, 1.0)
+    wm_signal = float(flair[scan.wm_mask].mean())
+    gain = scan.rng.uniform(0.6, 1.6)
+    return (csf * np.sqrt(patches) * gain * wm_signal).astype(flair.dtype)
 
 
 def _t1w(scan: _Scanner) -> list[RawImage]:

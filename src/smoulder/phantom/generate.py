@@ -98,6 +98,9 @@ class PhantomConfig:
     head_translation_mm: float = 4.0
     snr: float = 30.0
     bias_strength: float = 0.2
+    #: share of the CSF whose FLAIR signal is not nulled (CSF flowing in after the inversion
+    #: pulse, as in the basal cisterns and the fourth ventricle of real 2-D FLAIR): 0 = none
+    flair_inflow: float = 0.0
     anatomy: str | None = None
     lesion_masks: str | None = None
 
@@ -110,6 +113,7 @@ class PhantomConfig:
             "echo_times_ms": len(self.echo_times_ms) >= 1 and min(self.echo_times_ms) > 0,
             "lesions": self.lesions >= 0,
             "snr": self.snr > 0,
+            "flair_inflow": 0.0 <= self.flair_inflow <= 1.0,
             "min_lesion_ml": 0 < self.min_lesion_ml <= self.max_lesion_ml,
         }
         for name, ok in checks.items():

@@ -7,6 +7,9 @@ column dictionary. Every file is written atomically.
 
 ``smoulder train segmentation OUT [--iterations N] ...`` trains (or resumes) the network on
 synthetic images (:mod:`smoulder.segmentation.train`); ``OUT/bundle`` holds the best weights.
+
+``smoulder train candidates OUT [--install BUNDLE]`` trains (or resumes) the lesion-candidate
+classifier on phantoms (:mod:`smoulder.segmentation.train_candidates`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--model", help="MONAI bundle folder (default: the shipped model)")
     p.add_argument("--min-lesion-ul", type=float, default=10.0, help="smallest lesion kept (µl)")
+    p.add_argument("--min-lesion-voxels", type=int, default=3, help="smallest lesion kept (voxels)")
     p.add_argument(
         "--no-refine",
         dest="refine",
@@ -66,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         device=device,
         model=args.model,
         min_lesion_ul=args.min_lesion_ul,
+        min_lesion_voxels=args.min_lesion_voxels,
         refine=args.refine,
         lesion_prior_floor=args.lesion_prior_floor,
     )
@@ -189,4 +194,31 @@ def run_train(argv: list[str]) -> int:
         threads=args.threads,
     )
     print(f"best weights: {bundle}")
+    return 0
+
+
+def candidates_parser() -> argparse.ArgumentParser:
+    """Return the parser of ``smoulder train candidates``."""
+    p = argparse.ArgumentParser(
+        prog="smoulder train candidates",
+        description="Train (or resume) the lesion-candidate classifier on generated phantoms.",
+    )
+    p.add_argument("out", type=Path, help="run folder (tables, candidates.json, summary.json)")
+    p.add_argument(
+        "--install",
+        type=Path,
+        metavar="BUNDLE",
+        help="copy the trained classifier into this bundle folder's configs/",
+    )
+    return p
+
+
+def run_train_candidates(args: argparse.Namespace) -> int:
+    """Run ``smoulder train candidates``; return the exit status."""
+    from smoulder.segmentation.train_candidates import install, train
+
+    trained = train(args.out)
+    print(f"classifier: {trained}")
+    if args.install:
+        print(f"installed: {install(trained, args.install)}")
     return 0

@@ -38,6 +38,11 @@ from smoulder.segmentation.atlas import (
     template_transform,
     ventricle_mask,
 )
+from smoulder.segmentation.candidates import (
+    CandidateClassifier,
+    candidate_features,
+    keep_candidates,
+)
 from smoulder.segmentation.classes import CLASSES, LESION, class_indices
 from smoulder.segmentation.lesions import (
     drop_outside_white_matter,
@@ -83,6 +88,10 @@ class SegmentationResult:
     timings: dict[str, float] = field(default_factory=dict)
     #: the settings it ran with (recorded in the outputs' sidecars)
     settings: dict[str, float | bool] = field(default_factory=dict)
+    #: every lesion candidate before the candidate classifier: its measures
+    #: (:func:`smoulder.segmentation.candidates.candidate_features`), its probability of being
+    #: a lesion (nan without a classifier), and whether it was kept
+    candidates: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def head_box(flair: np.ndarray, margin: int = 6) -> tuple[slice, slice, slice]:
@@ -222,7 +231,7 @@ def _tissue(probs: np.ndarray, name: str) -> np.ndarray:
 
 
 def _classes_and_lesions(
-    probs: np.ndarray, affine: np.ndarray, min_lesion_ul: float
+    probs: np.ndarray, affine: np.ndarray, min_lesion_ul: float, min_lesion_voxels: int = 3
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return the class map (uint8) and the lesion instances of class probabilities.
 
@@ -231,11 +240,49 @@ def _classes_and_lesions(
     """
     dseg = probs.argmax(0).astype(np.uint8)
     lesion_prob = drop_outside_white_matter(probs[LESION], probs[CLASSES.index("WM")])
-    instances = lesion_instances(lesion_prob, affine, min_volume_ul=min_lesion_ul)
+    instances = lesion_instances(
+        lesion_prob, affine, min_volume_ul=min_lesion_ul, min_voxels=min_lesion_voxels
+    )
     dropped = (dseg == LESION) & (instances == 0)
     if dropped.any():
         dseg[dropped] = probs[:LESION, dropped].argmax(0).astype(np.uint8)
     return dseg, instances
+
+
+def _screened(
+    probs: np.ndarray,
+    dseg: np.ndarray,
+    instances: np.ndarray,
+    flair: nib.Nifti1Image,
+    t1: nib.Nifti1Image | None,
+    classifier: CandidateClassifier | None,
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Return the class map and instances without the candidates ``classifier`` rejects.
+
+    Also returns every candidate's measures, probability (nan without a classifier) and
+    whether it was kept. A dropped candidate's voxels get their next most likely class.
+    """
+    flair_data = np.asarray(flair.dataobj, dtype=np.float32)
+    t1_data = None
+    if t1 is not None:
+        t1_data = resample_to_grid(
+            np.asarray(t1.dataobj, dtype=np.float32), t1.affine, flair.shape[:3], flair.affine
+        )
+    zooms = tuple(float(z) for z in flair.header.get_zooms()[:3])
+    table = candidate_features(instances, probs, flair_data, t1_data, zooms)  # type: ignore[arg-type]
+    probability = np.full(len(table), np.nan)
+    kept = np.ones(len(table), dtype=bool)
+    if classifier is not None and len(table):
+        model = classifier.model(t1 is not None)
+        probability = model.probability(table)
+        kept = probability >= model.threshold
+        screened = keep_candidates(instances, probability, model.threshold)
+        dropped = (instances > 0) & (screened == 0)
+        if dropped.any():
+            dseg = dseg.copy()
+            dseg[dropped] = probs[:LESION, dropped].argmax(0).astype(np.uint8)
+        instances = screened
+    return dseg, instances, {"features": table, "probability": probability, "kept": kept}
 
 
 def _lesion_surroundings(
@@ -315,8 +362,10 @@ def segment(
     model: str | Path | None = None,
     bundle: Bundle | None = None,
     min_lesion_ul: float = 10.0,
+    min_lesion_voxels: int = 3,
     refine: bool = True,
     lesion_prior_floor: float = LESION_PRIOR_FLOOR,
+    screen_candidates: bool = True,
 ) -> SegmentationResult:
     """Return the segmentation of one session (see the module docstring).
 
@@ -326,11 +375,15 @@ def segment(
         device: ``cpu`` or ``cuda``.
         model: a bundle folder or shipped bundle name (default: the shipped model).
         bundle: an already loaded bundle (overrides ``model``).
-        min_lesion_ul: lesions smaller than this are dropped from the instances.
+        min_lesion_ul: lesions smaller than this (µl) are dropped from the instances.
+        min_lesion_voxels: ... and lesions of fewer voxels than this (on the FLAIR grid).
         refine: clean the brain mask and fit the subject's own intensities with the network
             as prior (:mod:`smoulder.segmentation.refine`); off gives the raw network.
         lesion_prior_floor: least lesion prior in the refinement, as a share of the
             parenchyma probability (0: the network's lesion probability alone).
+        screen_candidates: drop the lesion candidates the bundle's candidate classifier
+            (:mod:`smoulder.segmentation.candidates`) calls no lesion; without a classifier
+            in the bundle nothing is dropped.
 
     Raises:
         InputError: an image that is not 3D, has non-finite voxels or no signal; a bundle
@@ -351,7 +404,10 @@ def segment(
     with _timed(timings, "finish_s"):
         back = _on_image_grid(probs, grid, flair)
         parenchyma = _tissue(back, "brain")
-        dseg, instances = _classes_and_lesions(back, flair.affine, min_lesion_ul)
+        dseg, instances = _classes_and_lesions(back, flair.affine, min_lesion_ul, min_lesion_voxels)
+    with _timed(timings, "candidates_s"):
+        classifier = bundle.candidates if screen_candidates else None
+        dseg, instances, candidates = _screened(back, dseg, instances, flair, t1, classifier)
     with _timed(timings, "locations_s"):
         below, ventricles = _lesion_surroundings(instances, parenchyma, dseg, flair.affine, device)
         out = _result_images(back, parenchyma, dseg, instances, flair.affine)
@@ -370,5 +426,8 @@ def segment(
             "refine": refine,
             "lesion_prior_floor": lesion_prior_floor if refine else 0.0,
             "min_lesion_ul": min_lesion_ul,
+            "min_lesion_voxels": min_lesion_voxels,
+            "screen_candidates": classifier is not None,
         },
+        candidates=candidates,
     )

@@ -116,6 +116,7 @@ def lesion_instances(
     *,
     threshold: float = 0.5,
     min_volume_ul: float = 10.0,
+    min_voxels: int = 3,
     split: bool = True,
     core_threshold: float = 0.9,
     min_core_ul: float = 3.0,
@@ -123,12 +124,13 @@ def lesion_instances(
     """Return the lesion instance map of ``prob``: int32, 0 outside lesions, lesions 1..N.
 
     1. Voxels with ``prob >= threshold`` are lesion; 26-connected groups of them are
-       candidate lesions, and those under ``min_volume_ul`` are dropped.
+       candidate lesions, and those under ``min_volume_ul`` *or* under ``min_voxels`` voxels
+       are dropped.
     2. With ``split``, a candidate is split where it holds two or more *cores*: 26-connected
        groups of voxels with ``prob >= core_threshold`` of at least ``min_core_ul`` each.
        Every voxel goes to the core it floods from (watershed of ``-prob`` from the cores,
        inside the candidate), so two lesions joined by a bridge of lower probability become
-       two. A split is kept only if every part still reaches ``min_volume_ul``; otherwise the
+       two. A split is kept only if every part still reaches that minimum; otherwise the
        core with the smallest part is dropped and the flooding redone.
     3. IDs follow the world position of the lesion centroid, inferior to superior (z), then
        posterior to anterior (y), then left to right (x), each rounded to 0.1 mm, ties going
@@ -137,7 +139,10 @@ def lesion_instances(
 
     Defaults: ``min_volume_ul = 10`` µl (10 voxels at 1 mm, a sphere of 2.7 mm diameter) sits
     just under the 3 mm long-axis size MAGNIMS asks of a lesion and removes the speckle that
-    segmenters leave at tissue boundaries. ``core_threshold = 0.9`` keeps cores to where the
+    segmenters leave at tissue boundaries. On a coarse grid one voxel is already more than
+    10 µl (27 µl at 3 mm), so the size is stated in voxels too: ``min_voxels = 3``, the
+    field's usual smallest lesion, keeps single noisy voxels and pairs from counting as
+    lesions whatever the voxel size. ``core_threshold = 0.9`` keeps cores to where the
     segmenter is confident; ``min_core_ul = 3`` µl stops single noisy maxima from splitting a
     lesion.
 
@@ -146,6 +151,7 @@ def lesion_instances(
         affine: 4×4 voxel-to-world affine of ``prob`` (voxel volume, world order of IDs).
         threshold: probability at and above which a voxel is lesion.
         min_volume_ul: smallest lesion kept, µl (mm³).
+        min_voxels: smallest lesion kept, voxels (both minimums apply).
         split: split confluent lesions at separate probability cores.
         core_threshold: probability at and above which a voxel belongs to a core
             (above ``threshold``).
@@ -162,6 +168,9 @@ def lesion_instances(
         >>> inst = lesion_instances(prob, np.eye(4))
         >>> int(inst.max()), int(inst[3, 3, 3]), int(inst[13, 3, 3]), int(inst[18, 7, 7])
         (2, 1, 2, 0)
+        >>> # on a 3-mm grid one voxel is 27 µl, yet still no lesion: fewer than 3 voxels
+        >>> int(lesion_instances(prob, np.diag([3.0, 3, 3, 1]))[18, 7, 7])
+        0
         >>> # IDs follow world x, not the array: with x flipped the lesion at voxel 13 comes first
         >>> flipped = lesion_instances(prob, np.diag([-1.0, 1, 1, 1]))
         >>> int(flipped[3, 3, 3]), int(flipped[13, 3, 3])
@@ -177,7 +186,11 @@ def lesion_instances(
     for name, value in (("min_volume_ul", min_volume_ul), ("min_core_ul", min_core_ul)):
         if not value >= 0:
             raise ValueError(f"{name}: expected a volume >= 0 µl, found {value!r}")
+    if not (isinstance(min_voxels, (int, np.integer)) and min_voxels >= 1):
+        raise ValueError(f"min_voxels: expected a whole number >= 1, found {min_voxels!r}")
     voxel_ul = _voxel_volume_ul(affine)
+    # the voxel count as a volume, a hair under so that exactly min_voxels voxels pass
+    min_volume_ul = max(float(min_volume_ul), (min_voxels - 0.5) * voxel_ul)
     components, _ = ndimage.label(prob >= threshold, structure=_FULL)
     out = np.zeros(prob.shape, dtype=np.int32)
     next_id = 1

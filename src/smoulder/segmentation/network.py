@@ -20,6 +20,7 @@ import torch
 from monai.networks.nets import UNet
 
 from smoulder.errors import InputError
+from smoulder.segmentation.candidates import CandidateClassifier
 from smoulder.segmentation.classes import CLASSES
 from smoulder.segmentation.synth import CHANNELS
 
@@ -67,6 +68,8 @@ class Bundle:
     network_def: NetworkDef
     inference: InferenceSettings
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: the lesion-candidate classifier (``configs/candidates.json``), None where it has none
+    candidates: CandidateClassifier | None = None
 
     @property
     def version(self) -> str:
@@ -223,7 +226,16 @@ def load_bundle(model: str | Path | None = None, device: str = "cpu") -> Bundle:
         f"(UNet channels {list(network_def.channels)})",
     )
     network.to(device).eval()
-    return Bundle(root, network, network_def, inference, meta)
+    cand_file = root / "configs" / "candidates.json"
+    try:
+        candidates = CandidateClassifier.load(cand_file)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(
+            str(cand_file),
+            expected="the lesion-candidate classifier (with_t1, flair_only)",
+            found=f"{type(exc).__name__}: {exc}",
+        ) from exc
+    return Bundle(root, network, network_def, inference, meta, candidates)
 
 
 def load_weights(network: Any, weights: Path, *, expected: str) -> None:
