@@ -9,13 +9,21 @@ DEMO   ?= smoulder-demo
 .PHONY: install demo test lint validator browser
 VALIDATOR := .ci/node_modules/.bin/bids-validator
 
-$(BIN)/smoulder: pyproject.toml
+# The pinned closure (.ci/lock_requirements.py writes it): CI, containers/build_rootfs.sh,
+# containers/Dockerfile and containers/smoulder.def all install requirements/lock.txt.
+LOCK := requirements/lock.txt requirements/test.txt
+
+$(BIN)/smoulder: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# CPU build of PyTorch first: a bare 'torch' requirement would pull a multi-GB CUDA build.
 	# GPU users: install the torch build that matches your CUDA before 'make', it is kept.
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "torch==2.13.0"
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$$(grep '^torch==' requirements/lock.txt)"
+	# everything else at the lock's pins; its torch line is left out so that the build above stays
+	grep -hv '^torch==' $(LOCK) > $(VENV)/requirements.txt
+	$(BIN)/pip install --quiet -r $(VENV)/requirements.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	$(BIN)/pip check
 	touch $(BIN)/smoulder
 
 install: $(BIN)/smoulder

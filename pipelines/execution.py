@@ -33,6 +33,7 @@ from typing import IO, Any
 
 from smoulder.config import Config, as_dict, omp_threads
 from smoulder.devices import available_cpus
+from smoulder.pipelines.slurm import GraphJob, mark_failed_jobs, run_graph
 
 LOG = logging.getLogger("smoulder.run")
 
@@ -516,7 +517,9 @@ def run_workflow(
 
     A failing node does not stop the others (unless ``execution.stop_on_first_crash``): the
     nodes that need its outputs are not run, everything else is. Nipype's exception at the end
-    of such a run is caught and its first line kept in :attr:`RunResult.error`.
+    of such a run is caught and its first line kept in :attr:`RunResult.error`. ``SLURMGraph``
+    submits every node as a job and returns at once: the run waits for the jobs to end
+    (:func:`smoulder.pipelines.slurm.run_graph`) before reading their results.
 
     Args:
         wf: the workflow (its ``base_dir`` is the work directory).
@@ -548,6 +551,7 @@ def run_workflow(
         }
     )
     error = None
+    jobs: list[GraphJob] = []
     start = time.perf_counter()
     with nipype_environment(
         work_dir / ".nipype",
@@ -565,7 +569,10 @@ def run_workflow(
         previous = Path.cwd()
         os.chdir(work_dir)
         try:
-            wf.run(plugin=plugin, plugin_args=args)
+            if plugin == "SLURMGraph":  # it submits the jobs and returns: wait for them to end
+                jobs = run_graph(wf, args, report=print if progress else None)
+            else:
+                wf.run(plugin=plugin, plugin_args=args)
         except RuntimeError as exc:  # Nipype's "Workflow did not execute cleanly" (or the crash)
             error = _first_line(str(exc))
         finally:
@@ -573,6 +580,7 @@ def run_workflow(
             gc.unfreeze()
     wall = time.perf_counter() - start
     records = monitor.finish(work_dir, crash_dir)
+    error = error or mark_failed_jobs(records, jobs, top=wf.name)
     return RunResult(records, plugin, args, wall, error)
 
 
@@ -686,6 +694,8 @@ def run_participant(
     participant_labels: list[str] | None = None,
     session_labels: list[str] | None = None,
     argv: Sequence[str],
+    force: bool = False,
+    lock_max_age_h: float | None = None,
     verbose: int = 0,
 ) -> int:
     """Return the exit status of the participant level: 1 when an input or a step failed, else 0.
@@ -696,6 +706,10 @@ def run_participant(
     inputs, error) and the other sessions go on. The resolved configuration (with the work
     directory) and the run's log are saved under ``<output_dir>/smoulder/logs``.
 
+    Batch mode (:mod:`smoulder.pipelines.batch`): each subject is locked while this run
+    processes it; subjects locked by another run, and those whose outputs are complete and
+    current, are left out; every session's outcome goes to ``logs/summary-<run>.tsv``.
+
     Args:
         cfg: the resolved configuration.
         bids_dir: the input BIDS dataset.
@@ -704,9 +718,13 @@ def run_participant(
         participant_labels: subjects to process, without ``sub-`` (default: all).
         session_labels: sessions to process, without ``ses-`` (default: all).
         argv: the command line, for the provenance record.
+        force: process subjects whose outputs are complete and current too.
+        lock_max_age_h: hours after which a lock taken on another host is stale (default:
+            :data:`smoulder.pipelines.locks.MAX_AGE_H`).
         verbose: console verbosity (``-v`` count); the log file gets every event.
     """
     from smoulder.derivatives import DerivativesWriter
+    from smoulder.pipelines.batch import ParticipantBatch
 
     writer = DerivativesWriter(output_dir, raw_dir=bids_dir)
     work_dir = Path(work_dir or output_dir / "work").absolute()
@@ -714,29 +732,40 @@ def run_participant(
     saved["execution"]["work_dir"] = str(work_dir)  # the run's record says where its cache is
     writer.save_config(saved, argv=list(argv))
     with run_log(writer.logs / f"run-{writer.stamp}.log", verbose=verbose):
+        models = model_versions(cfg)
         checked, inputs_page = check_inputs(
             writer,
             bids_dir,
             participant_labels=participant_labels,
             session_labels=session_labels,
             read_data=cfg.inputs.read_data,
-            models=model_versions(cfg),
+            models=models,
         )
-        failed_nodes = run_sessions(
+        batch = ParticipantBatch(
             cfg,
-            checked,
             writer=writer,
             bids_dir=bids_dir,
-            output_dir=output_dir,
-            work_dir=work_dir,
-            argv=list(argv),
-            verbose=verbose,
+            models=models,
+            force=force,
+            lock_max_age_h=lock_max_age_h,
         )
+        with batch.claim(checked) as todo:  # the subjects locked, not complete and current
+            result = run_sessions(
+                cfg,
+                todo,
+                writer=writer,
+                bids_dir=bids_dir,
+                output_dir=output_dir,
+                work_dir=work_dir,
+                argv=list(argv),
+                verbose=verbose,
+            )
+            batch.finish(result)
         _build_reports(output_dir, participant_labels)
     print(f"outputs: {writer.root}")
     print(f"report:  {writer.root / 'report.html'} (inputs: {inputs_page})")
     input_errors = [s for s in checked if s.errors]
-    return 1 if input_errors or failed_nodes else 0
+    return 1 if input_errors or (result is not None and result.failures) else 0
 
 
 def check_inputs(
@@ -766,7 +795,11 @@ def check_inputs(
     records = sessions_to_records(checked)
     for subject in sorted({s.subject for s in checked}):
         writer.save_subject_inputs(subject, [r for r in records if r["subject"] == subject])
-    writer.save_description(models)
+    analyses = sorted({a for r in records for a in r.get("analyses", [])})
+    per_subject = [sum(r["subject"] == s for r in records) for s in {r["subject"] for r in records}]
+    if any(n >= 2 for n in per_subject):
+        analyses.append("longitudinal")  # the subject-level steps of a second session
+    writer.save_description(models, analyses)
     return checked, writer.save_inputs_report(records)
 
 
@@ -801,17 +834,21 @@ def run_sessions(
     work_dir: Path,
     argv: list[str],
     verbose: int = 0,
-) -> int:
-    """Return the number of failed steps once the usable sessions' workflow has run.
+) -> RunResult | None:
+    """Return what happened to every step once the usable sessions' workflow has run (``None``
+    when no session could run).
 
     Sessions without a usable FLAIR are skipped (and listed as such). Prints the summary table
     and the failures, and saves them in the run report and the provenance record.
     """
+    from smoulder.devices import resolve_device
     from smoulder.pipelines.participant import init_participant_wf, plan_sessions
     from smoulder.registration.engines import resolve_engine
 
     plans = plan_sessions(checked, modalities=cfg.registration.session.modalities)
-    engine, device = resolve_engine(cfg.registration.engine, cfg.execution.device)
+    # the engine may be CPU-only (greedy, ants); segmentation, QSM and rims keep the device
+    engine, _ = resolve_engine(cfg.registration.engine, cfg.execution.device)
+    device = resolve_device(cfg.execution.device)
     runnable = [p for p in plans if not p.skipped]
     result = None
     if runnable:
@@ -842,7 +879,7 @@ def run_sessions(
         run,
         argv=argv,
     )
-    return 0 if result is None else len(result.failures)
+    return result
 
 
 def cross_sectional(plans: Sequence[Any]) -> list[Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import gzip
+import json
 import shutil
 import subprocess
 import sys
@@ -213,3 +214,15 @@ def test_config_is_typed_frozen_and_saved_as_its_yaml() -> None:
         cfg.execution.nprocs = 2  # type: ignore[misc]
     merged = cfgmod.merge(cfgmod.load_yaml("default"), cfgmod.load_yaml("fast"))
     assert cfgmod.dump(cfg) == yaml.safe_dump(merged, sort_keys=False)  # the same text as before
+
+
+def test_dataset_description_says_how_to_acknowledge(tmp_path: Path) -> None:
+    from smoulder.citation import REFERENCES
+    from smoulder.derivatives import DerivativesWriter
+
+    writer = DerivativesWriter(tmp_path / "out")
+    path = writer.save_description({"smoulder_seg": "0.4.0"}, ["lesion_segmentation", "atrophy"])
+    text = json.loads(path.read_text())["HowToAcknowledge"]
+    assert "smoulder_seg 0.4.0" in text and REFERENCES["nipype"].doi in text
+    assert REFERENCES["siena"].doi in text and REFERENCES["synthseg"].doi in text
+    assert REFERENCES["sel"].doi not in text  # no longitudinal analysis in this run

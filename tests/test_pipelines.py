@@ -5,7 +5,8 @@ and the GRE) and one work directory, in three runs:
 
 1. sub-02 ses-02's FLAIR is truncated (``--skip-data-check`` lets it past the input checks,
    so it fails inside the workflow): every other session finishes and the failure is reported;
-2. the file is restored and the same command rerun: only what did not finish runs;
+2. the file is restored and the same command rerun, with ``--force`` (sub-01 finished, so
+   it would be skipped as complete and current): only what did not finish runs;
 3. one longitudinal setting (its estimation grid) changes: only the longitudinal steps of the
    subject processed run again.
 """
@@ -414,7 +415,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
         mp.setattr("sys.stderr", captured.err)
         crashed = _run(argv, out, work, captured)
         shutil.copyfile(pristine / BROKEN, broken)
-        resumed = _run(argv, out, work, captured)
+        resumed = _run([*argv, "--force"], out, work, captured)  # sub-01 too, from the cache
         settings.write_text(SETTINGS + "  longitudinal:\n    resolution_mm: 6\n")
         changed = _run(
             [*argv, "--participant-label", "01", "--resource-monitor"], out, work, captured
@@ -739,3 +740,32 @@ def test_phantom_outputs_are_compared_with_the_truth(runs: Runs) -> None:
     assert len(table) == len(rows) + 1
     with pytest.raises(FileNotFoundError, match="phantom's truth"):
         compare_with_truth(runs.bids, runs.out / "smoulder")
+
+
+def test_group_level_writes_the_cohort_tables_and_page(runs: Runs) -> None:
+    assert main([str(runs.bids), str(runs.out), "group"]) == 0
+    root = runs.out / "smoulder"
+    sessions = read_tsv(root / "group_sessions.tsv")
+    assert [(r["participant_id"], r["session_id"]) for r in sessions] == [
+        (f"sub-0{s}", f"ses-0{k}") for s in (1, 2) for k in (1, 2)
+    ]
+    for r in sessions:
+        sub, ses = r["participant_id"], r["session_id"]
+        stats = root / sub / ses / "anat" / f"{sub}_{ses}_desc-lesions_stats.tsv"
+        assert r["lesion_count"] == str(len(read_tsv(stats)))
+        assert float(r["brain_ml"]) > 0
+    intervals = read_tsv(root / "group_intervals.tsv")
+    assert [(r["participant_id"], r["from_session"], r["to_session"]) for r in intervals] == [
+        ("sub-01", "ses-01", "ses-02"), ("sub-02", "ses-01", "ses-02")
+    ]  # fmt: skip
+    atrophy = read_tsv(root / "sub-01" / "anat" / "sub-01_desc-atrophy_stats.tsv")
+    assert intervals[0]["pbvc_pct"] == atrophy[1]["pbvc_interval_pct"]
+    assert intervals[0]["new_count"] != "n/a"
+    dictionary = json.loads((root / "group_intervals.json").read_text())
+    assert list(dictionary) == list(intervals[0]) and dictionary["pbvc_pct"]["Units"] == "%"
+    page = (root / "cohort.html").read_text()
+    assert "<a href='sub-01.html'>sub-01</a>" in page and "<polyline" in page
+    # the run's citation: its subjects have two sessions, so the SEL method is cited too
+    description = json.loads((root / "dataset_description.json").read_text())
+    assert "10.1177/1352458518814117" in description["HowToAcknowledge"]
+    assert "Methods and citation" in (root / "report.html").read_text()

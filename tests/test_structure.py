@@ -131,17 +131,14 @@ def test_no_function_longer_than_the_limit(folder: Path) -> None:
 
 
 def test_every_package_is_installed() -> None:
-    # a subpackage missing from pyproject's list works in an editable install and is absent
-    # from a wheel (the container's install): every folder with an __init__.py is listed
+    # a folder missing from pyproject's list works in an editable install and is absent from a
+    # wheel (the container's install): every folder holding a file, code or data, is listed
     import tomllib
 
-    listed = set(
-        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
-    )
-    found = {
-        ".".join(("smoulder", *init.parent.relative_to(ROOT / "src" / "smoulder").parts)).rstrip(
-            "."
-        )
-        for init in (ROOT / "src" / "smoulder").rglob("__init__.py")
-    }
-    assert found - listed == set()
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = set()
+    for package, folder in setuptools["package-dir"].items():
+        for path in (ROOT / folder).rglob("*"):
+            if path.is_file() and "__pycache__" not in path.parts:
+                found.add(".".join((package, *path.parent.relative_to(ROOT / folder).parts)))
+    assert found - set(setuptools["packages"]) == set()

@@ -70,7 +70,8 @@ def bids_app_parser() -> argparse.ArgumentParser:
         "--participant_label",
         nargs="+",
         metavar="LABEL",
-        help="subjects to process (with or without 'sub-'); default: all",
+        help="subjects to process (with or without 'sub-'), or @FILE: a file of labels, one "
+        "per line ('#' comments); default: all",
     )
     p.add_argument(
         "--session-label",
@@ -111,9 +112,42 @@ def bids_app_parser() -> argparse.ArgumentParser:
         help="stop the whole run at the first failing step (default: finish the other sessions)",
     )
     p.add_argument(
+        "--force",
+        action="store_true",
+        help="process subjects whose outputs are complete and current too "
+        "(default: skip them, with a message)",
+    )
+    p.add_argument(
+        "--lock-max-age-hours",
+        type=float,
+        metavar="H",
+        help="a subject's lock taken on another host counts as stale (its run dead) after H "
+        "hours (default 48); on this host, as soon as its process is gone",
+    )
+    p.add_argument(
         "--resource-monitor",
         action="store_true",
         help="record each step's peak memory and CPU use in the provenance record",
+    )
+    p.add_argument(
+        "--slurm-array",
+        action="store_true",
+        help="instead of running, write a Slurm job array: one task per participant whose "
+        "outputs are not complete and current, each running this command for it with "
+        "MultiProc and its own work directory WORK/sub-<label> (script and task logs in "
+        "OUTPUT_DIR/smoulder/logs/slurm-array-<run>/)",
+    )
+    p.add_argument(
+        "--sbatch-args",
+        default="",
+        metavar="ARGS",
+        help="with --slurm-array: sbatch options of each task, with '=': "
+        "--sbatch-args='--cpus-per-task=4 --mem=16G --time=04:00:00'",
+    )
+    p.add_argument(
+        "--submit",
+        action="store_true",
+        help="with --slurm-array: submit the job array with sbatch and print its job id",
     )
     p.add_argument(
         "--config",
@@ -352,8 +386,10 @@ def run_participant(args: argparse.Namespace) -> int:
         The exit status: 1 when an input had errors or a step failed, else 0.
     """
     from smoulder import config as cfgmod
+    from smoulder.pipelines.batch import expand_labels
     from smoulder.pipelines.execution import run_participant as run_level
 
+    args.participant_label = expand_labels(args.participant_label)  # @FILE: its labels
     logging.basicConfig(
         level=max(logging.WARNING - 10 * args.verbose, logging.DEBUG),
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
@@ -364,6 +400,27 @@ def run_participant(args: argparse.Namespace) -> int:
 
         return rep.run(args)  # the same output_dir and participant_label arguments
     cfg = cfgmod.resolve(config_file=args.config, fast=args.fast, overrides=overrides)
+    if (args.submit or args.sbatch_args) and not args.slurm_array:
+        from smoulder.errors import ConfigError
+
+        raise ConfigError("--submit and --sbatch-args: expected with --slurm-array, found alone")
+    if args.slurm_array:
+        from smoulder.pipelines.execution import model_versions
+        from smoulder.pipelines.slurm import participant_array
+
+        return participant_array(
+            cfg,
+            bids_dir=args.bids_dir,
+            output_dir=args.output_dir,
+            work_dir=args.work_dir,
+            participant_labels=_labels(args.participant_label, "sub-"),
+            session_labels=_labels(args.session_label, "ses-"),
+            argv=getattr(args, "argv", sys.argv)[1:],
+            models=model_versions(cfg),
+            sbatch_args=args.sbatch_args,
+            submit=args.submit,
+            force=args.force,
+        )
     return run_level(
         cfg,
         bids_dir=args.bids_dir,
@@ -372,6 +429,8 @@ def run_participant(args: argparse.Namespace) -> int:
         participant_labels=_labels(args.participant_label, "sub-"),
         session_labels=_labels(args.session_label, "ses-"),
         argv=getattr(args, "argv", sys.argv),
+        force=args.force,
+        lock_max_age_h=args.lock_max_age_hours,
         verbose=args.verbose,
     )
 
@@ -403,10 +462,15 @@ def _participant_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def run_group(args: argparse.Namespace) -> int:
     """Run the group level: gather the per-subject tables into cohort tables."""
     from smoulder.derivatives import DerivativesWriter
+    from smoulder.pipelines.batch import expand_labels
 
     writer = DerivativesWriter(args.output_dir)
-    table = writer.gather_inputs(participants=_labels(args.participant_label, "sub-"))
-    print(f"cohort table: {table}")
+    participants = _labels(expand_labels(args.participant_label), "sub-")  # @FILE: its labels
+    table = writer.gather_inputs(participants=participants)
+    print(f"inputs table: {table}")
+    for path in writer.save_cohort(participants):
+        if path.suffix != ".json":
+            print(f"cohort: {path}")
     return 0
 
 

@@ -174,13 +174,19 @@ class DerivativesWriter:
         return self.root / "logs"
 
     # -- dataset level
-    def save_description(self, models: dict[str, str] | None = None) -> Path:
+    def save_description(
+        self, models: dict[str, str] | None = None, analyses: Sequence[str] = ()
+    ) -> Path:
         """Return the path of ``dataset_description.json`` (GeneratedBy with versions).
 
         ``GeneratedBy`` names smoulder's version and ``Models`` the version of every trained
         model the run used (empty while no step uses one); ``DatasetLinks`` maps ``raw`` to
-        the input dataset so that the ``bids:raw:`` URIs of ``Sources`` resolve.
+        the input dataset so that the ``bids:raw:`` URIs of ``Sources`` resolve;
+        ``HowToAcknowledge`` is the methods paragraph with the references of the tools,
+        templates, data and models of the run's ``analyses`` (:mod:`smoulder.citation`).
         """
+        from smoulder.citation import methods_text
+
         generated: dict[str, Any] = {
             "Name": PIPELINE,
             "Version": __version__,
@@ -192,6 +198,7 @@ class DerivativesWriter:
             "BIDSVersion": BIDS_VERSION,
             "DatasetType": "derivative",
             "GeneratedBy": [generated],
+            "HowToAcknowledge": methods_text(__version__, dict(models or {}), list(analyses)),
         }
         if self.raw_dir is not None:
             description["DatasetLinks"] = {"raw": self.raw_dir.as_uri()}
@@ -329,6 +336,29 @@ class DerivativesWriter:
         )
         return save_tsv(rows, self.root / "group_inputs.tsv")
 
+    def save_cohort(self, participants: list[str] | None = None) -> list[Path]:
+        """Return the paths of the cohort tables (with dictionaries) and ``cohort.html``.
+
+        One row per session (``group_sessions.tsv``) and per interval
+        (``group_intervals.tsv``) with every marker the subjects' tables hold
+        (:func:`smoulder.cohort.cohort_tables`), and the cohort page linking each subject's
+        report.
+        """
+        from smoulder.cohort import cohort_tables
+        from smoulder.report.cohort import cohort_page
+
+        tables = cohort_tables(self.root, participants)
+        written = []
+        for name, rows, dictionary in (
+            ("group_sessions", tables.sessions, tables.session_dictionary),
+            ("group_intervals", tables.intervals, tables.interval_dictionary),
+        ):
+            written.append(save_tsv(rows, self.root / f"{name}.tsv", columns=list(dictionary)))
+            written.append(save_json(dictionary, self.root / f"{name}.json"))
+        reports = [p.stem for p in self.root.glob("sub-*.html")]
+        written.append(save_text(cohort_page(tables, reports), self.root / "cohort.html"))
+        return written
+
     def save_inputs_report(self, records: list[dict[str, Any]]) -> Path:
         """Return the path of an HTML page listing each session's inputs, analyses and errors."""
         from smoulder.report.pages import inputs_page
@@ -348,9 +378,15 @@ class DerivativesWriter:
         ``report.html`` shows the latest run; ``logs/report-<stamp>.html`` keeps each run's.
         The arguments are those of :func:`smoulder.report.pages.run_page`.
         """
+        import json
+
         from smoulder.report.pages import run_page
 
-        page = run_page(rows, failures, run=self.stamp, nodes=nodes)
+        description = self.root / "dataset_description.json"
+        methods = ""
+        if description.is_file():
+            methods = str(json.loads(description.read_text()).get("HowToAcknowledge", ""))
+        page = run_page(rows, failures, run=self.stamp, nodes=nodes, methods=methods)
         save_text(page, self.logs / f"report-{self.stamp}.html")
         return save_text(page, self.root / "report.html")
 

@@ -120,6 +120,7 @@ def run_page(
     *,
     run: str,
     nodes: Sequence[Any] = (),
+    methods: str = "",
 ) -> str:
     """Return the HTML of ``report.html``: what each session produced and what failed.
 
@@ -130,6 +131,7 @@ def run_page(
         run: the run's stamp, named in the title.
         nodes: per-node records (``node``, ``status``, ``duration_s``, ``mem_peak_gb``...)
             for the timing table.
+        methods: the methods paragraph to cite the run (``HowToAcknowledge``), or empty.
 
     Examples:
         >>> page = run_page([{"session": "ses-01", "status": "ok"}], [], run="R1")
@@ -144,5 +146,6 @@ def run_page(
         "configuration, provenance, log and crash files: <code>logs/</code>.</p>"
         f"<h2>Sessions</h2>{_sessions_table(rows)}"
         f"<h2>Failures</h2><ul>{failed}</ul>"
-        f"<h2>Steps</h2>{_steps_table(nodes)}",
+        f"<h2>Steps</h2>{_steps_table(nodes)}"
+        + (f"<h2>Methods and citation</h2><p>{html.escape(methods)}</p>" if methods else ""),
     )
