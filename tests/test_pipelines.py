@@ -731,6 +731,10 @@ def test_phantom_outputs_are_compared_with_the_truth(runs: Runs) -> None:
             dice = [r for r in rows if (r.subject, r.when, r.marker) == (sub, ses, "lesion Dice")]
             assert len(dice) == 1 and 0.0 <= dice[0].measured <= 1.0
         atrophy = {r["session"]: r for r in read_tsv(truth / sub / f"{sub}_desc-atrophy_truth.tsv")}
+        lesions = read_tsv(truth / sub / f"{sub}_desc-lesions_truth.tsv")
+        new = [r for r in rows if (r.subject, r.marker) == (sub, "new lesions")]
+        assert [r.truth for r in new] == [sum(x["first_session"] == "ses-02" for x in lesions)]
+        assert [r.when for r in rows if (r.subject, r.marker) == (sub, "SEL")] == ["ses-01→ses-02"]
         pbvc = [r for r in rows if (r.subject, r.marker) == (sub, "PBVC")]
         assert [r.when for r in pbvc] == ["ses-01→ses-02"]
         assert pbvc[0].truth == pytest.approx(float(atrophy["ses-02"]["pbvc_from_baseline_pct"]))

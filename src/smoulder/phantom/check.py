@@ -8,8 +8,12 @@ right, and where they are not. Each row is one marker of one session or interval
 * per session: the number of lesions (against every true lesion, and against the true lesions
   large enough for the pipeline to count on that session's grid), and the lesion Dice (the
   pipeline's ``desc-lesions_dseg`` moved onto the truth's grid by nearest neighbour);
-* per interval, where the subject table exists: PBVC, grey-matter change and cord-area change
-  (``sub-X_desc-atrophy_stats.tsv`` against ``sub-X_desc-atrophy_truth.tsv``).
+* per session with rim calls: paramagnetic rim lesions (calls ``yes`` against the true
+  lesions of that session with a complete rim, ``rim`` = ``yes``; partial rims are not counted);
+* per interval, where the subject tables exist: new lesions and slowly expanding lesions
+  (``sub-X_desc-activity_longitudinal.tsv`` against the truth's ``first_session`` and ``sel``),
+  PBVC, grey-matter change and cord-area change (``sub-X_desc-atrophy_stats.tsv`` against
+  ``sub-X_desc-atrophy_truth.tsv``).
 
 The truth counts every lesion the phantom drew, even one smaller than a voxel; the pipeline
 cannot see those, which is part of what the comparison shows.
@@ -104,7 +108,33 @@ def _session_rows(
             found.append(Comparison(subject, ses, marker, n_found, shown, ""))
         if measured.is_file() and truth.is_file():
             found.append(Comparison(subject, ses, "lesion Dice", lesion_dice(measured, truth), 1.0))
+        rows = read_tsv(stats)
+        if rows and "rim_call" in rows[0]:
+            calls = sum(r["rim_call"] == "yes" for r in rows)
+            found.append(Comparison(subject, ses, "PRL", calls, _true_rims(truth_dir, ses), ""))
     return found
+
+
+def _truth_lesions(truth_dir: Path) -> list[dict[str, str]]:
+    tables = sorted(truth_dir.glob("sub-*_desc-lesions_truth.tsv"))
+    return read_tsv(tables[0]) if tables else []
+
+
+def _present(truth_dir: Path, session: str) -> set[str]:
+    """Return the IDs of the true lesions with a volume in ``session``."""
+    ids: set[str] = set()
+    for table in truth_dir.glob("sub-*_desc-lesionvolumes_truth.tsv"):
+        ids |= {
+            r["lesion_id"]
+            for r in read_tsv(table)
+            if r["session"] == session and (_number(r["volume_ml"]) or 0.0) > 0
+        }
+    return ids
+
+
+def _true_rims(truth_dir: Path, session: str) -> int:
+    present = _present(truth_dir, session)
+    return sum(r["rim"] == "yes" and r["lesion_id"] in present for r in _truth_lesions(truth_dir))
 
 
 #: Interval markers: (name, measured column, truth column, unit).
@@ -130,7 +160,7 @@ def _interval_rows(subject: str, truth_dir: Path, out_dir: Path) -> list[Compari
     if not rows:
         return []
     baseline = "ses-" + rows[0]["session"].removeprefix("ses-")
-    found = []
+    found = _activity_rows(subject, truth_dir, out_dir)
     for row in rows[1:]:
         ses = row["session"].removeprefix("ses-")
         when = f"{baseline}→ses-{ses}"
@@ -146,6 +176,24 @@ def _interval_rows(subject: str, truth_dir: Path, out_dir: Path) -> list[Compari
                     unit,
                 )
             )
+    return found
+
+
+def _activity_rows(subject: str, truth_dir: Path, out_dir: Path) -> list[Comparison]:
+    """Return new-lesion and SEL counts per interval beside the truth's."""
+    activity = out_dir / "anat" / f"{subject}_desc-activity_longitudinal.tsv"
+    if not activity.is_file():
+        return []
+    lesions = _truth_lesions(truth_dir)
+    found = []
+    for row in read_tsv(activity):
+        before, after = "ses-" + row["from_session"], "ses-" + row["to_session"]
+        when = f"{before}→{after}"
+        new = sum(r["first_session"] == after for r in lesions)
+        both = _present(truth_dir, before) & _present(truth_dir, after)
+        sel = sum(r["sel"] == "yes" and r["lesion_id"] in both for r in lesions)
+        found.append(Comparison(subject, when, "new lesions", _number(row.get("new_count")), new))
+        found.append(Comparison(subject, when, "SEL", _number(row.get("sel_count")), sel))
     return found
 
 
@@ -183,7 +231,7 @@ def compare_with_truth(
 def _cell(value: float | None, marker: str) -> str:
     if value is None:
         return "n/a"
-    if marker.startswith("lesions"):
+    if marker.startswith("lesions") or marker in ("PRL", "new lesions", "SEL"):
         return str(int(round(value)))
     return f"{value:.3f}" if marker == "lesion Dice" else f"{value:+.2f}"
 
