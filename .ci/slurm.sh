@@ -328,8 +328,14 @@ cmd_stop() {
     for p in /proc/[0-9]*; do
         comm=$(cat "$p/comm" 2>/dev/null) || continue
         case $comm in
-            slurmctld|slurmd|slurmdbd|slurmstepd|slurmscriptd)
+            slurmctld|slurmd|slurmdbd|slurmscriptd)
                 tr '\0' '\n' <"$p/environ" 2>/dev/null | grep -qxF "SLURM_CONF=$SLURM_CONF" || continue ;;
+            slurmstepd)  # its process title overwrites its environment: look at its job's
+                local c ours=0
+                for c in $(cat "$p/task/${p#/proc/}/children" 2>/dev/null || pgrep -P "${p#/proc/}" || true); do
+                    tr '\0' '\n' <"/proc/$c/environ" 2>/dev/null | grep -qxF "SLURM_CONF=$SLURM_CONF" && ours=1
+                done
+                (( ours )) || continue ;;
             munged|mariadbd)
                 tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -qF "$SLURM_HOME/" || continue ;;
             *) continue ;;

@@ -88,9 +88,7 @@ class TreesMemory:
         interval_s: float = 0.2,
         more: Callable[[], list[int]] = lambda: [],
     ) -> None:
-        import psutil
-
-        self.roots = [psutil.Process(p) for p in pids]
+        self.pids = list(pids)
         self.more = more
         self.interval_s = interval_s
         self.peak_mb = 0.0
@@ -103,17 +101,18 @@ class TreesMemory:
 
         while not self._stop.is_set():
             seen: dict[int, Any] = {}
-            for root in [*self.roots, *(psutil.Process(p) for p in self.more())]:
-                try:
+            for pid in [*self.pids, *self.more()]:
+                try:  # any of them may end while this looks
+                    root = psutil.Process(pid)
                     for proc in [root, *root.children(recursive=True)]:
                         seen[proc.pid] = proc
-                except psutil.NoSuchProcess:
+                except psutil.Error:
                     continue
             total = 0
             for proc in seen.values():
                 try:
                     total += proc.memory_info().rss
-                except psutil.NoSuchProcess:
+                except psutil.Error:
                     pass
             self.peak_mb = max(self.peak_mb, total / 2**20)
             self._stop.wait(self.interval_s)
@@ -126,14 +125,17 @@ class TreesMemory:
 
 
 def slurm_steps(conf: str) -> list[int]:
-    """Return the pids of the ``slurmstepd`` processes of the cluster configured by ``conf``
-    (they carry its ``SLURM_CONF``; each runs one job)."""
+    """Return the pids of the ``slurmstepd`` processes running jobs of the cluster configured
+    by ``conf``: those whose job carries that ``SLURM_CONF`` (sbatch passes the submitter's
+    environment on; slurmstepd's own is overwritten by its process title)."""
     import psutil
 
     found = []
     for proc in psutil.process_iter(["name"]):
+        if proc.info["name"] != "slurmstepd":
+            continue
         try:
-            if proc.info["name"] == "slurmstepd" and proc.environ().get("SLURM_CONF") == conf:
+            if any(c.environ().get("SLURM_CONF") == conf for c in proc.children()):
                 found.append(proc.pid)
         except psutil.Error:
             continue
