@@ -331,11 +331,14 @@ cmd_stop() {
             slurmctld|slurmd|slurmdbd|slurmscriptd)
                 tr '\0' '\n' <"$p/environ" 2>/dev/null | grep -qxF "SLURM_CONF=$SLURM_CONF" || continue ;;
             slurmstepd)  # its process title overwrites its environment: look at its job's
-                local c ours=0
-                for c in $(cat "$p/task/${p#/proc/}/children" 2>/dev/null || pgrep -P "${p#/proc/}" || true); do
+                local c kids ours=0
+                kids=$(cat "$p/task/${p#/proc/}/children" 2>/dev/null || pgrep -P "${p#/proc/}" || true)
+                for c in $kids; do
                     tr '\0' '\n' <"/proc/$c/environ" 2>/dev/null | grep -qxF "SLURM_CONF=$SLURM_CONF" && ours=1
                 done
-                (( ours )) || continue ;;
+                (( ours )) || continue
+                # the job's script leads its own process group: end the group, not just it
+                for c in $kids; do kill -KILL -- "-$c" 2>/dev/null || kill -KILL "$c" 2>/dev/null || true; done ;;
             munged|mariadbd)
                 tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -qF "$SLURM_HOME/" || continue ;;
             *) continue ;;
