@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     resolution = args.resolution or (3.0 if args.quick else 1.0)
     args.cache.mkdir(parents=True, exist_ok=True)
     bids = phantom(args.cache, subjects, resolution)
-    case = f"phantom {subjects} subjects x 2 sessions, {resolution:g} mm"
+    case = f"phantom {subjects} subject{'s' * (subjects != 1)} x 2 sessions, {resolution:g} mm"
     case += ", --fast" if args.quick else ""
     run_dir = Path(tempfile.mkdtemp(prefix="smoulder-throughput-", dir=args.cache))
     records = []
