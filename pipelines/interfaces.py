@@ -963,6 +963,7 @@ class _DerivativesSinkInputSpec(BaseInterfaceInputSpec):
     source_files = traits.List(traits.Str, desc="files the output was made from")
     spatial_reference = traits.Str(desc="the file whose grid the output is on")
     metadata = traits.Dict(desc="more sidecar fields")
+    write_sidecar = traits.Bool(True, usedefault=True, desc="write the JSON sidecar")
 
 
 class _DerivativesSinkOutputSpec(TraitedSpec):
@@ -994,6 +995,7 @@ class DerivativesSink(SimpleInterface):
             sources=given(self.inputs.source_files) or [],
             spatial_reference=given(self.inputs.spatial_reference),
             metadata=given(self.inputs.metadata),
+            sidecar=self.inputs.write_sidecar,
         )
         self._results["out_file"] = str(out)
         return runtime
@@ -1009,8 +1011,10 @@ def derivatives_node(
     sources: list[str | os.PathLike[str]],
     spatial_reference: str | os.PathLike[str] | None = None,
     metadata: dict[str, Any] | None = None,
+    sidecar: bool = True,
 ) -> Any:
-    """Return a node publishing its ``in_file`` as a derivative (run in the main process)."""
+    """Return a node publishing its ``in_file`` as a derivative (run in the main process);
+    ``sidecar=False`` for a file whose JSON sidecar another output writes."""
     from nipype.pipeline import engine as pe
 
     sink = DerivativesSink(
@@ -1019,6 +1023,7 @@ def derivatives_node(
         entities=dict(entities),
         suffix=suffix,
         source_files=[str(p) for p in sources],
+        write_sidecar=sidecar,
     )
     if spatial_reference is not None:
         sink.inputs.spatial_reference = str(spatial_reference)

@@ -175,6 +175,7 @@ class WorkflowContext:
         sources: Sequence[str | os.PathLike[str]],
         spatial_reference: str | os.PathLike[str] | None = None,
         metadata: dict[str, Any] | None = None,
+        sidecar: bool = True,
     ) -> pe.Node:
         """Return a node publishing its ``in_file`` under this run's output folder."""
         return derivatives_node(
@@ -186,6 +187,7 @@ class WorkflowContext:
             sources=list(sources),
             spatial_reference=spatial_reference,
             metadata=metadata,
+            sidecar=sidecar,
         )
 
 
@@ -428,6 +430,7 @@ def _add_segmentation(
             sources=files.sources,
             spatial_reference=None if out.extension == ".tsv" else files.reference_file,
             metadata=meta,
+            sidecar=not out.lookup_table,
         )
         wf.connect(seg, out.key, sink, "in_file")
     return seg

@@ -543,6 +543,9 @@ def test_outputs_are_bids_derivatives(runs: Runs) -> None:
             for label in ("CSF", "GM", "WM", "lesion"):
                 assert layout.get(suffix="probseg", label=label, **query)
             (lesions,) = layout.get(suffix="dseg", desc="lesions", space=Query.NONE, **query)
+            # the lookup tables beside them write no sidecar: the image's is theirs
+            assert lesions.get_metadata()["Description"].startswith("lesion instances")
+            assert "SpatialReference" in lesions.get_metadata()
             assert (
                 lesions.get_image().shape
                 == layout.get(suffix="FLAIR", desc="preproc", **query)[0].get_image().shape

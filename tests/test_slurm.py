@@ -337,19 +337,13 @@ def runs(cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Runs:
 RUN_RECORDS = ("logs/", "report.html")
 #: Keys of a subject's fingerprint that name the run that wrote it and when.
 FINGERPRINT_RUN_KEYS = ("run", "written")
-#: Written by two output nodes of a session, whichever runs last (under any parallel plugin):
-#: the lesion image's sidecar and the lesion table's (``lesions`` and ``lesions_tsv`` of
-#: ``smoulder.segmentation.outputs`` share the name ``desc-lesions_dseg.json``).
-RACED = ("_desc-lesions_dseg.json",)
 
 
 def outputs(root: Path, prefix: str = "") -> set[str]:
-    """Return the files under ``root/smoulder`` (POSIX, relative) but the run records and the
-    raced sidecars."""
+    """Return the files under ``root/smoulder`` (POSIX, relative) but the run records."""
     base = root / "smoulder"
     names = {p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file()}
-    kept = {n for n in names if n.startswith(prefix) and not n.startswith(RUN_RECORDS)}
-    return {n for n in kept if not n.endswith(RACED)}
+    return {n for n in names if n.startswith(prefix) and not n.startswith(RUN_RECORDS)}
 
 
 def assert_same_outputs(a: Path, b: Path, names: set[str]) -> None:

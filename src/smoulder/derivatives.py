@@ -272,6 +272,7 @@ class DerivativesWriter:
         sources: Sequence[str | Path] = (),
         spatial_reference: str | Path | None = None,
         metadata: Mapping[str, Any] | None = None,
+        sidecar: bool = True,
     ) -> Path:
         """Return the derivative path after copying ``in_file`` there with its JSON sidecar.
 
@@ -282,17 +283,21 @@ class DerivativesWriter:
             sources: files the output was made from (paths; written as BIDS URIs).
             spatial_reference: the file whose voxel grid the output is on.
             metadata: more sidecar fields (``Description``, units...).
+            sidecar: write the JSON sidecar; ``False`` for a file whose sidecar another output
+                of the same name writes (a ``dseg`` image's lookup table).
         """
         in_file = Path(in_file)
         out = self.path(entities, suffix=suffix, extension=extension_of(in_file))
         with atomic_path(out) as tmp:
             shutil.copyfile(in_file, tmp)
-        sidecar: dict[str, Any] = dict(metadata or {})
+        if not sidecar:
+            return out
+        fields: dict[str, Any] = dict(metadata or {})
         if sources:
-            sidecar["Sources"] = [self.uri(p) for p in sources]
+            fields["Sources"] = [self.uri(p) for p in sources]
         if spatial_reference is not None:
-            sidecar["SpatialReference"] = self.uri(spatial_reference)
-        save_json(sidecar, out.with_name(out.name[: -len(extension_of(out))] + ".json"))
+            fields["SpatialReference"] = self.uri(spatial_reference)
+        save_json(fields, out.with_name(out.name[: -len(extension_of(out))] + ".json"))
         return out
 
     # -- inputs

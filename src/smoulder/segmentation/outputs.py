@@ -30,6 +30,12 @@ class Output:
     extension: str = ".nii.gz"
     description: str = ""
 
+    @property
+    def lookup_table(self) -> bool:
+        """Whether this is the index-to-name table of a ``dseg`` image: it shares the image's
+        name and so its JSON sidecar, which the image writes (BIDS derivatives)."""
+        return self.suffix == "dseg" and self.extension == ".tsv"
+
 
 def probseg_key(tissue: str) -> str:
     """Return the key of the probability map of ``tissue`` (``CSF``, ``GM``, ``WM``, ``lesion``).
