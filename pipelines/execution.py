@@ -934,7 +934,8 @@ def record_run(
         print("\nFailures:")
         print("\n".join(f"  {line}" for line in failures))
         LOG.info("failures:\n%s", "\n".join(failures))
-    writer.save_run_report(rows, failures, nodes=[] if result is None else result.records)
+    nodes = [] if result is None else result.records
+    writer.save_run_report(rows, failures, nodes=nodes, latest=bool(nodes))
     run = {**run, "summary": rows, "failures": failures}
     if result is not None:
         run.update(result.to_json())

@@ -304,6 +304,7 @@ class Run:
     nodes: dict[str, str]
     fingerprints: list[str]  # the subjects with one after the run
     locks: list[str]  # the lock files left after the run
+    report: str  # report.html after the run
 
 
 @dataclass
@@ -333,7 +334,8 @@ def _run(argv: list[str], out: Path, capsys: Any) -> Run:
     smoulder = out / "smoulder"
     fingerprints = sorted(p.parent.name for p in smoulder.glob("sub-*/*_fingerprint.json"))
     locks = sorted(p.name for p in (smoulder / ".locks").iterdir())
-    return Run(status, printed.out + printed.err, rows, nodes, fingerprints, locks)
+    report = (smoulder / "report.html").read_text()
+    return Run(status, printed.out + printed.err, rows, nodes, fingerprints, locks, report)
 
 
 @pytest.fixture(scope="module")
@@ -450,6 +452,9 @@ def test_a_locked_subject_is_left_to_its_run_and_a_stale_lock_taken_over(runs: R
     assert f"sub-02: stale lock taken over (process {runs.dead_pid} on host" in run.out
     assert status["sub-02"][0] == "skipped"
     assert not run.nodes  # nothing to run
+    # so report.html still shows the run that did the work; this one's page is under logs/
+    assert run.report == runs.resumed.report
+    assert len(list((runs.out / "smoulder" / "logs").glob("report-*.html"))) == 5
     assert run.locks == ["sub-01.lock"]  # the other process's, left alone; sub-02's released
     assert runs.changed.locks == []  # the other process released its own at SIGTERM
 

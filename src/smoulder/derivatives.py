@@ -377,11 +377,15 @@ class DerivativesWriter:
         failures: Sequence[str],
         *,
         nodes: Sequence[Any] = (),
+        latest: bool = True,
     ) -> Path:
-        """Return the path of ``report.html``: what each session produced and what failed.
+        """Return the path of the run's report: what each session produced and what failed.
 
-        ``report.html`` shows the latest run; ``logs/report-<stamp>.html`` keeps each run's.
-        The arguments are those of :func:`smoulder.report.pages.run_page`.
+        ``logs/report-<stamp>.html`` keeps each run's; ``report.html`` shows the latest run that
+        processed something (``latest``): a rerun that had nothing to do (every subject
+        complete and current, or locked by another run) leaves the page of the run that did
+        the work, and returns its own page under ``logs/``. The other arguments are those of
+        :func:`smoulder.report.pages.run_page`.
         """
         import json
 
@@ -392,7 +396,9 @@ class DerivativesWriter:
         if description.is_file():
             methods = str(json.loads(description.read_text()).get("HowToAcknowledge", ""))
         page = run_page(rows, failures, run=self.stamp, nodes=nodes, methods=methods)
-        save_text(page, self.logs / f"report-{self.stamp}.html")
+        kept = save_text(page, self.logs / f"report-{self.stamp}.html")
+        if not latest and (self.root / "report.html").is_file():
+            return kept
         return save_text(page, self.root / "report.html")
 
 
