@@ -34,7 +34,7 @@ import numpy as np
 
 from smoulder.errors import InputError, RegistrationError
 from smoulder.grids import resample_to_grid, voxel_sizes
-from smoulder.registration.transforms import resample
+from smoulder.registration.transforms import resample, resample_array
 from smoulder.rims.rules import InputKind, LesionRegions, lesion_regions, spread_floor
 
 if TYPE_CHECKING:
@@ -431,13 +431,16 @@ def _flair_on_patch(
     box = _voxel_box(gre_to_flair.apply(corners), flair.affine, flair_shape, pad=2)
     if box is None:
         return np.zeros(PATCH_SHAPE, np.float32)
-    moving = _crop_image(flair.dataobj, flair.affine, *box)
-    reference = nib.Nifti1Image(np.zeros(PATCH_SHAPE, np.uint8), patch_affine)
+    lo, hi = box
+    crop = tuple(slice(int(a), int(b) + 1) for a, b in zip(lo, hi, strict=True))
+    moving = np.asarray(flair.dataobj[crop], np.float32)  # a proxy reads only the crop
+    moving = moving.reshape(moving.shape[:3])
+    moving_affine = _shifted(flair, lo)
     try:
-        moved = resample(moving, reference, gre_to_flair, interpolation="linear")
+        moved = resample_array(moving, moving_affine, PATCH_SHAPE, patch_affine, gre_to_flair)
     except RegistrationError:  # no patch voxel lands on the FLAIR
         return np.zeros(PATCH_SHAPE, np.float32)
-    return np.asarray(moved.dataobj, np.float32)
+    return np.asarray(moved, np.float32)
 
 
 def _by_median(values: np.ndarray, brain: np.ndarray | None) -> np.ndarray:
