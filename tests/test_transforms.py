@@ -28,6 +28,7 @@ from smoulder.registration.transforms import (
     log_jacobian_map,
     require_mask,
     resample,
+    resample_array,
 )
 
 ants = pytest.importorskip("ants")
@@ -409,6 +410,22 @@ def test_resample_fills_outside_and_keeps_reference_grid() -> None:
     assert out.shape == (20, 20, 20)
     np.testing.assert_allclose(out.affine, reference.affine)
     assert set(np.unique(data)) == {-1.0, 1.0}
+
+
+def test_resample_array_is_resample_without_images() -> None:
+    affine = GRIDS["oblique"]
+    data = np.random.default_rng(3).random(SHAPE).astype(np.float32)
+    reference_affine = grid_affine((1.5, 1.5, 1.5))
+    reference = nib.Nifti1Image(np.zeros((12, 14, 10), np.uint8), reference_affine)
+    transform = AffineTransform(small_affine())
+    image = resample(nib.Nifti1Image(data, affine), reference, transform)
+    array = resample_array(data, affine, (12, 14, 10), reference_affine, transform)
+    assert array.dtype == np.float32
+    np.testing.assert_array_equal(array, np.asarray(image.dataobj))
+    far = reference_affine.copy()
+    far[:3, 3] += 1000.0
+    with pytest.raises(RegistrationError, match="no overlap"):
+        resample_array(data, affine, (12, 14, 10), far, transform)
 
 
 # ------------------------------------------------------------------------------- Jacobians
