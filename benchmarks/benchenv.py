@@ -15,11 +15,13 @@ import os
 import platform
 import shutil
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 #: Reads a worker's outputs into its result (``status`` ``ok``): :func:`child_result`.
 Reader = Callable[[dict], dict]
@@ -354,3 +356,50 @@ def not_run_lines(records: list[dict], notes: list[str]) -> list[str]:
     lines = ["", "Not run:", ""]
     lines += [f"- {r['method']} on {r['case']}: {r['status']} — {r['note']}" for r in other]
     return lines + [f"- {n}" for n in notes]
+
+
+class TreeMemory:
+    """Sample the summed RSS of some processes and all their descendants in a thread; keep the
+    peak. ``more`` returns further roots at each sample (a Slurm job runs under a
+    ``slurmstepd`` that detaches from ``slurmd``); any process may end while it looks."""
+
+    def __init__(
+        self,
+        pids: list[int],
+        interval_s: float = 0.2,
+        more: Callable[[], list[int]] = lambda: [],
+    ) -> None:
+        self.pids = list(pids)
+        self.more = more
+        self.interval_s = interval_s
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            seen: dict[int, Any] = {}
+            for pid in [*self.pids, *self.more()]:
+                try:  # any of them may end while this looks
+                    root = psutil.Process(pid)
+                    for proc in [root, *root.children(recursive=True)]:
+                        seen[proc.pid] = proc
+                except psutil.Error:
+                    continue
+            total = 0
+            for proc in seen.values():
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak_mb = max(self.peak_mb, total / 2**20)
+            self._stop.wait(self.interval_s)
+
+    def stop(self) -> float:
+        """Return the peak (MiB) once sampling has stopped."""
+        self._stop.set()
+        self._thread.join()
+        return round(self.peak_mb, 0)

@@ -36,12 +36,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from benchenv import cpus, machine, versions
+from benchenv import TreeMemory, cpus, machine, versions
 
 #: Kinds of step, by the start of their node names.
 KINDS = {
@@ -68,42 +67,6 @@ def phantom(cache: Path, resolution_mm: float) -> Path:
     return root
 
 
-class TreeMemory:
-    """Sample the summed RSS of a process and its descendants in a thread; keep the peak."""
-
-    def __init__(self, pid: int, interval_s: float = 0.2) -> None:
-        import psutil
-
-        self.process = psutil.Process(pid)
-        self.interval_s = interval_s
-        self.peak_mb = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        import psutil
-
-        while not self._stop.is_set():
-            total = 0
-            try:
-                procs = [self.process, *self.process.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                break
-            for proc in procs:
-                try:
-                    total += proc.memory_info().rss
-                except psutil.NoSuchProcess:
-                    pass
-            self.peak_mb = max(self.peak_mb, total / 2**20)
-            self._stop.wait(self.interval_s)
-
-    def stop(self) -> float:
-        self._stop.set()
-        self._thread.join()
-        return round(self.peak_mb, 0)
-
-
 def run_pipeline(
     bids: Path, out: Path, work: Path, *, cores: int, device: str
 ) -> tuple[float, float, dict[str, Any]]:
@@ -119,7 +82,7 @@ def run_pipeline(
         text=True,
         preexec_fn=lambda: os.sched_setaffinity(0, allowed),
     )
-    memory = TreeMemory(child.pid)
+    memory = TreeMemory([child.pid])
     output, _ = child.communicate()
     wall = time.perf_counter() - start
     peak = memory.stop()

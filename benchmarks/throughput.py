@@ -49,9 +49,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,53 +75,6 @@ def phantom(cache: Path, subjects: int, resolution_mm: float) -> Path:
         print(f"generating {root.name} ...", flush=True)
         subprocess.run([*cmd, "--seed", "1", "-q"], check=True)
     return root
-
-
-class TreesMemory:
-    """Sample the summed RSS of some processes and all their descendants in a thread; keep the
-    peak (``end_to_end.TreeMemory`` for several roots, and for the roots ``more`` returns at
-    each sample: a Slurm job runs under a ``slurmstepd`` that detaches from ``slurmd``)."""
-
-    def __init__(
-        self,
-        pids: list[int],
-        interval_s: float = 0.2,
-        more: Callable[[], list[int]] = lambda: [],
-    ) -> None:
-        self.pids = list(pids)
-        self.more = more
-        self.interval_s = interval_s
-        self.peak_mb = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        import psutil
-
-        while not self._stop.is_set():
-            seen: dict[int, Any] = {}
-            for pid in [*self.pids, *self.more()]:
-                try:  # any of them may end while this looks
-                    root = psutil.Process(pid)
-                    for proc in [root, *root.children(recursive=True)]:
-                        seen[proc.pid] = proc
-                except psutil.Error:
-                    continue
-            total = 0
-            for proc in seen.values():
-                try:
-                    total += proc.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak_mb = max(self.peak_mb, total / 2**20)
-            self._stop.wait(self.interval_s)
-
-    def stop(self) -> float:
-        """Return the peak (MiB) once sampling has stopped."""
-        self._stop.set()
-        self._thread.join()
-        return round(self.peak_mb, 0)
 
 
 def slurm_steps(conf: str) -> list[int]:
@@ -161,7 +112,7 @@ def run_command(
             preexec_fn=lambda: os.sched_setaffinity(0, allowed),
         )
         conf = env.get("SLURM_CONF")
-        memory = TreesMemory(
+        memory = benchenv.TreeMemory(
             [child.pid, *also], more=(lambda: slurm_steps(conf)) if conf else lambda: []
         )
         status = child.wait()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -36,3 +38,19 @@ def label_map_dir(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -
     name = "training_seg_01.nii.gz"
     (folder / name).symlink_to(shared_data / "synthseg_label_maps" / name)
     return folder
+
+
+class Capture:
+    """Collect what runs print, read like ``capsys`` (a module-scoped fixture cannot use it):
+    patch ``sys.stdout`` and ``sys.stderr`` with ``out`` and ``err``."""
+
+    def __init__(self) -> None:
+        self.out, self.err = io.StringIO(), io.StringIO()
+
+    def readouterr(self) -> SimpleNamespace:
+        """Return what was printed since the last call (``out``, ``err``) and forget it."""
+        out, err = self.out.getvalue(), self.err.getvalue()
+        for buf in (self.out, self.err):
+            buf.seek(0)
+            buf.truncate()
+        return SimpleNamespace(out=out, err=err)

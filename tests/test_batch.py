@@ -46,6 +46,7 @@ from smoulder.pipelines.batch import (
     with_hashes,
 )
 from smoulder.pipelines.locks import LockHolder, acquire, read_holder
+from tests.conftest import Capture
 
 BATCH_PHANTOM = PhantomConfig(subjects=2, sessions=1, resolution_mm=4.0, lesions=4, seed=5)
 BROKEN = "sub-02/ses-01/anat/sub-02_ses-01_FLAIR.nii.gz"
@@ -357,7 +358,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     argv += ["--participant-label", f"@{labels}"]
     locks = out / "smoulder" / ".locks"
     with pytest.MonkeyPatch.context() as mp:
-        capture = _Capture()
+        capture = Capture()
         mp.setattr("sys.stdout", capture.out)
         mp.setattr("sys.stderr", capture.err)
         crashed = _run([*argv, "--resource-monitor"], out, capture)
@@ -380,24 +381,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
         changed = _run(argv, out, capture)
         forced = _run([*argv, "--force"], out, capture)
     return Runs(root, out, crashed, resumed, locked, changed, forced, holder.pid, dead)
-
-
-class _Capture:
-    """Collect what the runs print (a module-scoped fixture cannot use ``capsys``)."""
-
-    def __init__(self) -> None:
-        import io
-
-        self.out, self.err = io.StringIO(), io.StringIO()
-
-    def readouterr(self) -> Any:
-        from types import SimpleNamespace
-
-        out, err = self.out.getvalue(), self.err.getvalue()
-        for buf in (self.out, self.err):
-            buf.seek(0)
-            buf.truncate()
-        return SimpleNamespace(out=out, err=err)
 
 
 def _status(run: Run) -> dict[str, tuple[str, str]]:

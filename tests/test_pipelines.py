@@ -35,6 +35,7 @@ from smoulder.phantom.generate import PhantomConfig
 from smoulder.pipelines.execution import plugin_settings, run_workflow, workflow_nodes
 from smoulder.pipelines.participant import init_participant_wf, plan_sessions
 from smoulder.rims.train import load_shards
+from tests.conftest import Capture
 
 PIPELINE_PHANTOM = PhantomConfig(
     subjects=2, sessions=2, resolution_mm=4.0, lesions=4, new_lesions_per_session=1, seed=5
@@ -410,7 +411,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     cwd.mkdir()
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(cwd)
-        captured = _Capture()
+        captured = Capture()
         mp.setattr("sys.stdout", captured.out)
         mp.setattr("sys.stderr", captured.err)
         crashed = _run(argv, out, work, captured)
@@ -421,24 +422,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
             [*argv, "--participant-label", "01", "--resource-monitor"], out, work, captured
         )
     return Runs(bids, out, work, cwd, crashed, resumed, changed)
-
-
-class _Capture:
-    """Collect what the runs print (a module-scoped fixture cannot use ``capsys``)."""
-
-    def __init__(self) -> None:
-        import io
-
-        self.out, self.err = io.StringIO(), io.StringIO()
-
-    def readouterr(self) -> Any:
-        from types import SimpleNamespace
-
-        out, err = self.out.getvalue(), self.err.getvalue()
-        for buf in (self.out, self.err):
-            buf.seek(0)
-            buf.truncate()
-        return SimpleNamespace(out=out, err=err)
 
 
 def _steps(run: Run, status: str) -> set[str]:
