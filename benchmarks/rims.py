@@ -446,7 +446,8 @@ def measure_set(method: str, given: dict, device: str, threads: int) -> dict:
         truth = read_session(Path(item["session"]))
         truth_prl[item["subject"]] = sum(truth.rims[i] for i in truth.lesions())
         override = Path(item["lesions"]) if item["lesions"] else None
-        sessions[item["subject"]] = read_session(Path(item["session"]), override)
+        session = read_session(Path(item["session"]), override)
+        sessions[item["subject"]] = replace(session, b0_tesla=float(item["b0_tesla"]))
     with torch_threads(threads):
         if method == CLASSIFIER:
             result = classify(sessions, kind, given["bundle"], cuda_or_skip(device), threads)
@@ -483,11 +484,12 @@ def classify(
     warm = np.zeros((1, len(CHANNELS), *PATCH_SHAPE), np.float32)
     predict(bundle, warm, device, features=np.zeros((1, len(FEATURES)), np.float32))
     start = time.perf_counter()
-    keys, patches, features = [], [], []
+    keys, patches, features, fields = [], [], [], []
     for subject, session in sessions.items():
         grid, data = session.grid, session.susceptibility(kind)  # as the pipeline's step
         for lesion in session.lesions():
             keys.append((subject, lesion, session.rims[lesion]))
+            fields.append(session.b0_tesla)  # the sidecar's MagneticFieldStrength
             if fused:  # the patch and the measures, the lesion's regions computed once
                 patch, measures = grid.assess(lesion, data, kind)
                 features.append(measures.features())
@@ -497,7 +499,13 @@ def classify(
     patched = time.perf_counter()
     # predict returns host arrays: a GPU has finished when it returns
     measures = np.stack(features) if features else None
-    prob = predict(bundle, np.stack(patches), device, features=measures) if patches else np.zeros(0)
+    prob = (
+        predict(
+            bundle, np.stack(patches), device, features=measures, input_kind=kind, b0_tesla=fields
+        )
+        if patches
+        else np.zeros(0)
+    )
     seconds = time.perf_counter() - start
     rows = [
         {"subject": s, "lesion": int(i), "label": int(y), "score": float(p)}
@@ -583,7 +591,12 @@ def prepare_set(name: str, args: argparse.Namespace) -> tuple[dict, str]:
             lesions = str(path)
             notes.append(f"seed {seed}: {summary}")
         items.append(
-            {"subject": f"seed{seed}", "session": str(folder / "session.npz"), "lesions": lesions}
+            {
+                "subject": f"seed{seed}",
+                "session": str(folder / "session.npz"),
+                "lesions": lesions,
+                "b0_tesla": held_out_acquisition(seed, spec, args.quick).b0_tesla,
+            }
         )
     bundle = str(args.bundle) if args.bundle else None
     given = {"set": name, "input": spec.input_kind, "sessions": items, "bundle": bundle}

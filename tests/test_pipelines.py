@@ -538,6 +538,7 @@ def test_outputs_are_bids_derivatives(runs: Runs) -> None:
             meta = stats.get_metadata()
             assert "volume_ul" in meta and meta["rim_probability"]["Description"]
             assert meta["RimInput"] == "qsm" and meta["RimModel"].startswith("smoulder_prl")
+            assert meta["MagneticFieldStrength"] == 3.0 and meta["RimCalibration"]
             table = read_tsv(stats.path)
             assert meta["PRLCount"] == sum(r["rim_call"] == "yes" for r in table)
             assert {r["rim_call"] for r in table} <= {"yes", "no", "not assessed"}

@@ -7,6 +7,7 @@ session, scanner coordinates).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -26,6 +27,7 @@ from smoulder.rims.assess import (
     Susceptibility,
     assess_rims,
     choose_input,
+    field_strength,
 )
 from smoulder.rims.network import load_bundle
 
@@ -75,6 +77,22 @@ def test_classifier_ranks_the_rim_above_the_rimless_lesion() -> None:
     assert summary.model and summary.model.startswith("smoulder_prl")
     assert summary.prl_count == sum(r["rim_call"] == "yes" for r in rows.values())
     assert result.lesion_ids == [1, 2] and result.patches.shape == (2, 4, 24, 24, 24)
+    # the calibration used is named: the field's stratum where the bundle has one
+    assert summary.b0_tesla is None and summary.calibration
+    at_7t = assess_rims(instances, lesions, replace(chi, b0_tesla=7.0), bundle).summary
+    stratum = bundle.calibration.stratum_of("qsm", 7.0)
+    assert at_7t.sidecar()["MagneticFieldStrength"] == 7.0
+    assert (stratum or "pooled") in at_7t.sidecar()["RimCalibration"]
+
+
+def test_field_strength_is_read_from_the_first_sidecar_stating_it(tmp_path: Path) -> None:
+    images = [tmp_path / f"{name}.nii.gz" for name in ("chi", "mag", "phase")]
+    (tmp_path / "mag.json").write_text('{"MagneticFieldStrength": 7}')
+    (tmp_path / "phase.json").write_text('{"MagneticFieldStrength": 3}')
+    assert field_strength(images) == 7.0
+    assert field_strength(images[:1]) is None  # no sidecar: not stated
+    (tmp_path / "chi.json").write_text('{"MagneticFieldStrength": "high"}')
+    assert field_strength(images) == 7.0  # not a field in tesla: the next sidecar says
 
 
 def test_session_without_susceptibility_is_not_assessed() -> None:

@@ -28,6 +28,7 @@ from smoulder.rims.train import (
     load_shards,
     match_ratings,
     read_ratings,
+    recalibrate,
     split_by_subject,
     train,
     write_fine_tuned,
@@ -110,7 +111,8 @@ def test_bundle_roundtrip_and_flip_invariance(tmp_path):
         assert (tmp_path / "b" / part).is_file(), part
     bundle = load_bundle(tmp_path / "b")
     assert bundle.version == "9.9.9" and bundle.operating_points == points
-    assert bundle.network_def == TINY and bundle.calibration == calib
+    assert bundle.network_def == TINY and bundle.calibration.pooled == calib
+    assert not bundle.calibration.strata  # a plain calibration: one map for every input
     x = toy_patches(np.array([1, 0, 1]), np.random.default_rng(0)).astype(np.float32)
     p = predict(bundle, x)
     assert p.shape == (3,) and ((p > 0) & (p < 1)).all()
@@ -406,3 +408,92 @@ def test_rule_measures_in_the_shards_are_fused_with_the_logit(shards, tmp_path):
     (folder / "a.npz").unlink()
     np.savez(folder / "a.npz", **dict(np.load(shards / "a.npz")))  # no measures
     assert load_shards([folder]).features is None
+
+
+# ----------------------------------------------------------------------------- strata
+
+
+def _two_strata(n: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """Logits whose evidence differs by stratum: sharp at 7 T (under-confident logits), soft
+    at 3 T (over-confident ones): one pooled map cannot fit both."""
+    y = rng.random(n) < 0.3
+    field = np.where(rng.random(n) < 0.5, 7.0, 3.0)
+    truth = np.where(field == 7.0, 6.0, 1.0) * (2 * y - 1) + rng.normal(0, 1.0, n)
+    z = np.where(field == 7.0, truth / 4, truth * 3)  # what the network says
+    # the labels follow the true logit, so the right map is per stratum
+    y = rng.random(n) < cal.sigmoid(truth)
+    return z, y.astype(int), np.array(["qsm"] * n), field
+
+
+def test_stratified_calibration_fits_each_field_and_beats_one_map():
+    rng = np.random.default_rng(5)
+    z, y, kinds, field = _two_strata(3000, rng)
+    fit, test = slice(0, 1500), slice(1500, None)
+    strat, report = cal.fit_stratified_calibration(z[fit], y[fit], kinds[fit], field[fit])
+    assert {"qsm@7T", "qsm@3T"} <= set(strat.strata), report
+    pooled, _ = cal.fit_calibration(z[fit], y[fit])
+    zt, yt, kt, ft = z[test], y[test], kinds[test], field[test]
+    for tesla in (3.0, 7.0):  # calibrated within each field, not only on average
+        at = ft == tesla
+        one = cal.expected_calibration_error(pooled(zt[at]), yt[at])
+        each = cal.expected_calibration_error(strat(zt[at], kt[at], ft[at]), yt[at])
+        assert each < one / 2, (tesla, one, each)
+    # an unknown field or input falls back to the pooled map
+    np.testing.assert_allclose(strat(z[test], "qsm", None), strat.pooled(z[test]))
+    np.testing.assert_allclose(strat(z[:5], "swi", 7.0), strat.pooled(z[:5]))
+    # a stratum with too few lesions gets no map of its own, and says why
+    small, rep = cal.fit_stratified_calibration(z[:100], y[:100], kinds[:100], field[:100])
+    assert not small.strata and "fewer than" in rep["qsm@7T"]["why"]
+
+
+def test_stratified_bundle_roundtrip_uses_the_stratum(tmp_path):
+    net = TINY.build()
+    strat = cal.StratifiedCalibration(
+        cal.Calibration("temperature", temperature=1.0),
+        {"phase": cal.Calibration("temperature", temperature=4.0)},
+    )
+    points = {"balanced": 0.5, "high_specificity": 0.8, "high_sensitivity": 0.2}
+    save_bundle(tmp_path / "b", net, strat, points, {}, network_def=TINY)
+    bundle = load_bundle(tmp_path / "b")
+    assert bundle.calibration == strat
+    x = toy_patches(np.array([1, 0, 1]), np.random.default_rng(0)).astype(np.float32)
+    z = predict_logits(bundle.network, x)
+    np.testing.assert_allclose(predict(bundle, x, input_kind="phase"), cal.sigmoid(z / 4.0))
+    np.testing.assert_allclose(predict(bundle, x, input_kind="qsm", b0_tesla=7.0), cal.sigmoid(z))
+    assert "per stratum (phase)" in (tmp_path / "b" / "docs" / "README.md").read_text()
+
+
+def test_recalibration_reports_out_of_fold_and_writes_only_when_asked(
+    trained, shards, tmp_path, capsys
+):
+    """The command keeps the network, prints the out-of-fold ECE before and after per
+    stratum, writes RUN/bundle only with --write, and never into the package's models."""
+    from smoulder.rims.command import run_train, train_parser
+
+    run, _ = trained
+    folder = tmp_path / "fields"
+    folder.mkdir()
+    for f in sorted(shards.glob("*.npz")):
+        with np.load(f) as data:
+            arrays = dict(data)
+        b0 = np.where(np.arange(arrays["labels"].size) % 4 < 2, 3.0, 7.0).astype(np.float32)
+        np.savez(folder / f.name, **arrays, b0_tesla=b0)
+    data = load_shards([folder])
+    assert sorted(set(data.fields().tolist())) == [3.0, 7.0]
+    result = recalibrate(load_bundle(run / "bundle"), data, folds=3, say=print)
+    after = result["report"]["out_of_fold"]["after"]
+    assert {"all", "qsm@3T", "qsm@7T", "phase@3T", "phase@7T"} == set(after)
+    assert sum(after[k]["lesions"] for k in after if k != "all") == len(data)
+    argv = [str(tmp_path / "re"), "--recalibrate", "--init", str(run / "bundle")]
+    argv += ["--shards", str(folder), "--folds", "3", "--device", "cpu"]
+    assert run_train(train_parser().parse_args(argv)) == 0
+    out = capsys.readouterr().out
+    assert "recalibrated (out of fold)" in out and "nothing written" in out
+    assert (tmp_path / "re" / "recalibration.json").is_file()
+    assert not (tmp_path / "re" / "bundle").exists()
+    args = [*argv, "--write", "--bundle-version", "0.0.1-test"]
+    assert run_train(train_parser().parse_args(args)) == 0
+    written = load_bundle(tmp_path / "re" / "bundle")
+    assert written.version == "0.0.1-test" and written.network_def == TINY
+    with pytest.raises(ConfigError, match="found a bundle there"):
+        run_train(train_parser().parse_args(args))

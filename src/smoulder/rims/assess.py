@@ -28,7 +28,7 @@ dictionary); the session's summary (:class:`RimSummary`) goes into the table's s
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -272,11 +272,14 @@ class Susceptibility:
         data: χ (ppm) or filtered phase (rad), sign-corrected.
         kind: ``"qsm"`` or ``"phase"``.
         convention: the sentence saying which sign convention was used and why.
+        b0_tesla: the acquisition's field (``MagneticFieldStrength``; ``None``: not stated),
+            which picks the classifier's calibration stratum.
     """
 
     data: np.ndarray
     kind: Literal["qsm", "phase"]
     convention: str
+    b0_tesla: float | None = None
 
 
 def paramagnetic_positive(
@@ -288,6 +291,7 @@ def paramagnetic_positive(
     affine: np.ndarray,
     sidecar: Mapping[str, object] | None = None,
     sidecar_path: str = "sidecar",
+    b0_tesla: float | None = None,
 ) -> Susceptibility:
     """Return ``data`` in the paramagnetic-positive convention, the sign decided as the module
     docstring says (sidecar, checked on the veins of the data)."""
@@ -313,7 +317,7 @@ def paramagnetic_positive(
     except ValueError:  # an empty or tiny mask: nothing to check on
         check = None
     sign, convention = resolve_sign(stated, check)
-    return Susceptibility(apply_sign(data, sign), kind, convention)
+    return Susceptibility(apply_sign(data, sign), kind, convention, b0_tesla)
 
 
 @dataclass
@@ -326,6 +330,8 @@ class RimSummary:
     convention: str | None = None
     model: str | None = None
     operating_points: dict[str, float] = field(default_factory=dict)
+    b0_tesla: float | None = None
+    calibration: str | None = None
 
     def sidecar(self) -> dict[str, Any]:
         """Return the fields for the lesion table's JSON sidecar."""
@@ -336,6 +342,8 @@ class RimSummary:
             "SignConvention": self.convention,
             "RimModel": self.model,
             "RimOperatingPoints": self.operating_points,
+            "MagneticFieldStrength": self.b0_tesla,
+            "RimCalibration": self.calibration,
         }
 
 
@@ -415,7 +423,10 @@ def assess_rims(
             "rim_input": source.kind,
         }
     summary = RimSummary(
-        assessed=len(patches), input_kind=source.kind, convention=source.convention
+        assessed=len(patches),
+        input_kind=source.kind,
+        convention=source.convention,
+        b0_tesla=source.b0_tesla,
     )
     _classify(rows, (patches, features), bundle, summary, device)
     assessed = [lid for lid, r in rows.items() if r["rim_status"] == ASSESSED]
@@ -445,7 +456,14 @@ def _classify(
         from smoulder.rims.network import predict
 
         patches, features = inputs
-        prob = predict(bundle, np.stack(patches), device, features=np.stack(features))
+        prob = predict(
+            bundle,
+            np.stack(patches),
+            device,
+            features=np.stack(features),
+            input_kind=summary.input_kind,
+            b0_tesla=summary.b0_tesla,
+        )
         threshold = bundle.operating_points["balanced"]
         for lid, p in zip(assessed, prob.tolist(), strict=True):
             rows[lid]["rim_probability"] = round(float(p), 4)
@@ -453,6 +471,10 @@ def _classify(
     if bundle is not None:
         summary.model = f"{bundle.path.name} {bundle.version}"
         summary.operating_points = dict(bundle.operating_points)
+        stratum = bundle.calibration.stratum_of(summary.input_kind, summary.b0_tesla)
+        summary.calibration = f"{bundle.calibration.map_of(stratum).method}, " + (
+            f"stratum {stratum}" if stratum else "pooled over acquisitions"
+        )
     summary.prl_count = sum(rows[lid]["rim_call"] == "yes" for lid in assessed)
 
 
@@ -619,11 +641,24 @@ def load_gre_session(
         affine=grid.affine,
         sidecar=read_sidecar(stated_in),
         sidecar_path=str(sidecar_path(Path(stated_in))),
+        b0_tesla=field_strength([stated_in, *files.magnitudes, *files.phases]),
     )
     lesions = lesions_on_gre(
         instances, flair, grid, flair_to_gre, magnitude=magnitude, valid=valid, wm_flair=wm_flair
     )
     return lesions, source
+
+
+def field_strength(images: Sequence[Path]) -> float | None:
+    """Return the first ``MagneticFieldStrength`` (tesla, in (0, 20]) stated in the sidecars
+    of ``images``, or ``None`` when none states one."""
+    from smoulder.inputs import read_sidecar
+
+    for image in images:
+        value = read_sidecar(image).get("MagneticFieldStrength")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 20:
+            return float(value)
+    return None
 
 
 def _valid_mask(

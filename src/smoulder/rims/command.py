@@ -11,6 +11,11 @@ fine-tuning on a site's ratings by k-fold (:func:`smoulder.rims.train.fine_tune`
 starting and the fine-tuned model's AUCs with confidence intervals; only with ``--write`` is
 the fine-tuned bundle then trained on every rated lesion and written to ``RUN/bundle`` (never
 over the starting bundle or the package's models).
+
+``smoulder train rims RUN --recalibrate --init BUNDLE --shards DIR [--write]`` keeps a bundle's
+network and fits its calibration anew on labelled shards, per acquisition stratum
+(:func:`smoulder.rims.train.recalibrate`): it prints the out-of-fold ECE per stratum of the
+bundle's calibration and of the new one, and writes ``RUN/bundle`` only with ``--write``.
 """
 
 from __future__ import annotations
@@ -64,7 +69,16 @@ def train_parser() -> argparse.ArgumentParser:
         type=Path,
         help="the report's review TSV or a participant/session/lesion/rim table: fine-tune",
     )
-    p.add_argument("--folds", type=int, default=5, help="k of the k-fold evaluation (--ratings)")
+    p.add_argument(
+        "--recalibrate",
+        action="store_true",
+        help="keep --init's network and fit its calibration anew on --shards (phantom "
+        "labels), per input kind and field strength",
+    )
+    p.add_argument(
+        "--folds", type=int, default=5, help="k of the k-fold evaluation (--ratings, --recalibrate)"
+    )
+    p.add_argument("--bundle-version", help="version of the written bundle (--write)")
     p.add_argument(
         "--probable",
         choices=["exclude", "rim", "no_rim"],
@@ -75,7 +89,7 @@ def train_parser() -> argparse.ArgumentParser:
         "--write",
         action="store_true",
         help="with --ratings: after the evaluation, train on every rated lesion and write "
-        "RUN/bundle",
+        "RUN/bundle; with --recalibrate: write the recalibrated RUN/bundle",
     )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=int)
@@ -99,6 +113,8 @@ def run_train(args: argparse.Namespace) -> int:
         if not (args.run / "shards").is_dir():
             raise ConfigError("expected --shards DIR or --simulate N, found neither")
         args.shards = [args.run / "shards"]
+    if args.recalibrate:
+        return _recalibrate(args, device)
     if args.ratings is None:
         try:
             channels = tuple(int(c) for c in args.channels.split(","))
@@ -143,5 +159,32 @@ def run_train(args: argparse.Namespace) -> int:
     out = rt.write_fine_tuned(
         report, patches, init, args.run / "bundle", device=device, threads=args.threads
     )
+    print(f"bundle: {out}")
+    return 0
+
+
+def _recalibrate(args: argparse.Namespace, device: str) -> int:
+    """Run ``smoulder train rims RUN --recalibrate``; return the exit status."""
+    from smoulder.errors import ConfigError
+    from smoulder.images import save_json
+    from smoulder.rims import train as rt
+    from smoulder.rims.network import load_bundle
+
+    if args.init is None:
+        raise ConfigError("--recalibrate: expected --init BUNDLE (the model), found none")
+    init = load_bundle(args.init, device)
+    result = rt.recalibrate(
+        init,
+        rt.load_shards(args.shards),
+        folds=args.folds,
+        seed=args.seed,
+        device=device,
+        threads=args.threads,
+    )
+    save_json(result["report"], args.run / "recalibration.json")
+    if not args.write:
+        print("nothing written (add --write to save the recalibrated bundle)")
+        return 0
+    out = rt.write_recalibrated(init, result, args.run / "bundle", version=args.bundle_version)
     print(f"bundle: {out}")
     return 0

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +31,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from smoulder.errors import InputError
-from smoulder.rims.calibration import OPERATING_POINTS, Calibration, Fusion
+from smoulder.rims.calibration import (
+    OPERATING_POINTS,
+    Calibration,
+    Fusion,
+    StratifiedCalibration,
+)
 from smoulder.rims.patches import CHANNELS, PATCH_SHAPE
 
 if TYPE_CHECKING:
@@ -104,7 +110,8 @@ class RimBundle:
     path: Path
     network: torch.nn.Module
     network_def: RimNetworkDef
-    calibration: Calibration
+    #: the pooled map and those of the acquisition strata that have their own
+    calibration: StratifiedCalibration
     operating_points: dict[str, float]
     metadata: dict[str, Any] = field(default_factory=dict)
     #: the logistic regression of logit and rule-based measures (``None``: the logit alone)
@@ -127,7 +134,9 @@ def count_parameters(network: torch.nn.Module) -> int:
 
 
 def _metadata(
-    network_def: RimNetworkDef, calibration: Calibration, extra: dict[str, Any]
+    network_def: RimNetworkDef,
+    calibration: Calibration | StratifiedCalibration,
+    extra: dict[str, Any],
 ) -> dict[str, Any]:
     import monai
     import torch
@@ -175,7 +184,7 @@ def _metadata(
 
 def _model_card(
     meta: dict[str, Any],
-    calibration: Calibration,
+    calibration: Calibration | StratifiedCalibration,
     points: dict[str, float],
     fusion: Fusion | None = None,
 ) -> str:
@@ -211,7 +220,7 @@ def _model_card(
 def save_bundle(
     folder: str | Path,
     network: torch.nn.Module,
-    calibration: Calibration,
+    calibration: Calibration | StratifiedCalibration,
     operating_points: dict[str, float],
     metadata: dict[str, Any],
     *,
@@ -278,7 +287,7 @@ def load_bundle(folder: str | Path | None = None, device: str = "cpu") -> RimBun
         meta = json.loads(meta_file.read_text())
         network_def = RimNetworkDef.from_json(meta["network_def"])
         inference = json.loads(inf_file.read_text())
-        calibration = Calibration.from_json(inference["calibration"])
+        calibration = StratifiedCalibration.from_json(inference["calibration"])
         points = {k: float(inference["operating_points"][k]) for k in OPERATING_POINTS}
         fusion = Fusion.from_json(inference["fusion"]) if "fusion" in inference else None
     except (ValueError, KeyError, TypeError) as exc:
@@ -360,6 +369,8 @@ def predict(
     batch_size: int = 64,
     *,
     features: np.ndarray | None = None,
+    input_kind: str | None = None,
+    b0_tesla: float | Sequence[float] | None = None,
 ) -> np.ndarray:
     """Return the calibrated rim probability of each patch (N,) under ``bundle``.
 
@@ -369,6 +380,9 @@ def predict(
         features: ``(N, F)`` rule-based measures of the same lesions
             (:meth:`smoulder.rims.rules.RimMeasures.features`); required by a bundle with a
             fusion, ignored otherwise.
+        input_kind: ``qsm`` or ``phase``, the patches' susceptibility channel, and
+        b0_tesla: the acquisition's field (one, or one per patch): the calibration stratum
+            (:func:`smoulder.rims.calibration.stratum_keys`; ``None``: unknown, the pooled map).
         device: where the network runs (``cpu`` or ``cuda``).
         tta: average the logits over the 8 flips of the three axes.
         batch_size: patches per forward pass.
@@ -384,4 +398,4 @@ def predict(
                 f"({', '.join(bundle.fusion.features)}): pass features="
             )
         logits = bundle.fusion(logits, features)
-    return bundle.calibration(logits)
+    return bundle.calibration(logits, input_kind, b0_tesla)

@@ -151,6 +151,7 @@ def session_patches(root: Path, *, subject: str) -> PatchSet:
         features=np.stack([r[4] for r in rows])
         if rows
         else np.zeros((0, len(FEATURES)), np.float32),
+        b0_tesla=np.full(n, session.b0_tesla, np.float32),
     )
 
 
@@ -189,6 +190,7 @@ def load_session(root: Path) -> PhantomSession:
         chi_ppm=reconstruct(echoes, mask, method="tv", reference_mask=reference).chi_ppm,
         phase_rad=filtered_phase(echoes),
         rims=_truth_labels(truth / "sub-01_desc-lesions_truth.tsv"),
+        b0_tesla=echoes.b0_tesla,
     )
 
 
@@ -207,6 +209,7 @@ class PhantomSession:
         chi_ppm: the QSM (ppm).
         phase_rad: the homodyne-filtered phase of the last echo (rad).
         rims: ``{lesion id: 1 for a complete rim, else 0}`` (the truth).
+        b0_tesla: the acquisition's field (NaN: unknown), the calibration's stratum.
     """
 
     affine: np.ndarray
@@ -219,6 +222,7 @@ class PhantomSession:
     chi_ppm: np.ndarray
     phase_rad: np.ndarray
     rims: dict[int, int]
+    b0_tesla: float = float("nan")
 
     def lesions(self) -> list[int]:
         """Return the ids of the lesions on the GRE grid that have a label, ascending."""

@@ -16,12 +16,14 @@ The recipe (``smoulder train rims RUN --shards ...``), as a methods section:
    what an uninterrupted one would have.
 4. **Model choice**: after each epoch the network is scored on the validation split (no TTA);
    the epoch with the best PR-AUC is kept (ties: the lower validation loss).
-5. **Calibration**: the kept network's logits (8-flip TTA) on the calibration split fit the
-   calibration (:func:`smoulder.rims.calibration.fit_calibration`) and the three operating
-   points; the validation split then gives the figures of the model card (ROC-AUC with its
-   DeLong interval, PR-AUC, ECE before and after calibration, sensitivity/specificity at each
-   operating point). The bundle is written to ``RUN/bundle`` and the figures to
-   ``RUN/metrics.json``.
+5. **Calibration**: the kept network's logits (8-flip TTA) on the calibration split, fused
+   with the rule-based measures, fit the calibration: a pooled map and one per acquisition
+   stratum (input kind, and field where the shards state it) with enough lesions
+   (:func:`smoulder.rims.calibration.fit_stratified_calibration`), and the three operating
+   points on the calibrated probabilities; the validation split then gives the figures of
+   the model card (ROC-AUC with its DeLong interval, PR-AUC, ECE before and after
+   calibration, sensitivity/specificity at each operating point). The bundle is written to
+   ``RUN/bundle`` and the figures to ``RUN/metrics.json``.
 
 A run resumes from ``RUN/checkpoint.pt`` (written after every epoch: model, optimiser,
 scheduler, epoch, history, best state, recipe) and refuses to resume with another recipe, as
@@ -49,16 +51,20 @@ import numpy as np
 
 from smoulder.errors import ConfigError, InputError
 from smoulder.rims.calibration import (
+    Calibration,
+    StratifiedCalibration,
     auc_confidence_interval,
     auc_difference_interval,
     expected_calibration_error,
     fit_calibration,
     fit_fusion,
+    fit_stratified_calibration,
     operating_points,
     pr_auc,
     roc_auc,
     sensitivity_specificity,
     sigmoid,
+    stratum_keys,
 )
 from smoulder.rims.network import (
     RimBundle,
@@ -76,8 +82,9 @@ if TYPE_CHECKING:
 #: Arrays every training shard holds.
 SHARD_ARRAYS = ("patches", "labels", "input_kind", "lesion_id", "subject", "session")
 #: Arrays a shard may hold: the rule-based measures of each patch's lesion
-#: (``(N, len(smoulder.rims.rules.FEATURES))``), for the classifier's fusion.
-OPTIONAL_ARRAYS = ("features",)
+#: (``(N, len(smoulder.rims.rules.FEATURES))``), for the classifier's fusion; and the field
+#: strength of each patch's acquisition (tesla; NaN: unknown), for the stratified calibration.
+OPTIONAL_ARRAYS = ("features", "b0_tesla")
 
 #: A lesion's key in ratings and patch tables: (participant, session, lesion ID), the
 #: participant and session without their ``sub-``/``ses-`` prefixes.
@@ -98,14 +105,21 @@ class PatchSet:
     subject: np.ndarray
     session: np.ndarray
     features: np.ndarray | None = None
+    b0_tesla: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.labels.size)
 
     def subset(self, index: np.ndarray) -> PatchSet:
         """Return the patches at ``index`` (integers or a boolean mask)."""
-        features = None if self.features is None else self.features[index]
-        return PatchSet(*(getattr(self, name)[index] for name in SHARD_ARRAYS), features)
+        optional = [None if (a := getattr(self, n)) is None else a[index] for n in OPTIONAL_ARRAYS]
+        return PatchSet(*(getattr(self, name)[index] for name in SHARD_ARRAYS), *optional)
+
+    def fields(self) -> np.ndarray:
+        """Return each patch's field strength in tesla (NaN where the shard does not say)."""
+        if self.b0_tesla is None:
+            return np.full(len(self), np.nan)
+        return np.asarray(self.b0_tesla, np.float64)
 
     def keys(self) -> list[LesionKey]:
         """Return each patch's :data:`LesionKey`."""
@@ -156,6 +170,8 @@ def write_shard(patch_set: PatchSet, path: str | Path) -> Path:
     arrays["patches"] = np.asarray(arrays["patches"], np.float16)
     if patch_set.features is not None:
         arrays["features"] = np.asarray(patch_set.features, np.float32)
+    if patch_set.b0_tesla is not None:
+        arrays["b0_tesla"] = np.asarray(patch_set.b0_tesla, np.float32)
     with atomic_path(path, suffix=".npz") as tmp, tmp.open("wb") as handle:
         np.savez_compressed(handle, **arrays)
     return Path(path)
@@ -197,6 +213,8 @@ def load_shards(shards: Iterable[str | Path]) -> PatchSet:
             raise InputError(
                 str(f), expected="one entry per patch in every array", found=str(lengths)
             )
+        # the field where a shard states it, NaN where it does not
+        arrays.setdefault("b0_tesla", np.full(n, np.nan, np.float32))
         if not np.isin(arrays["labels"], (0, 1)).all():
             raise InputError(
                 str(f), expected="labels 0 or 1", found=str(np.unique(arrays["labels"]))
@@ -207,6 +225,8 @@ def load_shards(shards: Iterable[str | Path]) -> PatchSet:
     # the measures only when every shard has them
     features = parts["features"]
     cat["features"] = np.concatenate(features) if len(features) == len(files) else None
+    fields = np.concatenate(parts["b0_tesla"]).astype(np.float64)
+    cat["b0_tesla"] = fields if np.isfinite(fields).any() else None
     cat["labels"] = cat["labels"].astype(np.uint8)
     for name in ("input_kind", "subject", "session"):
         cat[name] = cat[name].astype(str)
@@ -466,21 +486,34 @@ def _scores(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
 
 
 def evaluate(
-    logits: np.ndarray, labels: np.ndarray, calibration: Any, points: Mapping[str, float]
+    logits: np.ndarray,
+    labels: np.ndarray,
+    calibration: Calibration | StratifiedCalibration,
+    points: Mapping[str, float],
+    *,
+    input_kind: Sequence[str] | None = None,
+    b0_tesla: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Return the figures of a model card on one split: AUCs, ECE, operating points.
 
     Args:
         logits: the network's mean logits on the split's lesions.
         labels: 1 for a rim, 0 otherwise.
-        calibration: the :class:`~smoulder.rims.calibration.Calibration` to judge.
+        calibration: the map to judge (a stratified one reads each lesion's input kind and
+            field; the AUCs then rank the calibrated probabilities, which differ from the
+            logits' order across strata).
         points: the operating points' thresholds.
+        input_kind, b0_tesla: each lesion's acquisition (for a stratified calibration).
     """
-    prob = calibration(logits)
+    stratified = isinstance(calibration, StratifiedCalibration) and bool(calibration.strata)
+    if isinstance(calibration, StratifiedCalibration):
+        prob = calibration(logits, input_kind, b0_tesla)
+    else:
+        prob = calibration(logits)
     out: dict[str, Any] = {
         "lesions": int(labels.size),
         "rims": int(labels.sum()),
-        **_scores(logits, labels),
+        **_scores(prob if stratified else logits, labels),
         "ece_uncalibrated": expected_calibration_error(sigmoid(logits), labels),
         "ece": expected_calibration_error(prob, labels),
     }
@@ -520,7 +553,7 @@ def train(
         say: where progress lines go.
 
     Returns:
-        ``{"best_epoch", "epochs", "parameters", "calibration", "calibration_ece",
+        ``{"best_epoch", "epochs", "parameters", "calibration", "calibration_strata",
         "operating_points", "validation", "bundle"}``, also written to ``metrics.json``.
     """
     from smoulder.devices import torch_threads
@@ -639,15 +672,24 @@ def _finish(
     if settings.fusion and cal.features is not None and val.features is not None:
         fusion = fit_fusion(cal_logits, cal.features, cal.labels, FEATURES)
         cal_logits, val_logits = fusion(cal_logits, cal.features), fusion(val_logits, val.features)
-    calibration, cv_ece = fit_calibration(cal_logits, cal.labels)
-    points = operating_points(calibration(cal_logits), cal.labels)
-    figures = evaluate(val_logits, val.labels, calibration, points)
+    calibration, strata = fit_stratified_calibration(
+        cal_logits, cal.labels, cal.input_kind, cal.fields()
+    )
+    points = operating_points(calibration(cal_logits, cal.input_kind, cal.fields()), cal.labels)
+    figures = evaluate(
+        val_logits,
+        val.labels,
+        calibration,
+        points,
+        input_kind=val.input_kind,
+        b0_tesla=val.fields(),
+    )
     metrics: dict[str, Any] = {
         "best_epoch": run.best_epoch,
         "epochs": run.epoch,
         "parameters": count_parameters(run.net),
         "calibration": calibration.to_json(),
-        "calibration_ece": cv_ece,
+        "calibration_strata": strata,
         "operating_points": points,
         "validation": figures,
         "validation_network_only": network_only,
@@ -1017,6 +1059,21 @@ def _shipped_models() -> Path:
     return Path(str(files("smoulder.models"))).resolve()
 
 
+def _new_bundle_folder(out: str | Path, init_bundle: RimBundle) -> Path:
+    """Return ``out`` if a new bundle may be written there, else raise ConfigError: never over
+    the starting bundle, into the package's models, or over another bundle."""
+    out = Path(out)
+    target = out.resolve()
+    if target == init_bundle.path.resolve() or target.is_relative_to(_shipped_models()):
+        raise ConfigError(
+            f"{out}: expected a new folder for the new bundle, found the starting bundle "
+            "or the package's models (a site's model never replaces the shipped one)"
+        )
+    if (out / "configs" / "metadata.json").exists():
+        raise ConfigError(f"{out}: expected a new folder, found a bundle there; choose another")
+    return out
+
+
 def write_fine_tuned(
     report: FineTuneReport,
     patches_by_key: Mapping[LesionKey, np.ndarray],
@@ -1039,15 +1096,7 @@ def write_fine_tuned(
     """
     from smoulder.devices import torch_threads
 
-    out = Path(out)
-    target = out.resolve()
-    if target == init_bundle.path.resolve() or target.is_relative_to(_shipped_models()):
-        raise ConfigError(
-            f"{out}: expected a new folder for the fine-tuned bundle, found the starting bundle "
-            "or the package's models (a fine-tuned model never replaces the shipped one)"
-        )
-    if (out / "configs" / "metadata.json").exists():
-        raise ConfigError(f"{out}: expected a new folder, found a bundle there; choose another")
+    out = _new_bundle_folder(out, init_bundle)
     s = report.settings
     settings = RimTrainSettings(
         epochs=s["epochs"],
@@ -1072,3 +1121,143 @@ def write_fine_tuned(
     }
     say(f"writing the fine-tuned bundle to {out}")
     return save_bundle(out, net, calibration, points, meta, network_def=init_bundle.network_def)
+
+
+# ----------------------------------------------------------------------------- recalibration
+
+
+def _stratum_figures(
+    prob: np.ndarray, labels: np.ndarray, strata: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """Return lesions, rims and ECE of ``prob`` per stratum name, and pooled (``"all"``)."""
+    names = np.asarray(strata)
+    out = {}
+    for name in ["all", *sorted(set(names.tolist()))]:
+        take = names == name if name != "all" else np.ones(labels.size, bool)
+        out[name] = {
+            "lesions": int(take.sum()),
+            "rims": int(labels[take].sum()),
+            "ece": expected_calibration_error(prob[take], labels[take]),
+        }
+    return out
+
+
+def recalibrate(
+    init_bundle: RimBundle,
+    data: PatchSet,
+    *,
+    folds: int = 5,
+    seed: int = 0,
+    device: str = "cpu",
+    threads: int | None = None,
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Fit a bundle's calibration anew, per acquisition stratum, on labelled patches.
+
+    The network and its fusion are kept; only the map from fused logit to probability and
+    the operating points change. Before anything is fitted on all of ``data``, a k-fold by
+    subject scores it honestly: each fold's lesions are calibrated by maps fitted on the other
+    folds, and the out-of-fold ECE per stratum (input kind and field) is reported beside the
+    bundle's own calibration's.
+
+    Args:
+        init_bundle: the bundle to recalibrate (its network scores ``data``).
+        data: labelled patches (phantom shards), with the rule-based measures when the bundle
+            fuses them, and each patch's field (``b0_tesla``) for the field strata.
+
+    Returns:
+        ``{"calibration": StratifiedCalibration, "operating_points", "report"}``; the report
+        holds the strata fitted, the out-of-fold figures before and after, and the data.
+
+    Raises:
+        ConfigError: fewer than two subjects (no honest out-of-fold figure), or a bundle
+            with a fusion and shards without the rule-based measures.
+    """
+    from smoulder.devices import torch_threads
+
+    if init_bundle.fusion is not None and data.features is None:
+        raise ConfigError(
+            f"{init_bundle.path}: this bundle fuses the rule-based measures; expected shards "
+            "that hold them (features), found shards without"
+        )
+    subjects = sorted(set(data.subject.tolist()))
+    if len(subjects) < 2:
+        raise ConfigError(f"recalibration: expected patches of >= 2 subjects, found {subjects}")
+    with torch_threads(threads):
+        logits = predict_logits(init_bundle.network, data.patches, device, tta=True)
+    if init_bundle.fusion is not None:
+        logits = init_bundle.fusion(logits, data.features)
+    labels, kinds, fields = data.labels.astype(bool), data.input_kind, data.fields()
+    strata = [
+        stratum_keys(k, None if np.isnan(f) else f)[0] for k, f in zip(kinds, fields, strict=True)
+    ]
+    keys = data.keys()
+    fold, grouped_by = _folds(keys, labels.astype(int), min(folds, len(subjects)), seed)
+    oof = np.empty(labels.size)
+    for k in np.unique(fold):
+        test = fold == k
+        cal, _ = fit_stratified_calibration(
+            logits[~test], labels[~test], kinds[~test], fields[~test], seed=seed
+        )
+        oof[test] = cal(logits[test], kinds[test], fields[test])
+    before = init_bundle.calibration(logits, kinds, fields)
+    calibration, fitted = fit_stratified_calibration(logits, labels, kinds, fields, seed=seed)
+    prob = calibration(logits, kinds, fields)
+    points = operating_points(prob, labels)
+    report = {
+        "data": {
+            "patches": int(labels.size),
+            "rims": int(labels.sum()),
+            "subjects": len(subjects),
+            "folds": int(np.unique(fold).size),
+            "grouped_by": grouped_by,
+        },
+        "strata_fitted": fitted,
+        "out_of_fold": {
+            "before": _stratum_figures(before, labels, strata),
+            "after": _stratum_figures(oof, labels, strata),
+        },
+        "roc_auc_before": roc_auc(before, labels),
+        "roc_auc_after": roc_auc(oof, labels),
+    }
+    for name, row in report["out_of_fold"]["after"].items():
+        was = report["out_of_fold"]["before"][name]["ece"]
+        say(
+            f"{name}: {row['lesions']} lesions, {row['rims']} rims: ECE {was:.3f} with the "
+            f"bundle's calibration, {row['ece']:.3f} recalibrated (out of fold)"
+        )
+    return {"calibration": calibration, "operating_points": points, "report": report}
+
+
+def write_recalibrated(
+    init_bundle: RimBundle,
+    result: Mapping[str, Any],
+    out: str | Path,
+    *,
+    version: str | None = None,
+    say: Callable[[str], None] = print,
+) -> Path:
+    """Write ``init_bundle`` with the calibration and operating points of :func:`recalibrate`
+    to ``out`` (a new folder; never the starting bundle nor the package's models)."""
+    out = _new_bundle_folder(out, init_bundle)
+    meta = {
+        **{k: v for k, v in init_bundle.metadata.items() if k not in ("network_def",)},
+        "version": version or f"{init_bundle.version}+recalibrated",
+        "recalibrated": {
+            "from": str(init_bundle.path),
+            "from_version": init_bundle.version,
+            **result["report"],
+        },
+    }
+    for key in ("monai_version", "pytorch_version", "name", "task", "network_data_format"):
+        meta.pop(key, None)
+    say(f"writing the recalibrated bundle to {out}")
+    return save_bundle(
+        out,
+        init_bundle.network,
+        result["calibration"],
+        result["operating_points"],
+        meta,
+        network_def=init_bundle.network_def,
+        fusion=init_bundle.fusion,
+    )
