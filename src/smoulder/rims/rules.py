@@ -270,9 +270,36 @@ def _signed_distance_mm(inside: np.ndarray, voxel_mm: np.ndarray) -> np.ndarray:
     The edge lies half the smallest voxel size beyond the outermost voxel centres.
     """
     half = 0.5 * float(np.min(voxel_mm))
-    depth = ndi.distance_transform_edt(inside, sampling=voxel_mm)
+    depth = depth_inside(inside, voxel_mm)
     away = ndi.distance_transform_edt(~inside, sampling=voxel_mm)
     return np.where(inside, half - depth, away - half).astype(np.float32)
+
+
+def depth_inside(inside: np.ndarray, sampling: np.ndarray) -> np.ndarray:
+    """Return the Euclidean distance (mm) of each voxel of ``inside`` to the nearest voxel
+    outside it (0 outside), as ``ndimage.distance_transform_edt(inside, sampling=...)``.
+
+    Computed on the mask's bounding box grown by one voxel, which holds every nearest outside
+    voxel: an outside voxel beyond that layer, clamped onto it, is an outside voxel that is no
+    farther along any axis. A lesion's box is far smaller than its measuring crop.
+
+    Examples:
+        >>> m = np.zeros((9, 9, 9), bool); m[3:6, 2:7, 4] = True
+        >>> bool(np.array_equal(depth_inside(m, np.ones(3)), ndi.distance_transform_edt(m)))
+        True
+    """
+    out = np.zeros(inside.shape, np.float64)
+    idx = np.argwhere(inside)
+    if not idx.size:
+        return out
+    box = tuple(
+        slice(max(int(a) - 1, 0), int(b) + 2) for a, b in zip(idx.min(0), idx.max(0), strict=True)
+    )
+    sub = np.asarray(inside[box], bool)
+    if sub.all():  # the mask reaches the grid's edge all round: nothing outside in the box
+        return ndi.distance_transform_edt(inside, sampling=sampling)
+    out[box] = ndi.distance_transform_edt(sub, sampling=sampling)
+    return out
 
 
 # ----------------------------------------------------------------------------------- measures
@@ -474,7 +501,7 @@ def _in_plane_distance_mm(regions: LesionRegions) -> np.ndarray:
     spacing = np.array(regions.voxel_mm, np.float64)
     spacing[regions.axial] = 1e6
     half = 0.5 * float(np.min(np.delete(regions.voxel_mm, regions.axial)))
-    depth = ndi.distance_transform_edt(regions.lesion, sampling=spacing)
+    depth = depth_inside(regions.lesion, spacing)
     away = ndi.distance_transform_edt(~regions.lesion, sampling=spacing)
     return np.where(regions.lesion, half - depth, away - half).astype(np.float32)
 
