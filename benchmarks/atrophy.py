@@ -26,7 +26,7 @@ Methods
 ``smoulder-jacobian`` / ``smoulder-boundary-shift`` — one run: smoulder's segmentation of each
     session (``smoulder.segmentation.inference.segment``, FLAIR + T1w), the within-subject space
     (``smoulder.atrophy.subject.atrophy_space``: the FLAIRs coarsened to the configuration's
-    ``atrophy.registration_mm``, 2 mm, registered half way by greedy on the CPU) and
+    ``atrophy.registration_mm``, 1.5 mm, registered half way by greedy on the CPU) and
     ``smoulder.atrophy.subject.subject_atrophy``: PBVC by Jacobian integration and by boundary
     shift, grey-matter change (Jacobian integration over the joint grey-matter map), the cord
     area of each session at the subject's common level. ``wall_s``: space and atrophy (the

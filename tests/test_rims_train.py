@@ -491,6 +491,13 @@ def test_recalibration_reports_out_of_fold_and_writes_only_when_asked(
     assert "recalibrated (out of fold)" in out and "nothing written" in out
     assert (tmp_path / "re" / "recalibration.json").is_file()
     assert not (tmp_path / "re" / "bundle").exists()
+    thinned = [*argv, "--rim-share", "0.1", "0.2"]
+    assert run_train(train_parser().parse_args(thinned)) == 0
+    report = json.loads((tmp_path / "re" / "recalibration.json").read_text())
+    assert report["data"]["rim_share"] == [0.1, 0.2]
+    # each of the 8 subjects has 4 rims among 12 lesions; a share of at most 0.2 keeps
+    # round(0.2 / 0.8 * 8) = 2 of them
+    assert int(data.labels.sum()) == 32 and report["data"]["rims"] <= 2 * 8
     args = [*argv, "--write", "--bundle-version", "0.0.1-test"]
     assert run_train(train_parser().parse_args(args)) == 0
     written = load_bundle(tmp_path / "re" / "bundle")

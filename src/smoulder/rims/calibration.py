@@ -350,14 +350,20 @@ def _stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
 
 
 def fit_calibration(
-    logits: ArrayLike, labels: ArrayLike, *, folds: int = 5, bins: int = 10, seed: int = 0
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    folds: int = 5,
+    bins: int = 10,
+    seed: int = 0,
+    methods: Sequence[str] = METHODS,
 ) -> tuple[Calibration, dict[str, float]]:
     """Return the best calibration of the calibration split and each method's cross-fit ECE.
 
-    Each method of :data:`METHODS` is fitted on ``folds - 1`` folds and scored (ECE) on the
-    held-out one; the method with the lowest pooled held-out ECE (ties: fewer parameters) is
-    refitted on all lesions. With fewer than two lesions of a class nothing can be fitted and
-    the plain sigmoid (``none``) is returned.
+    Each method of ``methods`` (default :data:`METHODS`) is fitted on ``folds - 1`` folds and
+    scored (ECE) on the held-out one; the method with the lowest pooled held-out ECE (ties:
+    fewer parameters) is refitted on all lesions. With fewer than two lesions of a class nothing
+    can be fitted and the plain sigmoid (``none``) is returned.
 
     Examples:
         >>> rng = np.random.default_rng(0)
@@ -374,13 +380,13 @@ def fit_calibration(
     folds = max(2, min(folds, n_pos, y.size - n_pos))
     fold = _stratified_folds(y, folds, seed)
     scores: dict[str, float] = {}
-    for method in METHODS:
+    for method in methods:
         held = np.empty(y.size)
         for k in range(folds):
             test = fold == k
             held[test] = fit_method(z[~test], y[~test], method)(z[test])
         scores[method] = expected_calibration_error(held, y, bins=bins)
-    best = min(METHODS, key=lambda m: (round(scores[m], 12), METHODS.index(m)))
+    best = min(methods, key=lambda m: (round(scores[m], 12), METHODS.index(m)))
     return fit_method(z, y, best), scores
 
 
@@ -565,6 +571,12 @@ def operating_points(prob: ArrayLike, labels: ArrayLike) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- strata
 
+#: The maps a stratified calibration chooses among: strictly increasing ones, so that the
+#: calibrated probabilities keep the order of the fused logits within a stratum (and its AUC).
+#: Isotonic steps tie lesions that the network told apart: on held-out QSM sets they cost
+#: 0.01-0.04 of ROC- and PR-AUC.
+RANK_PRESERVING = ("temperature", "platt")
+
 #: Fewest lesions (and rims, and non-rims) a stratum needs for a calibration of its own.
 MIN_STRATUM_LESIONS = 120
 MIN_STRATUM_CLASS = 20
@@ -678,11 +690,12 @@ def fit_stratified_calibration(
 ) -> tuple[StratifiedCalibration, dict[str, dict[str, Any]]]:
     """Return the pooled and per-stratum calibrations of a calibration split, and a report.
 
-    Every stratum of :func:`stratum_keys` with at least ``min_lesions`` lesions and
-    ``min_class`` of each class is fitted by :func:`fit_calibration` on its own lesions; it is
-    kept only when its own map's cross-fit ECE is below that of the map the stratum would
-    otherwise fall back to (scored by the same cross-fit on the same lesions), so a stratum
-    never makes its lesions worse calibrated than the pooled map did.
+    Every map is one of :data:`RANK_PRESERVING`. Every stratum of :func:`stratum_keys` with at
+    least ``min_lesions`` lesions and ``min_class`` of each class is fitted by
+    :func:`fit_calibration` on its own lesions; it is kept only when its own map's cross-fit
+    ECE there is below the ECE of the map it would otherwise fall back to. That fallback was
+    fitted on a superset of these lesions, so the comparison favours it: a stratum gets a map
+    of its own only when the pooled one clearly misses there.
 
     Returns:
         The calibration, and per stratum tried (``""``: pooled) its lesions, rims, the ECE of
@@ -690,7 +703,7 @@ def fit_stratified_calibration(
     """
     z, y = _pair(logits, labels)
     kinds, fields = _per_lesion(z.size, list(input_kind), b0_tesla)
-    pooled, pooled_ece = fit_calibration(z, y, seed=seed)
+    pooled, pooled_ece = fit_calibration(z, y, seed=seed, methods=RANK_PRESERVING)
     report: dict[str, dict[str, Any]] = {
         "": {
             "lesions": int(z.size),
@@ -713,7 +726,7 @@ def fit_stratified_calibration(
         if zs.size < min_lesions or min(n_pos, zs.size - n_pos) < min_class:
             entry["why"] = f"fewer than {min_lesions} lesions or {min_class} of a class"
             continue
-        own, own_ece = fit_calibration(zs, ys, seed=seed)
+        own, own_ece = fit_calibration(zs, ys, seed=seed, methods=RANK_PRESERVING)
         fallback = StratifiedCalibration(pooled, dict(strata)).map_of(
             next(k for k in stratum_keys(*_split(name)) if k != name and (k == "" or k in strata))
         )

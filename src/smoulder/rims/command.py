@@ -80,6 +80,15 @@ def train_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--bundle-version", help="version of the written bundle (--write)")
     p.add_argument(
+        "--rim-share",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        help="--recalibrate: thin each subject's rims to a share of its lesions drawn in "
+        "[LOW, HIGH] first, so the calibration sees the population's prevalence (the "
+        "phantom's training sessions carry more rims)",
+    )
+    p.add_argument(
         "--probable",
         choices=["exclude", "rim", "no_rim"],
         default="exclude",
@@ -173,14 +182,20 @@ def _recalibrate(args: argparse.Namespace, device: str) -> int:
     if args.init is None:
         raise ConfigError("--recalibrate: expected --init BUNDLE (the model), found none")
     init = load_bundle(args.init, device)
+    data = rt.load_shards(args.shards)
+    if args.rim_share:
+        data = rt.thin_rims(data, tuple(args.rim_share), seed=args.seed)
+        print(f"rims thinned to {tuple(args.rim_share)} per subject: {len(data)} patches, "
+              f"{int(data.labels.sum())} rims")  # fmt: skip
     result = rt.recalibrate(
         init,
-        rt.load_shards(args.shards),
+        data,
         folds=args.folds,
         seed=args.seed,
         device=device,
         threads=args.threads,
     )
+    result["report"]["data"]["rim_share"] = list(args.rim_share) if args.rim_share else None
     save_json(result["report"], args.run / "recalibration.json")
     if not args.write:
         print("nothing written (add --write to save the recalibrated bundle)")

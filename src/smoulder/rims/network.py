@@ -214,6 +214,10 @@ def _model_card(
         json.dumps(training, indent=1, default=str),
         "```",
     ]
+    for key, title in (("recalibrated", "Recalibration"), ("fine_tuned", "Fine-tuning")):
+        if key in meta:
+            text = json.dumps(meta[key], indent=1, default=str)
+            lines += ["", f"## {title}", "", "```json", text, "```"]
     return "\n".join(lines) + "\n"
 
 

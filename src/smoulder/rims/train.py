@@ -51,6 +51,7 @@ import numpy as np
 
 from smoulder.errors import ConfigError, InputError
 from smoulder.rims.calibration import (
+    MIN_STRATUM_LESIONS,
     Calibration,
     StratifiedCalibration,
     auc_confidence_interval,
@@ -1142,12 +1143,48 @@ def _stratum_figures(
     return out
 
 
+def thin_rims(data: PatchSet, share: tuple[float, float], seed: int = 0) -> PatchSet:
+    """Return ``data`` with each subject's rim lesions thinned to a share of its lesions drawn
+    uniformly in ``share`` (all patches of a lesion kept or dropped together).
+
+    Training sessions carry many rims (the network learns from them); a calibration must see
+    rims as often as the population it will serve, or its probabilities carry the training
+    prevalence. A subject keeps ``round(s / (1 - s) * non-rims)`` of its rims (at most all).
+
+    Examples:
+        >>> n, same = 40, lambda v: np.array([v] * 40)
+        >>> labels = (np.arange(n) < 20).astype(np.uint8)
+        >>> patches = np.zeros((n, 4, 24, 24, 24), np.float16)
+        >>> d = PatchSet(patches, labels, same("qsm"), np.arange(n), same("a"), same("1"))
+        >>> int(thin_rims(d, (0.2, 0.2)).labels.sum())   # 0.2 / 0.8 * 20 non-rims
+        5
+    """
+    lo, hi = share
+    if not 0 <= lo <= hi < 1:
+        raise ConfigError(f"rim share: expected 0 <= low <= high < 1, found {share}")
+    keep = np.ones(len(data), bool)
+    for k, subject in enumerate(sorted(set(data.subject.tolist()))):
+        rng = np.random.default_rng([seed, k])
+        of = data.subject == subject
+        triples = zip(data.session[of], data.lesion_id[of], data.labels[of], strict=True)
+        lesions = {(str(t), int(i)): int(y) for t, i, y in triples}
+        rims = sorted(key for key, y in lesions.items() if y)
+        s = rng.uniform(lo, hi)
+        n = min(len(rims), round(s / (1 - s) * (len(lesions) - len(rims))))
+        dropped = {rims[i] for i in rng.permutation(len(rims))[n:]}
+        for j in np.flatnonzero(of):
+            if (str(data.session[j]), int(data.lesion_id[j])) in dropped:
+                keep[j] = False
+    return data.subset(keep)
+
+
 def recalibrate(
     init_bundle: RimBundle,
     data: PatchSet,
     *,
     folds: int = 5,
     seed: int = 0,
+    min_stratum_lesions: int = MIN_STRATUM_LESIONS,
     device: str = "cpu",
     threads: int | None = None,
     say: Callable[[str], None] = print,
@@ -1164,6 +1201,8 @@ def recalibrate(
         init_bundle: the bundle to recalibrate (its network scores ``data``).
         data: labelled patches (phantom shards), with the rule-based measures when the bundle
             fuses them, and each patch's field (``b0_tesla``) for the field strata.
+        min_stratum_lesions: fewest lesions of a stratum with a map of its own (more than
+            ``data`` holds: one pooled map).
 
     Returns:
         ``{"calibration": StratifiedCalibration, "operating_points", "report"}``; the report
@@ -1197,11 +1236,14 @@ def recalibrate(
     for k in np.unique(fold):
         test = fold == k
         cal, _ = fit_stratified_calibration(
-            logits[~test], labels[~test], kinds[~test], fields[~test], seed=seed
-        )
+            logits[~test], labels[~test], kinds[~test], fields[~test], seed=seed,
+            min_lesions=min_stratum_lesions,
+        )  # fmt: skip
         oof[test] = cal(logits[test], kinds[test], fields[test])
     before = init_bundle.calibration(logits, kinds, fields)
-    calibration, fitted = fit_stratified_calibration(logits, labels, kinds, fields, seed=seed)
+    calibration, fitted = fit_stratified_calibration(
+        logits, labels, kinds, fields, seed=seed, min_lesions=min_stratum_lesions
+    )
     prob = calibration(logits, kinds, fields)
     points = operating_points(prob, labels)
     report = {
@@ -1244,7 +1286,7 @@ def write_recalibrated(
         **{k: v for k, v in init_bundle.metadata.items() if k not in ("network_def",)},
         "version": version or f"{init_bundle.version}+recalibrated",
         "recalibrated": {
-            "from": str(init_bundle.path),
+            "from": init_bundle.path.name,
             "from_version": init_bundle.version,
             **result["report"],
         },
