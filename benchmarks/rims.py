@@ -45,8 +45,9 @@ Measured
 --------
 Per lesion: ``roc_auc`` (with its DeLong 95 % interval ``roc_auc_low``, ``roc_auc_high``),
 ``pr_auc`` (average precision), ``ece`` (10 equal-width bins; ``ece_low``, ``ece_high``: the
-2.5th and 97.5th percentiles of 1 000 bootstrap resamples of the lesions, seeded: on ~200
-lesions the ECE's own sampling spread is several hundredths), ``sensitivity_<point>`` and
+2.5th and 97.5th percentiles of 1 000 bootstrap resamples of the lesions, seeded: on a few
+hundred lesions the ECE's own sampling spread is several hundredths; a resample's ECE is biased
+upwards, so the interval can lie above the measured value), ``sensitivity_<point>`` and
 ``specificity_<point>`` at ``balanced``, ``high_specificity``, ``high_sensitivity`` (plain
 ``sensitivity``, ``specificity``: balanced; the rule-based detector: its call), from
 :mod:`smoulder.rims.calibration`. Per subject: ``count_icc`` — ICC(2,1) (two-way random effects,
