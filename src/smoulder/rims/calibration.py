@@ -577,6 +577,11 @@ def operating_points(prob: ArrayLike, labels: ArrayLike) -> dict[str, float]:
 #: 0.01-0.04 of ROC- and PR-AUC.
 RANK_PRESERVING = ("temperature", "platt")
 
+#: Each lesion's input kind, or one for all (``None``: unknown).
+Kinds = Sequence[str | None] | np.ndarray | str | None
+#: Each lesion's field strength in tesla, or one for all (``None`` or NaN: unknown).
+Fields = Sequence[float | None] | np.ndarray | float | None
+
 #: Fewest lesions (and rims, and non-rims) a stratum needs for a calibration of its own.
 MIN_STRATUM_LESIONS = 120
 MIN_STRATUM_CLASS = 20
@@ -639,8 +644,8 @@ class StratifiedCalibration:
     def __call__(
         self,
         logits: ArrayLike,
-        input_kind: Sequence[str | None] | str | None = None,
-        b0_tesla: Sequence[float | None] | float | None = None,
+        input_kind: Kinds = None,
+        b0_tesla: Fields = None,
     ) -> np.ndarray:
         """Return the calibrated probabilities of ``logits``, each by its stratum.
 
@@ -681,8 +686,8 @@ class StratifiedCalibration:
 def fit_stratified_calibration(
     logits: ArrayLike,
     labels: ArrayLike,
-    input_kind: Sequence[str],
-    b0_tesla: Sequence[float | None] | None = None,
+    input_kind: Kinds,
+    b0_tesla: Fields = None,
     *,
     min_lesions: int = MIN_STRATUM_LESIONS,
     min_class: int = MIN_STRATUM_CLASS,
@@ -702,7 +707,7 @@ def fit_stratified_calibration(
         its own map and of the fallback, and whether it was kept.
     """
     z, y = _pair(logits, labels)
-    kinds, fields = _per_lesion(z.size, list(input_kind), b0_tesla)
+    kinds, fields = _per_lesion(z.size, input_kind, b0_tesla)
     pooled, pooled_ece = fit_calibration(z, y, seed=seed, methods=RANK_PRESERVING)
     report: dict[str, dict[str, Any]] = {
         "": {
@@ -743,18 +748,16 @@ def fit_stratified_calibration(
 
 
 def _per_lesion(
-    n: int,
-    input_kind: Sequence[str | None] | str | None,
-    b0_tesla: Sequence[float | None] | float | None,
+    n: int, input_kind: Kinds, b0_tesla: Fields
 ) -> tuple[list[str | None], list[float | None]]:
     """Return one input kind and one field (``None``: unknown) per lesion of ``n``."""
-    kinds = (
+    kinds: list[Any] = (
         list(input_kind) if isinstance(input_kind, (list, tuple, np.ndarray)) else [input_kind] * n
     )
-    if isinstance(b0_tesla, (list, tuple, np.ndarray)):
-        fields = [None if f is None or not np.isfinite(f) else float(f) for f in b0_tesla]
-    else:
-        fields = [b0_tesla] * n
+    values: list[Any] = (
+        list(b0_tesla) if isinstance(b0_tesla, (list, tuple, np.ndarray)) else [b0_tesla] * n
+    )
+    fields = [None if f is None or not np.isfinite(f) else float(f) for f in values]
     if len(kinds) != n or len(fields) != n:
         raise ValueError(f"{n} logits but {len(kinds)} input kinds and {len(fields)} fields")
     return [None if k is None else str(k) for k in kinds], fields

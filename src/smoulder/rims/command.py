@@ -185,8 +185,8 @@ def _recalibrate(args: argparse.Namespace, device: str) -> int:
     data = rt.load_shards(args.shards)
     if args.rim_share:
         data = rt.thin_rims(data, tuple(args.rim_share), seed=args.seed)
-        print(f"rims thinned to {tuple(args.rim_share)} per subject: {len(data)} patches, "
-              f"{int(data.labels.sum())} rims")  # fmt: skip
+        share = tuple(args.rim_share)
+        print(f"rims thinned to {share} per subject: {len(data)} patches, {data.labels.sum()} rims")
     result = rt.recalibrate(
         init,
         data,

@@ -374,7 +374,7 @@ def predict(
     *,
     features: np.ndarray | None = None,
     input_kind: str | None = None,
-    b0_tesla: float | Sequence[float] | None = None,
+    b0_tesla: float | Sequence[float | None] | None = None,
 ) -> np.ndarray:
     """Return the calibrated rim probability of each patch (N,) under ``bundle``.
 

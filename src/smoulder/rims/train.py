@@ -52,7 +52,8 @@ import numpy as np
 from smoulder.errors import ConfigError, InputError
 from smoulder.rims.calibration import (
     MIN_STRATUM_LESIONS,
-    Calibration,
+    Fields,
+    Kinds,
     StratifiedCalibration,
     auc_confidence_interval,
     auc_difference_interval,
@@ -489,32 +490,28 @@ def _scores(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
 def evaluate(
     logits: np.ndarray,
     labels: np.ndarray,
-    calibration: Calibration | StratifiedCalibration,
+    calibration: StratifiedCalibration,
     points: Mapping[str, float],
     *,
-    input_kind: Sequence[str] | None = None,
-    b0_tesla: Sequence[float] | None = None,
+    input_kind: Kinds = None,
+    b0_tesla: Fields = None,
 ) -> dict[str, Any]:
     """Return the figures of a model card on one split: AUCs, ECE, operating points.
 
     Args:
         logits: the network's mean logits on the split's lesions.
         labels: 1 for a rim, 0 otherwise.
-        calibration: the map to judge (a stratified one reads each lesion's input kind and
-            field; the AUCs then rank the calibrated probabilities, which differ from the
-            logits' order across strata).
+        calibration: the maps to judge (each lesion's by its input kind and field; with
+            strata, the AUCs rank the calibrated probabilities, whose order across strata
+            differs from the logits').
         points: the operating points' thresholds.
         input_kind, b0_tesla: each lesion's acquisition (for a stratified calibration).
     """
-    stratified = isinstance(calibration, StratifiedCalibration) and bool(calibration.strata)
-    if isinstance(calibration, StratifiedCalibration):
-        prob = calibration(logits, input_kind, b0_tesla)
-    else:
-        prob = calibration(logits)
+    prob = calibration(logits, input_kind, b0_tesla)
     out: dict[str, Any] = {
         "lesions": int(labels.size),
         "rims": int(labels.sum()),
-        **_scores(prob if stratified else logits, labels),
+        **_scores(prob if calibration.strata else logits, labels),
         "ece_uncalibrated": expected_calibration_error(sigmoid(logits), labels),
         "ece": expected_calibration_error(prob, labels),
     }
@@ -1225,6 +1222,7 @@ def recalibrate(
     with torch_threads(threads):
         logits = predict_logits(init_bundle.network, data.patches, device, tta=True)
     if init_bundle.fusion is not None:
+        assert data.features is not None  # checked above
         logits = init_bundle.fusion(logits, data.features)
     labels, kinds, fields = data.labels.astype(bool), data.input_kind, data.fields()
     strata = [
@@ -1236,9 +1234,13 @@ def recalibrate(
     for k in np.unique(fold):
         test = fold == k
         cal, _ = fit_stratified_calibration(
-            logits[~test], labels[~test], kinds[~test], fields[~test], seed=seed,
+            logits[~test],
+            labels[~test],
+            kinds[~test],
+            fields[~test],
+            seed=seed,
             min_lesions=min_stratum_lesions,
-        )  # fmt: skip
+        )
         oof[test] = cal(logits[test], kinds[test], fields[test])
     before = init_bundle.calibration(logits, kinds, fields)
     calibration, fitted = fit_stratified_calibration(
@@ -1246,7 +1248,7 @@ def recalibrate(
     )
     prob = calibration(logits, kinds, fields)
     points = operating_points(prob, labels)
-    report = {
+    report: dict[str, Any] = {
         "data": {
             "patches": int(labels.size),
             "rims": int(labels.sum()),
@@ -1282,8 +1284,17 @@ def write_recalibrated(
     """Write ``init_bundle`` with the calibration and operating points of :func:`recalibrate`
     to ``out`` (a new folder; never the starting bundle nor the package's models)."""
     out = _new_bundle_folder(out, init_bundle)
+    # what _metadata writes anew is left out; the rest (training record, changelog) is kept
+    written = {
+        "network_def",
+        "monai_version",
+        "pytorch_version",
+        "name",
+        "task",
+        "network_data_format",
+    }
     meta = {
-        **{k: v for k, v in init_bundle.metadata.items() if k not in ("network_def",)},
+        **{k: v for k, v in init_bundle.metadata.items() if k not in written},
         "version": version or f"{init_bundle.version}+recalibrated",
         "recalibrated": {
             "from": init_bundle.path.name,
@@ -1291,8 +1302,6 @@ def write_recalibrated(
             **result["report"],
         },
     }
-    for key in ("monai_version", "pytorch_version", "name", "task", "network_data_format"):
-        meta.pop(key, None)
     say(f"writing the recalibrated bundle to {out}")
     return save_bundle(
         out,
