@@ -31,7 +31,8 @@ Sets (cases)
 
 Methods
 -------
-``smoulder-longitudinal`` — ``smoulder.longitudinal.space.subject_space`` (greedy, CPU) and
+``smoulder-longitudinal`` — ``smoulder.longitudinal.space.subject_space`` (greedy, CPU; its
+    grid restricted to the first session's brain mask and a margin, as in the pipeline) and
     ``smoulder.longitudinal.activity.lesion_activity`` with default ``ActivitySettings``, in a
     child process per subject. New and enlarging lesions: the rows' fates; SEL: ``sel_call``;
     rate: the rows' volume ``rate`` (partial volume, per interval) compounded from the first
@@ -502,6 +503,7 @@ def smoulder_calls(subject: dict, device: str, threads: int) -> dict:
             device=dev,
             seed=0,
             threads=threads,
+            region=sessions[0].brain,
         )
         activity = lesion_activity(space, sessions, years=years, settings=ActivitySettings())
         wall = time.perf_counter() - start

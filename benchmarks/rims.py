@@ -17,8 +17,12 @@ needs), and an acquisition drawn as
 ``draw_acquisition`` draws it (echoes, echo times, SNR), conditioned on the set's field:
 
 ``3T-1mm`` — 3 T, 1 mm (seeds 10 000 + k); lesions: the truth masks; input: the QSM.
-``7T-like`` — 7 T, 0.8 mm (seeds 11 000 + k), the phantom's finest practical grid here: the
-    issue's 0.5 mm is not simulated yet. Truth masks, QSM.
+``7T-like`` — 7 T, 0.8 mm, the whole head (seeds 11 000 + k). Truth masks, QSM.
+``7T-0.5mm-slab`` — 7 T, 0.5 mm GRE voxels in an oblique slab 64 mm thick, tilted 5–25° either
+    way about the left-right axis (seeds 13 000 + k), as 7 T PRL studies acquire it; the
+    phantom's anatomy on its 0.8 mm grid (a whole brain at 0.5 mm costs ~8 times as much to
+    simulate). Lesions outside the slab are not assessed (the pipeline's rule); those it cuts
+    are scored. Truth masks, QSM.
 ``phase-only`` — field and voxel as drawn (seeds 12 000 + k); the homodyne-filtered phase of the
     last echo instead of the QSM, for both methods. Truth masks.
 ``end-to-end`` — the ``3T-1mm`` sessions, the lesions found by smoulder's own segmentation
@@ -85,7 +89,7 @@ from benchenv import Skipped, cuda_or_skip, fmt
 if TYPE_CHECKING:
     from smoulder.rims.simulate import Acquisition, PhantomSession
 
-SETS = ("3T-1mm", "7T-like", "phase-only", "end-to-end")
+SETS = ("3T-1mm", "7T-like", "7T-0.5mm-slab", "phase-only", "end-to-end")
 METHODS = ("smoulder-prl", "smoulder-rules")
 CLASSIFIER, RULES = METHODS
 POINTS = ("balanced", "high_specificity", "high_sensitivity")
@@ -161,11 +165,14 @@ class SetSpec:
     res_mm: float | None  # None: as drawn
     input_kind: str  # "qsm" or "phase"
     segmented: bool = False  # lesions from smoulder's segmentation, not the truth
+    gre_voxel_mm: float | None = None  # None: the phantom grid's
+    slab_mm: float | None = None  # an oblique slab of this thickness (tilt drawn per seed)
 
 
 SPECS = {
     "3T-1mm": SetSpec(0, 3.0, 1.0, "qsm"),
     "7T-like": SetSpec(1000, 7.0, 0.8, "qsm"),
+    "7T-0.5mm-slab": SetSpec(3000, 7.0, 0.8, "qsm", gre_voxel_mm=0.5, slab_mm=64.0),
     "phase-only": SetSpec(2000, None, None, "phase"),
     "end-to-end": SetSpec(0, 3.0, 1.0, "qsm", segmented=True),
 }
@@ -296,7 +303,8 @@ def score(method: str, result: dict) -> dict:
 
 def held_out_acquisition(seed: int, spec: SetSpec, quick: bool) -> Acquisition:
     """Return the acquisition of the session of ``seed``: drawn as in training, redrawn from
-    the same stream until its field is the set's, then the set's voxel (2 mm in quick)."""
+    the same stream until its field is the set's, then the set's voxel (2 mm in quick) and,
+    for a slab set, its GRE voxel (none in quick), slab and a tilt of 5–25° either way."""
     from smoulder.rims.simulate import draw_acquisition
 
     rng = np.random.default_rng([seed, 1])
@@ -304,7 +312,14 @@ def held_out_acquisition(seed: int, spec: SetSpec, quick: bool) -> Acquisition:
     while spec.b0_tesla is not None and acq.b0_tesla != spec.b0_tesla:
         acq = draw_acquisition(rng)
     res_mm = QUICK_RES_MM if quick else spec.res_mm
-    return acq if res_mm is None else replace(acq, resolution_mm=res_mm)
+    if res_mm is not None:
+        acq = replace(acq, resolution_mm=res_mm)
+    if spec.slab_mm is not None:
+        turn = np.random.default_rng([seed, 3])
+        tilt = float(turn.uniform(5.0, 25.0) * turn.choice([-1.0, 1.0]))
+        gre = None if quick else spec.gre_voxel_mm
+        acq = replace(acq, gre_voxel_mm=gre, tilt_deg=round(tilt, 1), slab_mm=spec.slab_mm)
+    return acq
 
 
 def held_out_prl_share(seed: int) -> float:
@@ -326,7 +341,12 @@ def session_folder(cache: Path, seed: int, spec: SetSpec, quick: bool) -> Path:
     acq = held_out_acquisition(seed, spec, quick)
     share = held_out_prl_share(seed)
     version = benchenv.source_fingerprint(*SESSION_MODULES)
-    name = f"seed-{seed}-{acq.b0_tesla:g}T-{acq.resolution_mm:g}mm-prl{share:.3f}-{version}"
+    geometry = ""
+    if acq.slab_mm is not None:
+        gre = acq.gre_voxel_mm or acq.resolution_mm
+        geometry = f"-gre{gre:g}mm-slab{acq.slab_mm:g}-tilt{acq.tilt_deg:g}"
+    grid = f"{acq.b0_tesla:g}T-{acq.resolution_mm:g}mm{geometry}"
+    name = f"seed-{seed}-{grid}-prl{share:.3f}-{version}"
     folder = cache / name
     if not (folder / "session.npz").is_file():
         shutil.rmtree(folder, ignore_errors=True)
@@ -628,7 +648,7 @@ def make_record(method: str, name: str, result: dict, args: argparse.Namespace, 
     spec = SPECS[name]
     rec: dict = {key: None for key in RECORD_KEYS}
     rec.update(method=method, case=name, status="ok", note="", input=spec.input_kind)
-    rec["res_mm"] = QUICK_RES_MM if args.quick else spec.res_mm
+    rec["res_mm"] = QUICK_RES_MM if args.quick else spec.gre_voxel_mm or spec.res_mm
     for key, value in result.items():
         if key in rec:
             rec[key] = None if isinstance(value, float) and math.isnan(value) else value
@@ -739,8 +759,9 @@ DESCRIPTION = (
     "the training lesion mix (complete and partial rims, veins beside lesions, central veins, "
     "iso-rims) with the share of complete rims drawn per subject (0–50 %) and acquisitions "
     "drawn as in training (1–5 echoes, SNR 15–50), conditioned on "
-    "the set's field. `3T-1mm`: 3 T, 1 mm, QSM. `7T-like`: 7 T at 0.8 mm, QSM — the phantom's "
-    "finest practical grid here; the issue's 0.5 mm set is not simulated yet. `phase-only`: "
+    "the set's field. `3T-1mm`: 3 T, 1 mm, QSM. `7T-like`: 7 T at 0.8 mm, QSM, the whole head. "
+    "`7T-0.5mm-slab`: 7 T, 0.5 mm GRE voxels in a 64-mm oblique slab tilted 5–25° (anatomy "
+    "on the phantom's 0.8 mm grid), QSM; lesions outside the slab not assessed. `phase-only`: "
     "field and voxel as drawn, the homodyne-filtered phase instead of the QSM. `end-to-end`: "
     "the `3T-1mm` sessions with the lesions of smoulder's own segmentation (FLAIR + T1w), each "
     "labelled by the truth lesion it overlaps most (none: a non-rim); missed truth lesions "

@@ -175,6 +175,11 @@ class CoRegister(SimpleInterface):
 class _HalfwayInputSpec(_RegistrationInputSpec):
     in_a = File(exists=True, mandatory=True, desc="earlier session's reference image (A)")
     in_b = File(exists=True, mandatory=True, desc="later session's reference image (B)")
+    region_a = File(
+        exists=True,
+        desc="A's brain mask: the halfway grid covers its box and a margin (deformable part "
+        "estimated there, identity outside); unset: the whole field of view",
+    )
     transform = traits.Enum(
         "deformable", "affine", "rigid", usedefault=True, desc="transform model"
     )
@@ -215,20 +220,23 @@ class HalfwayRegister(SimpleInterface):
     output_spec = _HalfwayOutputSpec
 
     def _run_interface(self, runtime: Any) -> Any:
-        from smoulder.longitudinal.space import SubjectSpace
-        from smoulder.registration.engines import halfway
+        from smoulder.images import load_image
+        from smoulder.longitudinal.space import SubjectSpace, region_on
+        from smoulder.registration.engines import default_settings, halfway, resolve_engine
 
         (a, b), coarse = _load_coarse(
             [self.inputs.in_a, self.inputs.in_b], self.inputs.resolution_mm
         )
-        from smoulder.registration.engines import default_settings, resolve_engine
-
         engine = resolve_engine(self.inputs.engine, self.inputs.device)[0]
         settings = default_settings(engine, coarse[0], finest=True) if self.inputs.finest else None
+        region = None
+        if isdefined(self.inputs.region_a):
+            region = region_on(load_image(self.inputs.region_a), coarse[0])
         result = halfway(
             *coarse,
             transform=self.inputs.transform,
             settings=settings,
+            region_a=region,
             **_engine_options(self.inputs),
         )
         cwd = Path(runtime.cwd)
@@ -294,6 +302,11 @@ class _TemplateInputSpec(_RegistrationInputSpec):
     finest = traits.Bool(
         True, usedefault=True, desc="optimise at the full resolution too (lesion growth)"
     )
+    region = File(
+        exists=True,
+        desc="the first session's brain mask: the template grid covers its box and a margin; "
+        "unset: the whole field of view",
+    )
 
 
 class _TemplateOutputSpec(TraitedSpec):
@@ -312,10 +325,14 @@ class SubjectTemplate(SimpleInterface):
         from smoulder.longitudinal.space import subject_space
 
         _, coarse = _load_coarse(list(self.inputs.in_files), self.inputs.resolution_mm)
+        from smoulder.images import load_image
+
+        region = load_image(self.inputs.region) if isdefined(self.inputs.region) else None
         space = subject_space(
             dict(zip(self.inputs.labels, coarse, strict=True)),
             transform=self.inputs.transform,
             finest=self.inputs.finest,
+            region=region,
             **_engine_options(self.inputs),
         )
         self._results.update(_space_outputs(space, space.save(Path(runtime.cwd) / "space")))

@@ -134,8 +134,11 @@ def init_subject_wf(
         IdentityInterface(fields=[f"{o}_{s}" for s in ordered for o in SESSION_OUTPUTS]),
         name="inputnode",
     )
+    # with segmentation, the within-subject grids cover the first session's brain and a
+    # margin, not the neck and the air around the head
+    segmented = activity is not None or atrophy is not None
     halfways = {
-        (a, b): _add_pair(wf, inputnode, context, registration, subject, a, b)
+        (a, b): _add_pair(wf, inputnode, context, registration, subject, a, b, segmented)
         for a, b in session_pairs(sessions, mode=registration.pairs)
     }
     with_activity = activity is not None and activity.enabled
@@ -147,7 +150,8 @@ def init_subject_wf(
     if len(ordered) == 2:
         space, field = halfways[ordered[0], ordered[1]], "space_files"
     else:
-        space, field = _add_template(wf, inputnode, context, registration, ordered), "space_files"
+        template = _add_template(wf, inputnode, context, registration, ordered, segmented)
+        space, field = template, "space_files"
     if with_activity:
         assert activity is not None
         _add_activity(wf, inputnode, (space, field), context, subject, ordered, activity, with_t1)
@@ -164,9 +168,11 @@ def _add_pair(
     subject: str,
     a: str,
     b: str,
+    segmented: bool = False,
 ) -> pe.Node:
     """Return the halfway registration of sessions ``a`` and ``b`` (earlier, later), after
-    adding it, its Jacobian maps (on ``a``'s grid) and their sinks."""
+    adding it, its Jacobian maps (on ``a``'s grid) and their sinks; ``segmented``: its grid
+    covers ``a``'s brain mask and a margin."""
     pair = f"{a}_{b}"
     halfway = pe.Node(
         HalfwayRegister(
@@ -188,6 +194,8 @@ def _add_pair(
         (inputnode, jacobian, [(f"reference_{a}", "reference")]),
         (halfway, jacobian, [("xfm_a_to_b", "in_xfm")]),
     ])  # fmt: skip
+    if segmented:
+        wf.connect(inputnode, f"brain_mask_{a}", halfway, "region_a")
     references = {s: context.reference_file(subject, s) for s in (a, b)}
     later = {"sub": subject, "ses": b}
     # each direction is published on the grid of the session it resamples onto
@@ -215,8 +223,10 @@ def _add_template(
     context: WorkflowContext,
     settings: LongitudinalRegistration,
     sessions: Sequence[str],
+    segmented: bool = False,
 ) -> pe.Node:
-    """Return the within-subject template node of three or more sessions (time order)."""
+    """Return the within-subject template node of three or more sessions (time order);
+    ``segmented``: its grid covers the first session's brain mask and a margin."""
     template = pe.Node(
         SubjectTemplate(
             labels=list(sessions),
@@ -233,6 +243,8 @@ def _add_template(
     for k, s in enumerate(sessions, start=1):
         wf.connect(inputnode, f"reference_{s}", refs, f"in{k}")
     wf.connect(refs, "out", template, "in_files")
+    if segmented:
+        wf.connect(inputnode, f"brain_mask_{sessions[0]}", template, "region")
     return template
 
 

@@ -57,3 +57,20 @@ def test_map_instances_keeps_labels_through_a_shift() -> None:
     mapped = map_instances(nib.Nifti1Image(later, affine), reference, AffineTransform(shift))
     assert mapped[2, 2, 2] == 5 and mapped[3, 2, 2] == 9
     assert set(np.unique(mapped)) == {0, 5, 9}
+
+
+def test_slow_concentric_growth_is_concentric_and_a_shift_is_not() -> None:
+    """The edge band holds a lesion's growing rim and the tissue it pushes aside: sectors
+    whose mean expansion is positive but below the growth threshold still count as
+    expanding, while a shift (one side expanding, the other contracting) stays near half."""
+    from smoulder.longitudinal.sel import SELSettings, measure
+
+    z, y, x = np.mgrid[:25, :25, :25] - 12
+    r = np.sqrt(x**2 + y**2 + z**2)
+    lesion = r <= 5
+    slow = np.where(lesion, 6.0, np.where(r <= 7, -2.0, 0.0)).astype(np.float32)
+    grows = measure(slow, lesion, 1.0, SELSettings())
+    assert grows.concentricity >= SELSettings().min_concentricity
+    shift = np.where(r <= 7, 10.0 * x / 5.0, 0.0).astype(np.float32)
+    moves = measure(shift, lesion, 1.0, SELSettings())
+    assert moves.concentricity < SELSettings().min_concentricity

@@ -180,6 +180,8 @@ PHANTOM_OPTIONS: tuple[tuple[str, type, str], ...] = (
     ("--seed", int, "random seed (default 0): same seed, same dataset"),
     ("--flair-slice-mm", float, "FLAIR slice thickness (default: MM)"),
     ("--gre-voxel-mm", float, "isotropic GRE voxel (default: MM)"),
+    ("--gre-tilt-deg", float, "GRE slab tilted about left-right, degrees (default 0)"),
+    ("--gre-slab-mm", float, "GRE slab thickness, mm (default: the whole head)"),
     ("--lesions", int, "baseline lesions per subject (default 12)"),
     ("--new-lesions-per-session", int, "new lesions per follow-up"),
     ("--pbvc-per-year", float, "whole-brain volume change, %%/year"),

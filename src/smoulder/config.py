@@ -333,6 +333,8 @@ class PhantomSettings:
     resolution_mm: float
     flair_slice_mm: float | None
     gre_voxel_mm: float | None
+    gre_tilt_deg: float
+    gre_slab_mm: float | None
     echo_times_ms: tuple[float, ...]
     lesions: int
     new_lesions_per_session: int

@@ -126,6 +126,7 @@ def subject_space(
     threads: int | None = None,
     settings: DeformableSettings | None = None,
     finest: bool = True,
+    region: nib.Nifti1Image | None = None,
 ) -> SubjectSpace:
     """Return the within-subject space of a subject's session references (time order).
 
@@ -137,10 +138,14 @@ def subject_space(
         settings: the deformable optimisation (default: the engine's on the grid, with its
             full-resolution level when ``finest``: lesion growth is sub-millimetre).
         finest: see ``settings``.
+        region: the first session's brain mask (any grid in its space): the space's grid
+            covers the brain and a margin (:func:`smoulder.registration.engines.halfway_grid`)
+            instead of the whole field of view; None: the whole field of view.
     """
     from smoulder.registration.engines import default_settings, halfway, resolve_engine
 
     refs = matched_resolution(_labelled(references))
+    first_region = None if region is None else region_on(region, next(iter(refs.values())))
     if settings is None and finest:
         first = next(iter(refs.values()))
         settings = default_settings(resolve_engine(engine, device)[0], first, finest=True)
@@ -158,6 +163,7 @@ def subject_space(
             seed=seed,
             threads=threads,
             settings=settings,
+            region_a=first_region,
         )
         return SubjectSpace(
             result.reference, {labels[0]: result.to_a, labels[1]: result.to_b}, "halfway"
@@ -170,7 +176,19 @@ def subject_space(
         seed=seed,
         threads=threads,
         settings=settings,
+        region=first_region,
     )
+
+
+def region_on(region: nib.Nifti1Image, reference: nib.Nifti1Image) -> np.ndarray:
+    """Return ``region`` (a mask in ``reference``'s space) as a boolean array on its grid."""
+    from smoulder.grids import resample_to_grid
+
+    data = np.asarray(region.dataobj, np.float32)
+    if data.shape[:3] == reference.shape[:3] and np.allclose(region.affine, reference.affine):
+        return data > 0.5
+    on = resample_to_grid(data, region.affine, reference.shape[:3], reference.affine)
+    return np.asarray(on) > 0.5
 
 
 def subject_template(
@@ -183,8 +201,11 @@ def subject_template(
     threads: int | None = None,
     passes: int = TEMPLATE_PASSES,
     settings: DeformableSettings | None = None,
+    region: np.ndarray | None = None,
 ) -> SubjectSpace:
-    """Return the unbiased within-subject template of three or more sessions (module doc)."""
+    """Return the unbiased within-subject template of three or more sessions (module doc);
+    ``region``: a boolean array on the first session's grid the template's grid is restricted
+    to (:func:`smoulder.registration.engines.halfway_grid`)."""
     from smoulder.registration.engines import halfway_grid, register, velocity
     from smoulder.registration.torch_engine import svf_displacement
 
@@ -205,7 +226,7 @@ def subject_template(
         )
         maps[label] = _chain_matrix(reg.forward, first)
     centre = np.real(scipy.linalg.expm(np.mean([_logm(m) for m in maps.values()], axis=0)))
-    grid = halfway_grid(first, centre)  # centre: first-session points -> template points
+    grid = halfway_grid(first, centre, region=region)  # centre: first points -> template points
     to_first = np.linalg.inv(centre)
     rigid = {label: AffineTransform(maps[label] @ to_first) for label in labels}
     if transform != "deformable":

@@ -312,6 +312,34 @@ class _Scanner:
         new_aff[:3, 3] = aff[:3, 3] - np.array(sp) / 2 + np.array(voxel) / 2
         return new_aff, new_shape
 
+    def gre_grid(self, voxel: tuple[float, float, float]) -> tuple[np.ndarray, tuple[int, ...]]:
+        """Return ``(affine, shape)`` of the GRE's grid: :meth:`grid`'s, or an oblique slab.
+
+        With ``gre_tilt_deg`` the grid turns about the left-right axis through the field of
+        view's centre (B0 stays along the scanner's z, so in the slab's voxel axes it is
+        oblique); with ``gre_slab_mm`` it keeps that many millimetres across its slices,
+        centred there. In-plane it keeps the field of view's extent.
+        """
+        aff, shape = self.grid(voxel)
+        tilt, slab = self.config.gre_tilt_deg, self.config.gre_slab_mm
+        if not tilt and slab is None:
+            return aff, shape
+        centre = aff @ np.array([*((np.array(shape) - 1) / 2), 1.0])
+        n_slices = shape[2] if slab is None else max(int(round(slab / voxel[2])), 1)
+        new_shape = (shape[0], shape[1], n_slices)
+        angle = np.deg2rad(tilt)
+        turn = np.array(
+            [
+                [1.0, 0.0, 0.0],
+                [0.0, np.cos(angle), -np.sin(angle)],
+                [0.0, np.sin(angle), np.cos(angle)],
+            ]
+        )
+        new_aff = np.eye(4)
+        new_aff[:3, :3] = turn @ aff[:3, :3]
+        new_aff[:3, 3] = centre[:3] - new_aff[:3, :3] @ ((np.array(new_shape) - 1) / 2)
+        return new_aff, new_shape
+
     def per_class(self, fn: Callable[[physics.Tissue], object]) -> dict[str, object]:
         """Return ``{tissue name: fn(tissue)}`` over the subject's tissues."""
         return {name: fn(t) for name, t in self.tissues.items()}
@@ -474,7 +502,7 @@ def _megre(scan: _Scanner, chi: np.ndarray) -> list[RawImage]:
         signal = (mags[e] * bias) * np.exp(1j * (offset + omega * field_ppm * te)).astype(
             np.complex64
         )
-        g_aff, g_shape = scan.grid(gre_vox)  # type: ignore[arg-type]
+        g_aff, g_shape = scan.gre_grid(gre_vox)  # type: ignore[arg-type]
         signal = physics.add_complex_noise(resample_box(signal, aff, g_aff, g_shape), sigma, rng)
         side = {
             **scan.common,

@@ -77,6 +77,12 @@ class PhantomConfig:
     resolution_mm: float = 1.0
     flair_slice_mm: float | None = None
     gre_voxel_mm: float | None = None
+    #: the GRE as an oblique slab: its grid turned by this angle (degrees) about the left-right
+    #: axis (B0 stays along the scanner's z), as a slab tilted along the AC-PC line is
+    gre_tilt_deg: float = 0.0
+    #: the GRE slab's thickness (mm) across its slices, centred on the field of view; None:
+    #: the whole field of view
+    gre_slab_mm: float | None = None
     echo_times_ms: tuple[float, ...] = (6.0, 12.0, 18.0, 24.0)
     b0_tesla: float = 3.0
     lesions: int = 12
@@ -114,6 +120,8 @@ class PhantomConfig:
             "lesions": self.lesions >= 0,
             "snr": self.snr > 0,
             "flair_inflow": 0.0 <= self.flair_inflow <= 1.0,
+            "gre_tilt_deg": abs(self.gre_tilt_deg) <= 45.0,
+            "gre_slab_mm": self.gre_slab_mm is None or self.gre_slab_mm > 0,
             "min_lesion_ml": 0 < self.min_lesion_ml <= self.max_lesion_ml,
         }
         for name, ok in checks.items():

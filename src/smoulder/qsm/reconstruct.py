@@ -242,19 +242,26 @@ def unwrap_echoes(
 def fft_box(mask: np.ndarray, margin: Sequence[int]) -> tuple[slice, ...]:
     """Return the box of ``mask`` grown by ``margin`` voxels, each edge a fast FFT size.
 
-    The box may reach past the array's end; :func:`crop_pad` fills that part with zeros.
+    The box may reach past the array's end; :func:`crop_pad` fills that part with zeros. It
+    always does where the mask comes within ``margin`` of the end (a slab whose brain fills
+    its first or last slices): the FFTs are periodic, and without those zeros the slab's first
+    and last slices would be each other's neighbours (V-SHARP would not erode them, and the
+    background field of a slab would stay in its local field).
 
     Examples:
         >>> m = np.zeros((300, 300, 300), bool); m[10:99, 10:110, 10:120] = True
         >>> [(s.start, s.stop) for s in fft_box(m, [2, 2, 2])]
         [(8, 104), (8, 116), (8, 128)]
+        >>> m = np.zeros((20, 20, 40), bool); m[5:15, 5:15, :] = True  # a slab filled end to end
+        >>> [(s.start, s.stop) for s in fft_box(m, [4, 4, 4])]
+        [(1, 19), (1, 19), (0, 45)]
     """
     mask = np.asarray(mask, bool)
     box = []
-    for axis, (m, n) in enumerate(zip(margin, mask.shape, strict=True)):
+    for axis, m in enumerate(margin):
         # the mask's extent along this axis, from its projection (no labelled copy of the mask)
         hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        start, stop = max(0, int(hit[0]) - m), min(n, int(hit[-1]) + 1 + m)
+        start, stop = max(0, int(hit[0]) - m), int(hit[-1]) + 1 + m
         box.append(slice(start, start + core.fast_size(stop - start)))
     return tuple(box)
 

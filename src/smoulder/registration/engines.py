@@ -688,6 +688,7 @@ def halfway(
     engine: str = "auto",
     device: str = "auto",
     mask_a: np.ndarray | None = None,
+    region_a: np.ndarray | None = None,
     seed: int = 0,
     threads: int | None = None,
     settings: te.DeformableSettings | None = None,
@@ -699,6 +700,11 @@ def halfway(
     the halfway space, and split as ``exp(±v/2)``. Neither image is privileged, both are
     resampled once onto the halfway grid, and the maps A → B and B → A are inverse by
     construction (up to the numerical accuracy of the exponential).
+
+    ``mask_a`` (on ``a``'s grid) restricts the similarity metric; ``region_a`` (on ``a``'s
+    grid, e.g. its brain mask) restricts the halfway grid to that region's box plus
+    :data:`REGION_MARGIN_MM` (:func:`halfway_grid`): the deformable part is estimated there
+    only, and is the identity outside it.
     """
     engine, dev = resolve_engine(engine, device)
     threads = threads or available_cpus()
@@ -719,7 +725,7 @@ def halfway(
     half = np.real(scipy.linalg.sqrtm(m))
     half[3] = [0, 0, 0, 1]
     h, h_inv = AffineTransform(half), AffineTransform(np.linalg.inv(half))
-    reference = halfway_grid(a, half)
+    reference = halfway_grid(a, half, region=region_a)
     to_a, to_b = TransformChain([h_inv]), TransformChain([h])
     if transform == "deformable":
         # thick-slice inputs: smoothed to the grid's voxel along their finer axes first
@@ -792,23 +798,43 @@ def _fit_affine(chain: TransformChain, image: nib.Nifti1Image) -> np.ndarray:
     return out
 
 
-def halfway_grid(a: nib.Nifti1Image, half: np.ndarray) -> nib.Nifti1Image:
+#: Margin (mm) around a region the halfway grid is restricted to (:func:`halfway_grid`).
+REGION_MARGIN_MM = 12.0
+
+
+def halfway_grid(
+    a: nib.Nifti1Image,
+    half: np.ndarray,
+    *,
+    region: np.ndarray | None = None,
+    margin_mm: float = REGION_MARGIN_MM,
+) -> nib.Nifti1Image:
     """Return an RAS-aligned isotropic grid covering ``a`` moved half way.
 
     Its voxel has ``a``'s volume (the geometric mean of ``a``'s voxel sizes), so the grid has
     about as many voxels as ``a``: a 1-mm image keeps 1 mm, and a thick-slice 0.57 × 0.57 ×
     3.3 mm FLAIR gets 1.03 mm rather than 0.57 mm, which would have 5.8 times the voxels of
-    the image it came from.
+    the image it came from. With ``region`` (a boolean array on ``a``'s grid: its brain), the
+    grid covers only the box of the region grown by ``margin_mm`` (within ``a``'s field of
+    view): the neck and the air around the head are not registered.
 
     Examples:
         >>> a = nib.Nifti1Image(np.zeros((40, 40, 8), np.uint8), np.diag([0.5, 0.5, 4.0, 1]))
         >>> [round(float(z), 3) for z in halfway_grid(a, np.eye(4)).header.get_zooms()]
         [1.0, 1.0, 1.0]
+        >>> brain = np.zeros((40, 40, 8), bool); brain[10:20, 10:20, 2:4] = True
+        >>> halfway_grid(a, np.eye(4), region=brain, margin_mm=1.0).shape
+        (8, 8, 7)
     """
     voxel = _voxel_edge_mm(a)
-    shape = np.array(a.shape[:3]) - 1
+    lo, hi = np.zeros(3), np.array(a.shape[:3], float) - 1
+    if region is not None and np.any(region):
+        inside = np.argwhere(np.asarray(region, bool))
+        grow = margin_mm / np.linalg.norm(a.affine[:3, :3], axis=0)
+        lo = np.maximum(inside.min(axis=0) - grow, lo)
+        hi = np.minimum(inside.max(axis=0) + grow, hi)
     corners = np.array(
-        [[i, j, k] for i in (0, shape[0]) for j in (0, shape[1]) for k in (0, shape[2])], float
+        [[i, j, k] for i in (lo[0], hi[0]) for j in (lo[1], hi[1]) for k in (lo[2], hi[2])], float
     )
     # halfway points of a's corners: H maps A points to the halfway space
     mid = nib.affines.apply_affine(half, nib.affines.apply_affine(a.affine, corners))

@@ -4,7 +4,8 @@ There is no open susceptibility data of MS patients with expert rim labels, so t
 learns from the phantom (:mod:`smoulder.phantom`), whose rims are real susceptibility sources
 seen through the dipole forward model, noise and the QSM reconstruction the pipeline runs.
 Each draw (:func:`draw_acquisition`) is one single-session subject of its own seed with a new
-acquisition: field strength (3 T or 7 T), 1–5 echoes, echo spacing, GRE voxel, SNR; and more
+acquisition: field strength (3 T or 7 T), 1–5 echoes, echo spacing, GRE voxel (1, 0.8 or 0.5
+mm), SNR, and for some an oblique slab (:func:`draw_geometry`); and more
 of the lesions raters find hard than a default phantom has (partial rims, veins beside lesions,
 central veins, iso-rims).
 
@@ -64,12 +65,20 @@ FIRST_HELD_OUT_SEED = 10_000
 
 @dataclass(frozen=True)
 class Acquisition:
-    """One simulated GRE acquisition (and the phantom grid it is simulated on)."""
+    """One simulated GRE acquisition (and the phantom grid it is simulated on).
+
+    ``gre_voxel_mm`` (None: the phantom grid's), ``tilt_deg`` and ``slab_mm`` (None: the whole
+    field of view) make the GRE an oblique slab of its own voxel
+    (:meth:`smoulder.phantom.dataset._Scanner.gre_grid`).
+    """
 
     b0_tesla: float
     echo_times_ms: tuple[float, ...]
     resolution_mm: float
     snr: float
+    gre_voxel_mm: float | None = None
+    tilt_deg: float = 0.0
+    slab_mm: float | None = None
 
 
 def draw_acquisition(rng: np.random.Generator) -> Acquisition:
@@ -94,6 +103,34 @@ def draw_acquisition(rng: np.random.Generator) -> Acquisition:
     return Acquisition(b0, tes, resolution, float(rng.uniform(15.0, 50.0)))
 
 
+def draw_geometry(acquisition: Acquisition, rng: np.random.Generator) -> Acquisition:
+    """Return ``acquisition`` with a slab geometry drawn: at 7 T, 40 % of sessions get 0.5 mm
+    GRE voxels in an oblique slab 48–80 mm thick (over a 0.8 mm phantom grid: a whole brain at
+    0.5 mm costs too much to simulate by the thousand); of the rest, 30 % an oblique slab of
+    their own voxel, 64–100 mm thick. Tilts are 5–25° either way about the left-right axis.
+
+    Drawn from a stream of its own (the caller's ``rng``), so the acquisitions of
+    :func:`draw_acquisition` stay what they were for a seed.
+
+    Examples:
+        >>> base = Acquisition(7.0, (4.0,), 0.8, 30.0)
+        >>> draws = [draw_geometry(base, np.random.default_rng(s)) for s in range(50)]
+        >>> {d.gre_voxel_mm for d in draws} == {None, 0.5}
+        True
+        >>> all(5 <= abs(d.tilt_deg) <= 25 for d in draws if d.slab_mm is not None)
+        True
+    """
+    tilt = float(rng.uniform(5.0, 25.0) * rng.choice([-1.0, 1.0]))
+    if acquisition.b0_tesla == 7.0 and rng.random() < 0.4:
+        slab = float(rng.uniform(48.0, 80.0))
+        return replace(
+            acquisition, resolution_mm=0.8, gre_voxel_mm=0.5, tilt_deg=tilt, slab_mm=slab
+        )
+    if rng.random() < 0.3:
+        return replace(acquisition, tilt_deg=tilt, slab_mm=float(rng.uniform(64.0, 100.0)))
+    return acquisition
+
+
 def session_config(seed: int, acquisition: Acquisition) -> PhantomConfig:
     """Return the phantom settings of a one-session subject of ``seed`` seen through
     ``acquisition``, with the lesion mix of :data:`TRAINING_MIX`."""
@@ -109,6 +146,9 @@ def session_config(seed: int, acquisition: Acquisition) -> PhantomConfig:
         b0_tesla=acquisition.b0_tesla,
         echo_times_ms=acquisition.echo_times_ms,
         snr=acquisition.snr,
+        gre_voxel_mm=acquisition.gre_voxel_mm,
+        gre_tilt_deg=acquisition.tilt_deg,
+        gre_slab_mm=acquisition.slab_mm,
         **TRAINING_MIX,
     )
 
@@ -122,7 +162,8 @@ def simulate_session(seed: int, work_dir: str | Path) -> PatchSet:
     """
     from smoulder.phantom.dataset import generate_dataset
 
-    config = session_config(seed, draw_acquisition(np.random.default_rng([seed, 1])))
+    acquisition = draw_acquisition(np.random.default_rng([seed, 1]))
+    config = session_config(seed, draw_geometry(acquisition, np.random.default_rng([seed, 3])))
     root = generate_dataset(Path(work_dir) / f"seed-{seed}", config)
     return session_patches(root, subject=f"seed{seed}")
 
