@@ -221,14 +221,18 @@ class HalfwayRegister(SimpleInterface):
 
     def _run_interface(self, runtime: Any) -> Any:
         from smoulder.images import load_image
-        from smoulder.longitudinal.space import SubjectSpace, region_on
+        from smoulder.longitudinal.space import FINEST_ITERATIONS, SubjectSpace, region_on
         from smoulder.registration.engines import default_settings, halfway, resolve_engine
 
         (a, b), coarse = _load_coarse(
             [self.inputs.in_a, self.inputs.in_b], self.inputs.resolution_mm
         )
         engine = resolve_engine(self.inputs.engine, self.inputs.device)[0]
-        settings = default_settings(engine, coarse[0], finest=True) if self.inputs.finest else None
+        settings = None
+        if self.inputs.finest:
+            settings = default_settings(
+                engine, coarse[0], finest=True, finest_iterations=FINEST_ITERATIONS
+            )
         region = None
         if isdefined(self.inputs.region_a):
             region = region_on(load_image(self.inputs.region_a), coarse[0])

@@ -49,6 +49,12 @@ if TYPE_CHECKING:
 
 #: Registration passes of the template (the second registers to the sharper average).
 TEMPLATE_PASSES = 2
+#: Greedy's iterations at the full resolution for lesion activity. On three 1-mm phantom
+#: pairs (11 expanding lesions), 10 instead of 20 lowered the subjects' SEL noise floors
+#: (NAWM expansion 10.7-14.3 against 13.6-20.1 %/yr: a finer fit follows noise), found 10
+#: SELs instead of 8 (no false positive either way), moved the rate error from 18.8 to 20.4 %
+#: and the enlarging-lesion F1 from 1.0 to 0.96, and took 135 s instead of 192 s per subject.
+FINEST_ITERATIONS = 10
 
 
 @dataclass
@@ -148,7 +154,12 @@ def subject_space(
     first_region = None if region is None else region_on(region, next(iter(refs.values())))
     if settings is None and finest:
         first = next(iter(refs.values()))
-        settings = default_settings(resolve_engine(engine, device)[0], first, finest=True)
+        settings = default_settings(
+            resolve_engine(engine, device)[0],
+            first,
+            finest=True,
+            finest_iterations=FINEST_ITERATIONS,
+        )
     labels = list(refs)
     if len(labels) == 1:
         only = refs[labels[0]]

@@ -223,10 +223,11 @@ def _checked_images(
 
 
 def default_settings(
-    engine: str, fixed: nib.Nifti1Image, *, finest: bool = False
+    engine: str, fixed: nib.Nifti1Image, *, finest: bool = False, finest_iterations: int = 20
 ) -> te.DeformableSettings:
     """Return the deformable settings an engine uses by default on ``fixed``'s grid
-    (``finest``: always optimise at the full resolution as well).
+    (``finest``: always optimise at the full resolution as well, with greedy for
+    ``finest_iterations`` iterations there).
 
     Lesion growth is sub-millimetre: the longitudinal registration of lesion activity keeps the
     full-resolution level (``finest``). On a 1-mm phantom pair with five slowly expanding lesions
@@ -245,7 +246,7 @@ def default_settings(
     """
     voxel_mm = _voxel_edge_mm(fixed)
     if engine == "greedy":
-        last = 20 if finest else (0 if voxel_mm < 1.2 else 10)
+        last = finest_iterations if finest else (0 if voxel_mm < 1.2 else 10)
         return te.DeformableSettings(iterations=(100, 50, last), ncc_radius=2)
     return te.DeformableSettings()
 
