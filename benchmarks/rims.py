@@ -305,7 +305,7 @@ def held_out_acquisition(seed: int, spec: SetSpec, quick: bool) -> Acquisition:
     """Return the acquisition of the session of ``seed``: drawn as in training, redrawn from
     the same stream until its field is the set's, then the set's voxel (2 mm in quick) and,
     for a slab set, its GRE voxel (none in quick), slab and a tilt of 5–25° either way."""
-    from smoulder.rims.simulate import draw_acquisition
+    from smoulder.rims.simulate import draw_acquisition, draw_tilt
 
     rng = np.random.default_rng([seed, 1])
     acq = draw_acquisition(rng)
@@ -315,8 +315,7 @@ def held_out_acquisition(seed: int, spec: SetSpec, quick: bool) -> Acquisition:
     if res_mm is not None:
         acq = replace(acq, resolution_mm=res_mm)
     if spec.slab_mm is not None:
-        turn = np.random.default_rng([seed, 3])
-        tilt = float(turn.uniform(5.0, 25.0) * turn.choice([-1.0, 1.0]))
+        tilt = draw_tilt(np.random.default_rng([seed, 3]))
         gre = None if quick else spec.gre_voxel_mm
         acq = replace(acq, gre_voxel_mm=gre, tilt_deg=round(tilt, 1), slab_mm=spec.slab_mm)
     return acq

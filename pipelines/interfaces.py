@@ -326,11 +326,10 @@ class SubjectTemplate(SimpleInterface):
     output_spec = _TemplateOutputSpec
 
     def _run_interface(self, runtime: Any) -> Any:
+        from smoulder.images import load_image
         from smoulder.longitudinal.space import subject_space
 
         _, coarse = _load_coarse(list(self.inputs.in_files), self.inputs.resolution_mm)
-        from smoulder.images import load_image
-
         region = load_image(self.inputs.region) if isdefined(self.inputs.region) else None
         space = subject_space(
             dict(zip(self.inputs.labels, coarse, strict=True)),

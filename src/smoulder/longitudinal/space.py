@@ -195,11 +195,8 @@ def region_on(region: nib.Nifti1Image, reference: nib.Nifti1Image) -> np.ndarray
     """Return ``region`` (a mask in ``reference``'s space) as a boolean array on its grid."""
     from smoulder.grids import resample_to_grid
 
-    data = np.asarray(region.dataobj, np.float32)
-    if data.shape[:3] == reference.shape[:3] and np.allclose(region.affine, reference.affine):
-        return data > 0.5
-    on = resample_to_grid(data, region.affine, reference.shape[:3], reference.affine)
-    return np.asarray(on) > 0.5
+    data = np.asarray(region.dataobj)  # the same grid is a plain copy there
+    return resample_to_grid(data, region.affine, reference.shape[:3], reference.affine) > 0.5
 
 
 def subject_template(

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import nibabel as nib
 import numpy as np
+from scipy.spatial.transform import Rotation
 
 from smoulder import __version__
 from smoulder.derivatives import BIDS_VERSION, bids_name
@@ -327,14 +328,7 @@ class _Scanner:
         centre = aff @ np.array([*((np.array(shape) - 1) / 2), 1.0])
         n_slices = shape[2] if slab is None else max(int(round(slab / voxel[2])), 1)
         new_shape = (shape[0], shape[1], n_slices)
-        angle = np.deg2rad(tilt)
-        turn = np.array(
-            [
-                [1.0, 0.0, 0.0],
-                [0.0, np.cos(angle), -np.sin(angle)],
-                [0.0, np.sin(angle), np.cos(angle)],
-            ]
-        )
+        turn = Rotation.from_euler("x", tilt, degrees=True).as_matrix()
         new_aff = np.eye(4)
         new_aff[:3, :3] = turn @ aff[:3, :3]
         new_aff[:3, 3] = centre[:3] - new_aff[:3, :3] @ ((np.array(new_shape) - 1) / 2)

@@ -103,6 +103,16 @@ def draw_acquisition(rng: np.random.Generator) -> Acquisition:
     return Acquisition(b0, tes, resolution, float(rng.uniform(15.0, 50.0)))
 
 
+def draw_tilt(rng: np.random.Generator) -> float:
+    """Return a slab tilt about the left-right axis: 5–25° either way (degrees).
+
+    Examples:
+        >>> 5.0 <= abs(draw_tilt(np.random.default_rng(0))) <= 25.0
+        True
+    """
+    return float(rng.uniform(5.0, 25.0) * rng.choice([-1.0, 1.0]))
+
+
 def draw_geometry(acquisition: Acquisition, rng: np.random.Generator) -> Acquisition:
     """Return ``acquisition`` with a slab geometry drawn: at 7 T, 40 % of sessions get 0.5 mm
     GRE voxels in an oblique slab 48–80 mm thick (over a 0.8 mm phantom grid: a whole brain at
@@ -120,7 +130,7 @@ def draw_geometry(acquisition: Acquisition, rng: np.random.Generator) -> Acquisi
         >>> all(5 <= abs(d.tilt_deg) <= 25 for d in draws if d.slab_mm is not None)
         True
     """
-    tilt = float(rng.uniform(5.0, 25.0) * rng.choice([-1.0, 1.0]))
+    tilt = draw_tilt(rng)
     if acquisition.b0_tesla == 7.0 and rng.random() < 0.4:
         slab = float(rng.uniform(48.0, 80.0))
         return replace(
